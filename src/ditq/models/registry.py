@@ -1,0 +1,66 @@
+"""Model sizes as data: ``"DiT-XL/2"`` -> a config, and the builders for each arch.
+
+The registry knows architectures and sizes; where weights come from is
+``hub.py``'s business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+from torch import nn
+
+from ditq.errors import InvalidArgumentError, UnknownModelError
+from ditq.models.dit import DiT, DiTConfig
+
+# (depth, hidden_size, num_heads) per DiT size, from the paper's Table 1.
+_DIT_SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+_PATCH_SIZES = (2, 4, 8)
+
+MODEL_CONFIGS: dict[str, DiTConfig] = {
+    f"DiT-{size}/{patch}": DiTConfig(depth=d, hidden_size=h, num_heads=n, patch_size=patch)
+    for size, (d, h, n) in _DIT_SIZES.items()
+    for patch in _PATCH_SIZES
+}
+
+_BUILDERS = {"dit": (DiTConfig, DiT)}
+
+
+def list_models() -> list[str]:
+    """All registered model names, e.g. ``["DiT-S/2", ...]``."""
+    return list(MODEL_CONFIGS)
+
+
+def get_config(name: str, **overrides) -> DiTConfig:
+    """The config registered under ``name``, with fields overridden (``input_size=64``...)."""
+    if name not in MODEL_CONFIGS:
+        raise UnknownModelError(f"unknown model '{name}'; valid names: {', '.join(MODEL_CONFIGS)}")
+    config = MODEL_CONFIGS[name]
+    valid = set(asdict(config))
+    bad = sorted(set(overrides) - valid)
+    if bad:
+        raise InvalidArgumentError(f"cannot override {', '.join(bad)} of {name}; fields: {', '.join(valid)}")
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def config_from_dict(d: dict) -> DiTConfig:
+    """Rebuild a config stored in a checkpoint (``{"arch": "dit", ...}``)."""
+    arch = d.get("arch", "dit")
+    if arch not in _BUILDERS:
+        raise InvalidArgumentError(f"unknown architecture '{arch}'; known: {', '.join(_BUILDERS)}")
+    return _BUILDERS[arch][0].from_dict(d)
+
+
+def build_model(config: DiTConfig) -> nn.Module:
+    """A freshly initialized model for ``config`` (its class follows ``config.arch``)."""
+    return _BUILDERS[config.arch][1](config)
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """A freshly initialized registry model: ``create_model("DiT-S/2", input_size=16)``."""
+    return build_model(get_config(name, **overrides))

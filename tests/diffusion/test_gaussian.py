@@ -96,7 +96,9 @@ def _oracle_model(x0: torch.Tensor):
 def test_samplers_recover_a_known_point(sampler, spacing):
     d = create_diffusion(spacing)
     x0 = torch.tensor([0.3, -0.7]).view(1, 2, 1, 1)
-    out = sample_loop(d, _oracle_model(x0), (3, 2, 1, 1), sampler=sampler, generator=torch.Generator().manual_seed(1))
+    out = sample_loop(
+        d, _oracle_model(x0), (3, 2, 1, 1), sampler=sampler, generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(out, x0.expand(3, 2, 1, 1), atol=1e-4, rtol=0)
 
 
@@ -114,7 +116,15 @@ def test_ddim_eta_one_is_stochastic_eta_zero_is_not():
     model = lambda x, t: torch.cat([0.1 * x, torch.zeros_like(x)], dim=1)
     noise = torch.randn(1, 1, 4, 4)
     runs = [
-        sample_loop(d, model, noise.shape, sampler="ddim", noise=noise, eta=eta, generator=torch.Generator().manual_seed(s))
+        sample_loop(
+            d,
+            model,
+            noise.shape,
+            sampler="ddim",
+            noise=noise,
+            eta=eta,
+            generator=torch.Generator().manual_seed(s),
+        )
         for eta, s in [(0.0, 1), (0.0, 2), (1.0, 1), (1.0, 2)]
     ]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[2], runs[3])
@@ -138,13 +148,19 @@ def test_fixed_variance_and_kl_losses_run():
     for kwargs in ({"learn_sigma": False}, {"learn_sigma": False, "sigma_small": True}, {"use_kl": True}):
         d = create_diffusion("", **kwargs)
         c = 2 if kwargs.get("use_kl") else 1
-        terms = d.training_losses(lambda x, t: torch.zeros(x.shape[0], c, *x.shape[2:]), torch.zeros(2, 1, 2, 2), torch.tensor([0, 5]))
+        terms = d.training_losses(
+            lambda x, t, c=c: torch.zeros(x.shape[0], c, *x.shape[2:]),
+            torch.zeros(2, 1, 2, 2),
+            torch.tensor([0, 5]),
+        )
         assert torch.isfinite(terms["loss"]).all()
 
 
 def test_guidance_wrapper_guides_all_eps_channels():
     def model(x, t, y):
-        return torch.cat([y.float().view(-1, 1, 1, 1).expand(-1, 2, 1, 1), torch.zeros(len(x), 2, 1, 1)], dim=1)
+        return torch.cat(
+            [y.float().view(-1, 1, 1, 1).expand(-1, 2, 1, 1), torch.zeros(len(x), 2, 1, 1)], dim=1
+        )
 
     g = ClassifierFreeGuidance(model, scale=3.0)
     out = g(torch.zeros(4, 2, 1, 1), torch.zeros(4, dtype=torch.long), torch.tensor([2, 2, 10, 10]))

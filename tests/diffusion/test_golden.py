@@ -27,7 +27,11 @@ def test_p_mean_variance_matches(ref_model, dit_ref):
     d25 = create_diffusion("25")
     with torch.no_grad():
         out = d25.p_mean_variance(
-            ref_model, dit_ref["pmv_xt"], dit_ref["pmv_t_index"], clip_denoised=False, model_kwargs={"y": dit_ref["y"]}
+            ref_model,
+            dit_ref["pmv_xt"],
+            dit_ref["pmv_t_index"],
+            clip_denoised=False,
+            model_kwargs={"y": dit_ref["y"]},
         )
     for key in ("mean", "variance", "log_variance", "pred_xstart"):
         assert (out[key] - dit_ref[f"pmv_{key}"]).abs().max() <= 1e-5, key
@@ -65,7 +69,11 @@ def test_training_losses_match(ref_model, dit_ref):
     d = create_diffusion("")
     with torch.no_grad():
         terms = d.training_losses(
-            ref_model, dit_ref["loss_x0"], dit_ref["loss_t"], model_kwargs={"y": dit_ref["y"]}, noise=dit_ref["loss_noise"]
+            ref_model,
+            dit_ref["loss_x0"],
+            dit_ref["loss_t"],
+            model_kwargs={"y": dit_ref["y"]},
+            noise=dit_ref["loss_noise"],
         )
     for key in ("loss", "mse", "vb"):
         assert (terms[key] - dit_ref[f"loss_{key}"]).abs().max() <= 1e-5, key

@@ -27,7 +27,9 @@ def test_forward_matches_original(ref_model, dit_ref):
 
 def test_forward_with_cfg_matches_original(ref_model, dit_ref):
     with torch.no_grad():
-        out = ref_model.forward_with_cfg(dit_ref["cfg_x"], dit_ref["cfg_t"], dit_ref["cfg_y"], dit_ref["cfg_scale"])
+        out = ref_model.forward_with_cfg(
+            dit_ref["cfg_x"], dit_ref["cfg_t"], dit_ref["cfg_y"], dit_ref["cfg_scale"]
+        )
     assert (out - dit_ref["out_cfg"]).abs().max() <= 1e-5
 
 
@@ -93,7 +95,9 @@ def test_registry_configs_build_with_original_names(name):
     # A state dict in the original naming loads strictly into a fresh model.
     with torch.device("meta"):
         fresh = DiT(cfg)
-    fresh.load_state_dict({k: torch.empty(s, device="meta") for k, s in expected.items()}, strict=True, assign=True)
+    fresh.load_state_dict(
+        {k: torch.empty(s, device="meta") for k, s in expected.items()}, strict=True, assign=True
+    )
     n_params = sum(p.numel() for p in model.parameters())
     if name in PAPER_PARAMS_M:
         assert round(n_params / 1e6, 1) == PAPER_PARAMS_M[name]

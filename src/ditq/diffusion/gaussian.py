@@ -60,8 +60,12 @@ def extract(arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape: torch.Siz
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, exp logvar1) || N(mean2, exp logvar2)), elementwise, in nats."""
     tensor = next(x for x in (mean1, logvar1, mean2, logvar2) if isinstance(x, torch.Tensor))
-    logvar1, logvar2 = (x if isinstance(x, torch.Tensor) else torch.tensor(x).to(tensor) for x in (logvar1, logvar2))
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
+    logvar1, logvar2 = (
+        x if isinstance(x, torch.Tensor) else torch.tensor(x).to(tensor) for x in (logvar1, logvar2)
+    )
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * torch.exp(-logvar2)
+    )
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +73,9 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
     """Log-likelihood of data in [-1, 1] discretized to 256 bins under N(means, exp(log_scales)^2)."""
     centered_x = x - means
     inv_stdv = torch.exp(-log_scales)
@@ -83,6 +89,15 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
         log_cdf_plus,
         torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
     )
+
+
+def split_learned_variance(model_output: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a (B, 2C, ...) output into the mean part and the variance values, checking the shape."""
+    B, C = x.shape[:2]
+    expected = (B, C * 2, *x.shape[2:])
+    if model_output.shape != expected:
+        raise ValueError(f"a learned-variance model must output {expected}, got {tuple(model_output.shape)}")
+    return torch.split(model_output, C, dim=1)
 
 
 class GaussianDiffusion:
@@ -127,7 +142,9 @@ class GaussianDiffusion:
             else np.array([])
         )
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        )
 
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
@@ -137,7 +154,9 @@ class GaussianDiffusion:
         log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
         return mean, variance, log_variance
 
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def q_sample(
+        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Diffuse x_0 to x_t (one draw of q(x_t | x_0))."""
         if noise is None:
             noise = torch.randn_like(x_start)
@@ -162,7 +181,9 @@ class GaussianDiffusion:
             - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
         )
 
-    def _predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
+    def _predict_eps_from_xstart(
+        self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
+    ) -> torch.Tensor:
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / extract(
             self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
         )
@@ -177,22 +198,17 @@ class GaussianDiffusion:
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         model_kwargs: dict | None = None,
     ) -> dict:
-        """Apply the model: p(x_{t-1} | x_t) as ``mean``, ``variance``, ``log_variance``, and ``pred_xstart``."""
+        """Apply the model: p(x_{t-1} | x_t) as ``mean``, ``variance``, ``log_variance``, ``pred_xstart``."""
         model_kwargs = model_kwargs or {}
-        B, C = x.shape[:2]
-        if t.shape != (B,):
-            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         model_output = model(x, t, **model_kwargs)
         extra = None
         if isinstance(model_output, tuple):
             model_output, extra = model_output
 
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            if model_output.shape != (B, C * 2, *x.shape[2:]):
-                raise ValueError(
-                    f"a learned-variance model must output {(B, C * 2, *x.shape[2:])}, got {tuple(model_output.shape)}"
-                )
-            model_output, model_var_values = torch.split(model_output, C, dim=1)
+            model_output, model_var_values = split_learned_variance(model_output, x)
             if self.model_var_type == ModelVarType.LEARNED:
                 model_log_variance = model_var_values
             else:
@@ -271,11 +287,17 @@ class GaussianDiffusion:
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = extract(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = extract(self.alphas_cumprod_prev, t, x.shape)
-        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        sigma = (
+            eta
+            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        )
         # Drawn even when eta == 0, as the original does, so seeded runs consume the RNG alike.
         if noise is None:
             noise = torch.randn_like(x)
-        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        mean_pred = (
+            out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        )
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         sample = mean_pred + nonzero_mask * sigma * noise
         return {"sample": sample.to(x.dtype), "pred_xstart": out["pred_xstart"]}
@@ -285,7 +307,9 @@ class GaussianDiffusion:
         self, model: ModelFn, x_start, x_t, t, clip_denoised: bool = True, model_kwargs: dict | None = None
     ) -> dict:
         """The variational-bound term in bits per dimension (decoder NLL at t = 0, KL elsewhere)."""
-        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)
+        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(
+            x_start=x_start, x_t=x_t, t=t
+        )
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
         kl = mean_flat(kl) / np.log(2.0)
@@ -320,12 +344,7 @@ class GaussianDiffusion:
 
         model_output = model(x_t, t, **model_kwargs)
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            B, C = x_t.shape[:2]
-            if model_output.shape != (B, C * 2, *x_t.shape[2:]):
-                raise ValueError(
-                    f"a learned-variance model must output {(B, C * 2, *x_t.shape[2:])}, got {tuple(model_output.shape)}"
-                )
-            model_output, model_var_values = torch.split(model_output, C, dim=1)
+            model_output, model_var_values = split_learned_variance(model_output, x_t)
             # The VB term learns the variance only: stop the gradient through the mean.
             frozen_out = torch.cat([model_output.detach(), model_var_values], dim=1)
             terms["vb"] = self._vb_terms_bpd(

@@ -22,7 +22,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
             try:
                 desired_count = int(section_counts[len("ddim") :])
             except ValueError:
-                raise InvalidArgumentError(f"bad respacing '{section_counts}': expected e.g. 'ddim50'") from None
+                raise InvalidArgumentError(
+                    f"bad respacing '{section_counts}': expected e.g. 'ddim50'"
+                ) from None
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired_count:
                     return set(range(0, num_timesteps, stride))
@@ -33,7 +35,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
             section_counts = [int(x) for x in section_counts.split(",")]
         except ValueError:
             raise InvalidArgumentError(
-                f"bad respacing '{section_counts}': expected a step count ('250'), a list ('10,20') or 'ddimN'"
+                f"bad respacing '{section_counts}': expected a count ('250'), a list ('10,20') or 'ddimN'"
             ) from None
     if any(c < 1 for c in section_counts):
         raise InvalidArgumentError(f"step counts must be positive, got {section_counts}")

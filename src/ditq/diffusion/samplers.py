@@ -69,11 +69,13 @@ def sample_loop_progressive(
         img = out["sample"]
 
 
-def sample_loop(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
+def sample_loop(
+    diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], **kwargs
+) -> torch.Tensor:
     """The final sample of :func:`sample_loop_progressive`."""
     final = None
-    for final in sample_loop_progressive(diffusion, model, shape, **kwargs):
-        pass
+    for out in sample_loop_progressive(diffusion, model, shape, **kwargs):
+        final = out
     return final["sample"]
 
 
@@ -97,7 +99,9 @@ class ClassifierFreeGuidance:
     else all).
     """
 
-    def __init__(self, model: ModelFn, scale: float, guided_channels: int | None = None, learn_sigma: bool = True):
+    def __init__(
+        self, model: ModelFn, scale: float, guided_channels: int | None = None, learn_sigma: bool = True
+    ):
         self.model = model
         self.scale = scale
         self.guided_channels = guided_channels

@@ -1,6 +1,7 @@
 """The DiT family with the original state-dict names, a registry of sizes, loading and the VAE."""
 
 from ditq.models.dit import DiT, DiTConfig
+from ditq.models.hub import load, save
 from ditq.models.registry import (
     MODEL_CONFIGS,
     build_model,
@@ -19,4 +20,6 @@ __all__ = [
     "create_model",
     "get_config",
     "list_models",
+    "load",
+    "save",
 ]

@@ -1,0 +1,273 @@
+"""ditq's own checkpoint format: safetensors with a JSON metadata header.
+
+A ditq checkpoint is a plain safetensors file. Its string metadata holds one
+key, ``"ditq"``, whose value is a JSON object::
+
+    {"format_version": 1, "model_config": {...}, "command": "...", "quant_config": {...}, ...}
+
+Only ``format_version`` is fixed here; the rest is whatever the writer passes
+(``ditq.models.save`` stores ``model_config``, the CLI adds ``command``, the
+quantizer adds ``quant_config``). Any safetensors reader can open the tensors;
+nothing in the file is ever executed.
+
+Writes are atomic (temporary file in the same folder, fsync, ``os.replace``),
+so a killed run leaves either the old file or the new one, never half of one.
+Reading the metadata parses the header only, however large the file.
+
+This module imports nothing from ditq but :mod:`ditq.errors`, so the training
+loop, the quantizer and the CLI can all use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import torch
+
+from ditq.errors import CheckpointError
+
+FORMAT_VERSION = 1
+"""Version of the metadata layout written by this ditq; readers refuse newer ones."""
+
+METADATA_KEY = "ditq"
+"""The safetensors metadata key holding ditq's JSON."""
+
+# A header larger than this is not a real safetensors header but the first
+# bytes of some other file read as a length (the safetensors library uses the
+# same bound).
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+PathLike = str | os.PathLike
+
+
+#################################################################################
+#                                 Atomic writes                                 #
+#################################################################################
+
+
+@contextmanager
+def atomic_write(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left as it
+    was. The folder is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder, so os.replace is a rename within one filesystem (atomic);
+    # a hidden, unique name, so concurrent writers (torchrun ranks) never collide.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    # Flush the data before the rename: otherwise a crash shortly after can
+    # leave a renamed but empty file on some filesystems.
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Persist the rename itself. Not possible on every platform (Windows), and
+    # the write is already complete, so failure here is not an error.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+#################################################################################
+#                                    Writing                                    #
+#################################################################################
+
+
+def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping) -> None:
+    """Write ``tensors`` and ``metadata`` to ``path`` as a ditq safetensors checkpoint, atomically.
+
+    ``metadata`` must be JSON-serializable; it is stored under the ``"ditq"``
+    key together with ``format_version``. Tensors are detached, moved to CPU
+    and made contiguous; tensors sharing storage with an earlier one are
+    cloned (safetensors stores each tensor on its own).
+    """
+    path = Path(path)
+    meta = {"format_version": FORMAT_VERSION, **{k: v for k, v in metadata.items() if k != "format_version"}}
+    try:
+        meta_json = json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint metadata must be JSON-serializable: {e}") from e
+    prepared = _prepare_tensors(tensors)
+
+    from safetensors.torch import save_file
+
+    try:
+        with atomic_write(path) as tmp:
+            save_file(prepared, str(tmp), metadata={METADATA_KEY: meta_json})
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {reason}; check that the folder is writable and has space"
+        ) from e
+
+
+def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"checkpoint tensor names must be strings, got {type(name).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"checkpoint entry '{name}' is a {type(t).__name__}, not a tensor")
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        # Tied weights or views of one buffer: safetensors refuses shared
+        # storage, and a copy per name loads back the same values.
+        if ptr != 0 and ptr in seen_storages:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen_storages.add(ptr)
+        out[name] = t
+    return out
+
+
+#################################################################################
+#                                    Reading                                    #
+#################################################################################
+
+
+def is_safetensors(path: PathLike) -> bool:
+    """Whether ``path`` starts like a safetensors file (8-byte header length, then ``{``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 0 < n <= _MAX_HEADER_BYTES
+
+
+def read_safetensors_header(path: PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """``(tensor_info, raw_metadata)`` of any safetensors file, reading the header only.
+
+    ``tensor_info`` maps each name to ``{"dtype": "F32", "shape": [...]}``;
+    ``raw_metadata`` is the file's string-to-string metadata. A missing,
+    truncated or corrupt file raises :class:`CheckpointError`.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _truncated(path, size, 8)
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER_BYTES:
+                raise _corrupt(path, f"header length {n} is not plausible")
+            if 8 + n > size:
+                raise _truncated(path, size, 8 + n)
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}; check the path") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; give the file's path") from None
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {e.strerror or e}; check its permissions"
+        ) from e
+
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise _corrupt(path, "its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    raw_meta = header.pop("__metadata__", None) or {}
+    if not isinstance(raw_meta, dict):
+        raise _corrupt(path, "its metadata is not a JSON object")
+
+    info: dict[str, dict] = {}
+    data_end = 0
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(path, f"the header entry of '{name}' is malformed") from None
+        info[name] = {"dtype": dtype, "shape": list(shape)}
+        data_end = max(data_end, int(end))
+        if int(begin) > int(end):
+            raise _corrupt(path, f"the data offsets of '{name}' are reversed")
+    expected = 8 + n + data_end
+    if size < expected:
+        raise _truncated(path, size, expected)
+    return info, raw_meta
+
+
+def read_metadata(path: PathLike) -> dict:
+    """The ditq metadata of a ditq checkpoint (``format_version``, ``model_config``, ...); header only."""
+    _, raw_meta = read_safetensors_header(path)
+    return _parse_ditq_metadata(Path(path), raw_meta)
+
+
+def _parse_ditq_metadata(path: Path, raw_meta: Mapping[str, str]) -> dict:
+    if METADATA_KEY not in raw_meta:
+        raise CheckpointError(
+            f"{path} is a safetensors file without ditq metadata, so not a ditq checkpoint; "
+            "load it with ditq.models.load, which infers the model from the tensor shapes"
+        )
+    try:
+        meta = json.loads(raw_meta[METADATA_KEY])
+    except ValueError:
+        raise _corrupt(path, "its ditq metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
+        raise _corrupt(path, "its ditq metadata has no integer format_version")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer ditq (format_version {meta['format_version']}, "
+            f"this ditq reads up to {FORMAT_VERSION}); upgrade ditq"
+        )
+    return meta
+
+
+def load_tensors(path: PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (ditq or not), placed on ``device``."""
+    path = Path(path)
+    read_safetensors_header(path)  # one-line errors for missing/truncated files before the full read
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise _corrupt(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+def _truncated(path: Path, size: int, expected: int) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is truncated ({size} of at least {expected} bytes), probably cut off while "
+        "being written or copied; re-create or re-download it"
+    )
+
+
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is corrupt ({why}); re-create or re-download it")

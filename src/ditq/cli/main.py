@@ -1,0 +1,58 @@
+"""``ditq``: the entry point. Parses the command line and runs one subcommand.
+
+Errors a user can cause (:class:`ditq.errors.DitqError`) are printed as one
+line, ``ditq: error: <message>``, with exit status 2; Ctrl-C exits with 130.
+Anything else escaping is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ditq import __version__
+from ditq.cli import demo, info, sample
+from ditq.errors import DitqError
+
+# One module per subcommand, in the order `ditq --help` lists them.
+SUBCOMMANDS = (sample, info, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ditq`` parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="ditq",
+        description="Diffusion Transformers made small and fast: sample, quantize, evaluate.",
+    )
+    parser.add_argument("--version", action="version", version=f"ditq {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in SUBCOMMANDS:
+        module.add_parser(subparsers)
+    return parser
+
+
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``ditq`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        # argparse exits on --help, --version and syntax errors; return its status instead.
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return int(args.func(args) or 0)
+    except DitqError as e:
+        print(f"ditq: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ditq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: EMA and the training loop."""

@@ -1,0 +1,136 @@
+"""``ditq sample`` end to end on a tiny checkpoint, and its one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ditq import models
+from ditq.cli.main import main
+from ditq.models import hub
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A two-block pixel-space DiT (8x8 RGB, 5 classes) saved as a ditq checkpoint."""
+    torch.manual_seed(0)
+    model = models.create_model(
+        "DiT-S/2", input_size=8, depth=2, hidden_size=64, num_heads=2, in_channels=3, num_classes=5
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN" in name or "final_layer" in name:
+                p.normal_(std=0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    models.save(model, path, command="test")
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def sample_args(ckpt, out, *extra):
+    return ["sample", "--model", ckpt, "--sampler", "ddim", "--steps", "3", "--out", out, "--quiet", *extra]
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    assert err.startswith("ditq: error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_npz_has_adm_keys_and_is_deterministic(tmp_path, capsys, tiny_ckpt):
+    a, b, c = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "c.npz"
+    common = ["--num-samples", "5", "--batch-size", "2", "--cfg-scale", "2", "--class-labels", "0,4"]
+    assert run(capsys, *sample_args(tiny_ckpt, a, *common, "--seed", "3")) == (0, "", "")
+    assert run(capsys, *sample_args(tiny_ckpt, b, *common, "--seed", "3"))[0] == 0
+    assert run(capsys, *sample_args(tiny_ckpt, c, *common, "--seed", "4"))[0] == 0
+    with np.load(a) as da, np.load(b) as db, np.load(c) as dc:
+        assert sorted(da.files) == ["arr_0", "arr_1"]
+        assert da["arr_0"].shape == (5, 8, 8, 3) and da["arr_0"].dtype == np.uint8
+        assert da["arr_1"].dtype == np.int64 and da["arr_1"].tolist() == [0, 4, 0, 4, 0]
+        np.testing.assert_array_equal(da["arr_0"], db["arr_0"])
+        assert not np.array_equal(da["arr_0"], dc["arr_0"])
+
+
+def test_grid_png_is_written(tmp_path, capsys, tiny_ckpt):
+    out = tmp_path / "grids" / "grid.png"
+    argv = [
+        "sample",
+        "--model",
+        tiny_ckpt,
+        "--sampler",
+        "ddpm",
+        "--steps",
+        "2",
+        "--num-samples",
+        "4",
+        "--out",
+        out,
+    ]
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0
+    assert str(out) in stdout and "4 images" in stdout
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+
+
+def test_unknown_model_name_lists_valid_names(tmp_path, capsys):
+    code, _, err = run(capsys, "sample", "--model", "DiT-Q/2", "--out", tmp_path / "x.npz")
+    assert_one_line_error(code, err, "DiT-Q/2", "DiT-XL/2", "DiT-S/2")
+
+
+def test_missing_checkpoint_file(tmp_path, capsys):
+    code, _, err = run(
+        capsys, "sample", "--model", tmp_path / "nope.safetensors", "--out", tmp_path / "x.npz"
+    )
+    assert_one_line_error(code, err, "not found", "nope.safetensors")
+
+
+@pytest.mark.parametrize("labels", ["5", "0,-1"])
+def test_class_label_out_of_range(tmp_path, capsys, tiny_ckpt, labels):
+    code, _, err = run(capsys, *sample_args(tiny_ckpt, tmp_path / "x.npz", "--class-labels", labels))
+    assert_one_line_error(code, err, "out of range", "5 classes")
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_malformed_class_labels(tmp_path, capsys, tiny_ckpt):
+    code, _, err = run(capsys, *sample_args(tiny_ckpt, tmp_path / "x.npz", "--class-labels", "1,cat"))
+    assert_one_line_error(code, err, "--class-labels")
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_nonpositive_num_samples(tmp_path, capsys, tiny_ckpt, n):
+    code, _, err = run(capsys, *sample_args(tiny_ckpt, tmp_path / "x.npz", "--num-samples", n))
+    assert_one_line_error(code, err, "num_samples must be a positive integer")
+
+
+def test_options_are_checked_before_any_download(tmp_path, capsys, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setenv("DITQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub, "fetch_url", no_download)
+    for bad in (["--num-samples", "0"], ["--batch-size", "0"], ["--cfg-scale", "0.5"], ["--steps", "0"]):
+        code, _, err = run(capsys, "sample", "--model", "DiT-XL/2", "--out", tmp_path / "x.npz", *bad)
+        assert_one_line_error(code, err)
+    code, _, err = run(capsys, "sample", "--model", "DiT-XL/2", "--out", tmp_path / "x.txt")
+    assert_one_line_error(code, err, "x.txt", ".npz")
+
+
+def test_latent_model_without_diffusers_says_how_to_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    monkeypatch.setitem(sys.modules, "diffusers.models", None)
+    model = models.create_model("DiT-S/8", input_size=8, depth=1, hidden_size=32, num_heads=2)
+    path = tmp_path / "latent.safetensors"
+    models.save(model, path)
+    code, _, err = run(capsys, *sample_args(path, tmp_path / "x.npz"))
+    assert_one_line_error(code, err, "pip install 'ditq[vae]'")

@@ -143,11 +143,19 @@ def main(argv=None):
     p.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--patch", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--save-every", type=int, default=500, help="training-state checkpoint period (resumable)")
     p.add_argument("--eval-per-class", type=int, default=100)
     p.add_argument("--classifier-epochs", type=int, default=4)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    MODEL = DiTConfig(depth=args.depth, hidden_size=args.hidden, num_heads=args.heads, patch_size=args.patch,
+                      input_size=32, in_channels=1, num_classes=10)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -160,7 +168,7 @@ def main(argv=None):
     base = dict(
         batch_size=args.batch_size,
         lr=args.lr,
-        warmup_steps=500,
+        warmup_steps=args.warmup,
         decay_at=0.8,
         decay_factor=0.1,
         ema_decay=args.ema_decay,

@@ -87,3 +87,16 @@ def test_grid_with_captions(tmp_path):
 def test_save_grid_rejects_other_suffixes(tmp_path):
     with pytest.raises(InvalidArgumentError, match=r"\.png"):
         save_grid(tmp_path / "grid.npz", np.zeros((1, 2, 2, 3), dtype=np.uint8))
+
+
+def test_describe_npz_reads_headers_only(tmp_path):
+    from ditq.images import describe_npz
+
+    path = save_npz(tmp_path / "s.npz", np.zeros((3, 4, 4, 1), np.uint8), [1, 2, 3])
+    d = describe_npz(path)
+    assert d["format"] == "ADM sample batch"
+    assert d["arrays"]["arr_0"] == {"shape": [3, 4, 4, 3], "dtype": "uint8"}
+    assert d["arrays"]["arr_1"]["shape"] == [3]
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    with pytest.raises(InvalidArgumentError, match="not a readable .npz"):
+        describe_npz(tmp_path / "bad.npz")

@@ -189,3 +189,31 @@ def save_grid(
     with atomic_write(path) as tmp:
         grid.save(tmp, format=fmt)
     return path
+
+
+def describe_npz(path: str | os.PathLike) -> dict:
+    """Name, shape and dtype of every array in an ``.npz`` (headers only, however large the file)."""
+    import zipfile
+
+    path = Path(path)
+    if not path.exists():
+        raise InvalidArgumentError(f"no such file: {path}")
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with zf.open(name) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read_header(f)
+                arrays[name[: -len(".npy")]] = {"shape": list(shape), "dtype": str(dtype)}
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise InvalidArgumentError(f"{path} is not a readable .npz file ({e})") from None
+    kind = "ADM sample batch" if "arr_0" in arrays else "npz arrays"
+    return {"path": str(path), "format": kind, "file_size": path.stat().st_size, "arrays": arrays}

@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from ditq.images import describe_npz
 from ditq.models.hub import describe
 
 # Metadata values longer than this are cut in the readable view (--json shows all).
@@ -27,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Describe a checkpoint: a ditq .safetensors file, an official DiT state dict "
         "(.pt) or an original DiT training checkpoint.",
     )
-    parser.add_argument("path", help="checkpoint file")
+    parser.add_argument("path", help="checkpoint file, or an .npz sample batch")
     parser.add_argument("--json", action="store_true", help="print the description as JSON")
     parser.add_argument(
         "--num-heads",
@@ -41,11 +42,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Print the description of ``args.path``; returns the exit status."""
-    description = describe(args.path, num_heads=getattr(args, "num_heads", None))
-    if args.json:
-        print(json.dumps(description, indent=2, default=str))
+    if str(args.path).endswith(".npz"):
+        description = describe_npz(args.path)
+        text = "\n".join(
+            [f"path     {description['path']}", f"format   {description['format']}"]
+            + [f"  {k:<6} {v['dtype']} {tuple(v['shape'])}" for k, v in description["arrays"].items()]
+        )
     else:
-        print(format_description(description))
+        description = describe(args.path, num_heads=getattr(args, "num_heads", None))
+        text = format_description(description)
+    print(json.dumps(description, indent=2, default=str) if args.json else text)
     return 0
 
 

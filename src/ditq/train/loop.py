@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ditq.checkpoint import atomic_write
 from ditq.diffusion import create_diffusion
 from ditq.errors import DitqError
 from ditq.train.ema import make_ema, update_ema
@@ -58,8 +59,15 @@ def train(
     device: str | torch.device = "cpu",
     log_path: str | Path | None = None,
     on_log: Callable[[dict], None] | None = None,
+    state_path: str | Path | None = None,
+    save_every: int = 0,
 ) -> tuple[nn.Module, nn.Module, list[dict]]:
-    """Train ``model`` on (images in [-1, 1], labels); return (model, ema, log records)."""
+    """Train ``model`` on (images in [-1, 1], labels); return (model, ema, log records).
+
+    With ``state_path``, the full training state (model, EMA, optimizer, step,
+    RNG) is written there atomically every ``save_every`` steps and at the end,
+    and a run finding that file continues from it.
+    """
     if len(images) != len(labels) or len(images) == 0:
         raise DitqError(f"need as many labels as images (got {len(images)} images, {len(labels)} labels)")
     device = torch.device(device)
@@ -80,11 +88,15 @@ def train(
         )
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
 
+    start = 0
+    if state_path is not None and Path(state_path).exists():
+        start = _load_state(state_path, model, ema, opt, gen)
+
     records: list[dict] = []
     log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 (kept open for the run)
     t0, seen, loss_sum, n_sum = time.perf_counter(), 0, 0.0, 0
     try:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             idx = torch.randint(0, len(images), (cfg.batch_size,), device=device, generator=gen)
@@ -131,6 +143,8 @@ def train(
                     log_file.flush()
                 if on_log:
                     on_log(rec)
+            if state_path is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == cfg.steps):
+                _save_state(state_path, model, ema, opt, gen, step + 1)
     finally:
         if log_file:
             log_file.close()
@@ -139,3 +153,26 @@ def train(
 
 def config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg)
+
+
+def _save_state(path, model, ema, opt, gen, step: int) -> None:
+    state = {
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "rng": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path, model, ema, opt, gen) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    gen.set_state(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])

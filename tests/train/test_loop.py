@@ -15,7 +15,9 @@ def _data(n=32):
 
 def _model():
     torch.manual_seed(0)
-    return create_model("DiT-S/4", input_size=8, in_channels=1, num_classes=4, hidden_size=32, depth=2, num_heads=2)
+    return create_model(
+        "DiT-S/4", input_size=8, in_channels=1, num_classes=4, hidden_size=32, depth=2, num_heads=2
+    )
 
 
 def test_loss_goes_down():

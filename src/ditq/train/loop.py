@@ -143,7 +143,9 @@ def train(
                     log_file.flush()
                 if on_log:
                     on_log(rec)
-            if state_path is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == cfg.steps):
+            if state_path is not None and (
+                (save_every and (step + 1) % save_every == 0) or step + 1 == cfg.steps
+            ):
                 _save_state(state_path, model, ema, opt, gen, step + 1)
     finally:
         if log_file:

@@ -166,3 +166,16 @@ def test_guidance_wrapper_guides_all_eps_channels():
     out = g(torch.zeros(4, 2, 1, 1), torch.zeros(4, dtype=torch.long), torch.tensor([2, 2, 10, 10]))
     # uncond + 3 * (cond - uncond) = 10 + 3 * (2 - 10) = -14 on both eps channels, both halves
     assert torch.equal(out[:, :2].flatten(), torch.full((8,), -14.0))
+
+
+def test_one_step_process_samples():
+    d = create_diffusion("1")
+    model = lambda x, t: torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+    out = sample_loop(d, model, (2, 1, 2, 2), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all()
+
+
+def test_fixed_large_variance_matches_definition():
+    d = create_diffusion("", learn_sigma=False)
+    assert d.fixed_large_variance[0] == d.posterior_variance[1]
+    assert np.array_equal(d.fixed_large_variance[1:], d.betas[1:])

@@ -49,9 +49,26 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.mean(dim=list(range(1, tensor.ndim)))
 
 
+_TABLE_CACHE: dict[tuple[int, torch.device], tuple[np.ndarray, torch.Tensor]] = {}
+
+
+def _table(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``arr`` as a float64 tensor on ``device``, copied once per (array, device), not per step."""
+    key = (id(arr), device)
+    hit = _TABLE_CACHE.get(key)
+    if hit is None or hit[0] is not arr:  # the id of a freed array can be reused: check identity
+        if len(_TABLE_CACHE) > 256:
+            _TABLE_CACHE.clear()
+        hit = _TABLE_CACHE[key] = (arr, torch.from_numpy(arr).to(device))
+    return hit[1]
+
+
 def extract(arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape: torch.Size) -> torch.Tensor:
-    """``arr[timesteps]`` as float32, broadcast to ``broadcast_shape`` (batch first)."""
-    res = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    """``arr[timesteps]`` as float32, broadcast to ``broadcast_shape`` (batch first).
+
+    Indexing happens in float64 and the cast comes after, as in the original.
+    """
+    res = _table(arr, timesteps.device)[timesteps].float()
     while res.ndim < len(broadcast_shape):
         res = res[..., None]
     return res + torch.zeros(broadcast_shape, device=timesteps.device)
@@ -136,21 +153,35 @@ class GaussianDiffusion:
         # q(x_{t-1} | x_t, x_0)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # The posterior variance is 0 at t = 0: its log is clipped to the value at t = 1.
+        # A one-step process has no t = 1; its only step then uses beta (the original
+        # leaves the array empty and fails on the first step).
         self.posterior_log_variance_clipped = (
             np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
             if len(self.posterior_variance) > 1
-            else np.array([])
+            else np.log(betas)
         )
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         )
 
+        # Derived tables, computed once here rather than on every step.
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_betas = np.log(betas)
+        # FIXED_LARGE: beta_t, with the posterior variance at t = 0 for a better decoder likelihood.
+        self.fixed_large_variance = (
+            np.append(self.posterior_variance[1:2], betas[1:]) if len(betas) > 1 else betas
+        )
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        with np.errstate(divide="ignore"):
+            self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+            self.posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
+
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log-variance of q(x_t | x_0)."""
         mean = extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = extract(1.0 - self.alphas_cumprod, t, x_start.shape)
+        variance = extract(self.one_minus_alphas_cumprod, t, x_start.shape)
         log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
         return mean, variance, log_variance
 
@@ -213,15 +244,13 @@ class GaussianDiffusion:
                 model_log_variance = model_var_values
             else:
                 min_log = extract(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = extract(np.log(self.betas), t, x.shape)
+                max_log = extract(self.log_betas, t, x.shape)
                 frac = (model_var_values + 1) / 2  # the output in [-1, 1] -> [0, 1]
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
         else:
             if self.model_var_type == ModelVarType.FIXED_LARGE:
-                # beta_t, with the posterior variance at t=0 for a better decoder likelihood.
-                variance = np.append(self.posterior_variance[1], self.betas[1:])
-                log_variance = np.log(variance)
+                variance, log_variance = self.fixed_large_variance, self.fixed_large_log_variance
             else:
                 variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
             model_variance = extract(variance, t, x.shape)
@@ -238,8 +267,8 @@ class GaussianDiffusion:
             pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
         else:  # PREVIOUS_X: invert the posterior mean
             pred_xstart = process_xstart(
-                extract(1.0 / self.posterior_mean_coef1, t, x.shape) * model_output
-                - extract(self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x.shape) * x
+                extract(self.recip_posterior_mean_coef1, t, x.shape) * model_output
+                - extract(self.posterior_mean_coef2_over_coef1, t, x.shape) * x
             )
         model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:

@@ -134,3 +134,14 @@ def test_latent_model_without_diffusers_says_how_to_install(tmp_path, capsys, mo
     models.save(model, path)
     code, _, err = run(capsys, *sample_args(path, tmp_path / "x.npz"))
     assert_one_line_error(code, err, "pip install 'ditq[vae]'")
+
+
+def test_label_out_of_range_is_reported_before_the_vae(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    model = models.create_model("DiT-S/8", input_size=8, depth=1, hidden_size=32, num_heads=2, num_classes=7)
+    path = tmp_path / "latent.safetensors"
+    models.save(model, path)
+    code, _, err = run(capsys, *sample_args(path, tmp_path / "x.npz", "--class-labels", "7"))
+    assert_one_line_error(code, err, "class label 7 is out of range")

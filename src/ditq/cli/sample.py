@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from ditq import models
     from ditq.images import output_format, save_grid, save_npz
     from ditq.models.vae import vae_for_model
-    from ditq.pipelines.sample import check_sample_options, resolve_device, sample
+    from ditq.pipelines.sample import check_sample_options, make_labels, resolve_device, sample
 
     # Everything that can be checked without the model is checked first, so a
     # typo fails at once rather than after a download.
@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet and sys.stderr.isatty()
 
     model = models.load(args.model, device=device, image_size=args.image_size)
+    if class_labels is not None:  # a label out of range fails before the VAE is built
+        make_labels(class_labels, args.num_samples, model.config.num_classes)
     vae = vae_for_model(model.config, args.vae, device=device)
     cfg_channels = {None: "auto", "3": 3, "all": None}[args.cfg_channels]
     say(

@@ -28,6 +28,16 @@ def dit_ref() -> dict:
     return load_fixture("dit_ref_tiny.pt")
 
 
+@pytest.fixture(scope="session")
+def ref_model(dit_ref):
+    """The fixture's tiny DiT, loaded strictly from the original's state dict."""
+    from ditq.models import DiT, DiTConfig
+
+    model = DiT(DiTConfig(**dit_ref["config"]))
+    model.load_state_dict(dit_ref["state_dict"], strict=True)
+    return model.eval()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

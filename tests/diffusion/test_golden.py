@@ -1,18 +1,9 @@
 """ditq's diffusion against the outputs of facebookresearch/DiT (fixtures/dit_ref_tiny.pt)."""
 
 import numpy as np
-import pytest
 import torch
 
 from ditq.diffusion import ClassifierFreeGuidance, create_diffusion, ddim_sample_loop
-from ditq.models import DiT, DiTConfig
-
-
-@pytest.fixture(scope="module")
-def ref_model(dit_ref):
-    model = DiT(DiTConfig(**dit_ref["config"]))
-    model.load_state_dict(dit_ref["state_dict"], strict=True)
-    return model.eval()
 
 
 def test_betas_and_respacing_equal(dit_ref):

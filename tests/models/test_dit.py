@@ -5,13 +5,6 @@ from ditq.errors import InvalidArgumentError, UnknownModelError
 from ditq.models import DiT, DiTConfig, create_model, get_config, list_models
 
 
-@pytest.fixture(scope="module")
-def ref_model(dit_ref):
-    model = DiT(DiTConfig(**dit_ref["config"]))
-    model.load_state_dict(dit_ref["state_dict"], strict=True)
-    return model.eval()
-
-
 def test_fixture_state_dict_has_original_names(dit_ref):
     model = DiT(DiTConfig(**dit_ref["config"]))
     assert list(model.state_dict()) == list(dit_ref["state_dict"])

@@ -19,23 +19,12 @@ import torch
 from torch import nn
 
 from ditq import models
+from ditq.data import FASHION_MNIST_CLASSES
 from ditq.errors import InvalidArgumentError
 from ditq.images import save_grid, save_npz
 from ditq.models import DiT, DiTConfig
 from ditq.pipelines.sample import sample
 
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 EMBEDDED_MODEL = "ditq-fmnist.safetensors"
 
 # Fashion-MNIST padded to 32x32, one channel; 4x4 patches give 64 tokens, so

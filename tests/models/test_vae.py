@@ -163,3 +163,22 @@ def test_sd_vae_rejects_wrong_latent_channels():
         sd.decode(torch.zeros(1, 3, 2, 2))
     with pytest.raises(InvalidArgumentError, match="batch_size"):
         sd.decode(torch.zeros(1, 4, 2, 2), batch_size=0)
+
+
+def test_wrapper_runs_a_real_diffusers_autoencoder():
+    """With the ``vae`` extra installed: a small, randomly initialized AutoencoderKL (no download)."""
+    diffusers = pytest.importorskip("diffusers")
+    ae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+    )
+    vae = StableDiffusionVAE(autoencoder=ae)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    z = vae.encode(x, batch_size=2, sample=False)
+    assert z.shape == (3, 4, 8, 8) and vae.downsample == 2
+    with torch.no_grad():
+        expected = ae.encode(x).latent_dist.mean * 0.18215
+    torch.testing.assert_close(z, expected)
+    assert vae.decode(z, batch_size=2).shape == x.shape

@@ -175,7 +175,7 @@ def main(argv=None):
         grad_clip=1.0,
         precision=args.precision,
         compile=args.compile,
-        log_every=500,
+        log_every=250,
         seed=args.seed,
     )
     steps = args.steps
@@ -197,6 +197,8 @@ def main(argv=None):
         device=device,
         log_path=out / "train_log.jsonl",
         on_log=lambda r: print(json.dumps(r), flush=True),
+        state_path=out / "train_state.pt",
+        save_every=args.save_every,
     )
     wall = time.time() - t0
 

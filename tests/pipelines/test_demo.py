@@ -37,8 +37,8 @@ def test_tiny_demo_model_is_small_and_seeded():
 def test_run_demo_with_the_random_stand_in(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "find_embedded_model", lambda: None)
     lines: list[str] = []
-    result = run_demo(tmp_path / "out", samples_per_class=1, steps=2, log=lines.append)
-    assert not result.trained and result.num_samples == 10
+    result = run_demo(tmp_path / "out", samples_per_class=1, steps=2, log=lines.append, train=False)
+    assert not result.trained and result.num_samples == 10 and result.training is None
     assert any("randomly initialized" in line for line in lines)
     assert any(str(result.grid_path) in line for line in lines)
     with np.load(result.npz_path) as data:
@@ -53,7 +53,7 @@ def test_run_demo_loads_the_embedded_model(tmp_path, monkeypatch):
     models.save(tiny_demo_model(seed=1), path)
     monkeypatch.setattr(demo, "find_embedded_model", lambda: path)
     lines: list[str] = []
-    result = run_demo(tmp_path / "out", samples_per_class=1, steps=2, log=lines.append)
+    result = run_demo(tmp_path / "out", samples_per_class=1, steps=2, log=lines.append, train=False)
     assert result.trained and result.model_path == path
     assert any("embedded" in line for line in lines)
     assert not any("randomly" in line for line in lines)
@@ -62,3 +62,17 @@ def test_run_demo_loads_the_embedded_model(tmp_path, monkeypatch):
 def test_run_demo_rejects_nonpositive_counts(tmp_path):
     with pytest.raises(InvalidArgumentError, match="samples_per_class"):
         run_demo(tmp_path, samples_per_class=0, log=lambda _: None)
+
+
+def test_run_demo_trains_a_tiny_model_and_can_run_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "find_embedded_model", lambda: None)
+    for _ in range(2):  # a second demo replaces the first one's training run
+        lines: list[str] = []
+        result = run_demo(tmp_path, samples_per_class=1, steps=2, train_steps=3, log=lines.append)
+    training = result.training
+    assert training is not None and training.steps == 3
+    assert training.model_path.is_file() and training.log_path.is_file()
+    assert training.last_checkpoint.is_file()
+    assert any(line.startswith("loss ") for line in lines)
+    assert any(str(training.model_path) in line for line in lines)
+    assert models.load(training.model_path).config.input_size == 16

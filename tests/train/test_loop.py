@@ -1,8 +1,11 @@
+import pytest
 import torch
 
+from ditq.errors import DitqError
 from ditq.models import create_model
+from ditq.train.checkpoint import CheckpointDir, load_state
 from ditq.train.ema import make_ema, update_ema
-from ditq.train.loop import TrainConfig, lr_at, train
+from ditq.train.loop import TrainConfig, fit, lr_at, train
 
 
 def _data(n=32):
@@ -55,3 +58,93 @@ def test_ema_update():
     update_ema(e, m, 0.9)
     torch.testing.assert_close(e.weight, 0.9 * before + 0.1 * m.weight)
     assert not e.weight.requires_grad
+
+
+# --- fit: data loaders, checkpoint folders, non-finite losses --------------------------------
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """A plain map-style dataset (knows indices only, not sampler keys)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _params(module):
+    return [t.clone() for t in module.state_dict().values()]
+
+
+def _same(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+
+def test_dataloader_path_matches_in_memory_data():
+    x, y = _data(10)  # 10 items, batches of 4: batches straddle epochs
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, ema_decay=0.5, log_every=2)
+    ref = fit(_model(), (x, y), cfg)
+    for workers in (0, 1):
+        other = fit(_model(), _Pairs(x, y), cfg, num_workers=workers)
+        assert _same(_params(ref.model), _params(other.model))
+        assert _same(_params(ref.ema), _params(other.ema))
+        assert [r["loss"] for r in other.records] == [r["loss"] for r in ref.records]
+
+
+def test_resume_from_a_checkpoint_folder_keeping_the_last_two(tmp_path):
+    x, y = _data(12)
+    cfg = TrainConfig(steps=6, batch_size=5, lr=1e-3, warmup_steps=4, ema_decay=0.5, log_every=1)
+    full = fit(_model(), _Pairs(x, y), cfg)
+    store = CheckpointDir(tmp_path, keep_last=2)
+
+    def stop_at_4(rec):  # a kill after the state of step 4 was written
+        if rec["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), _Pairs(x, y), cfg, store=store, save_every=2, on_log=stop_at_4)
+    assert [s for s, _ in store.list()] == [2, 4]
+    resumed = fit(_model(), _Pairs(x, y), cfg, store=store, save_every=2, resume=True)
+    assert resumed.start_step == 4 and resumed.resumed_from == tmp_path / "step_0000004.pt"
+    assert [r["step"] for r in resumed.records] == [5, 6]
+    assert _same(_params(full.model), _params(resumed.model))
+    assert _same(_params(full.ema), _params(resumed.ema))
+    assert [s for s, _ in store.list()] == [4, 6]
+
+
+class _BlowsUp(torch.nn.Module):
+    """A model whose output turns to NaN from its ``after``-th call on."""
+
+    def __init__(self, model, after):
+        super().__init__()
+        self.inner, self.after, self.calls = model, after, 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        out = self.inner(x, t, y)
+        return out * float("nan") if self.calls > self.after else out
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    x, y = _data(8)
+    cfg = TrainConfig(steps=10, batch_size=4, lr=1e-3, log_every=100)
+    store = CheckpointDir(tmp_path, keep_last=3)
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(DitqError, match="loss became nan at step 6") as e:
+        fit(_BlowsUp(_model(), after=5), (x, y), cfg, store=store, save_every=2, log_path=log)
+    message = str(e.value)
+    assert "\n" not in message and "step_0000004.pt" in message
+    assert [s for s, _ in store.list()] == [2, 4]
+    state = load_state(store.latest())
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert log.read_text() == ""  # no NaN record was logged
+
+
+def test_half_precision_needs_cuda():
+    x, y = _data(4)
+    with pytest.raises(DitqError, match="needs a CUDA device"):
+        fit(_model(), (x, y), TrainConfig(steps=1, batch_size=2, precision="bf16"))

@@ -1,4 +1,4 @@
-"""``ditq demo``: a labelled grid from a tiny embedded Fashion-MNIST DiT, in seconds on a CPU."""
+"""``ditq demo``: a labelled grid from a tiny embedded Fashion-MNIST DiT, then a tiny training run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``demo`` on ``subparsers``; sets ``func=run``."""
     p = subparsers.add_parser(
         "demo",
-        help="sample a labelled grid from the tiny embedded model (no download)",
+        help="sample a labelled grid from the tiny embedded model, then train a tiny one (no download)",
         description=__doc__,
     )
     p.add_argument(
@@ -20,6 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--samples-per-class", type=int, default=2, help="grid rows (default 2)")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (default 2)")
+    p.add_argument("--skip-train", action="store_true", help="skip the short training run (synthetic shapes)")
+    p.add_argument("--train-steps", type=int, default=80, help="steps of the short training run (default 80)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=run)
     return p
@@ -37,5 +39,7 @@ def run(args: argparse.Namespace) -> int:
         cfg_scale=args.cfg_scale,
         progress=not args.quiet and sys.stderr.isatty(),
         log=(lambda _: None) if args.quiet else print,
+        train=not args.skip_train,
+        train_steps=args.train_steps,
     )
     return 0

@@ -1,1 +1,11 @@
-"""Training: EMA and the training loop."""
+"""Training: the loop, its config, data order, training-state checkpoints and EMA.
+
+- :mod:`ditq.train.loop`: :func:`~ditq.train.loop.fit` (and the older :func:`~ditq.train.loop.train`).
+- :mod:`ditq.train.config`: :class:`~ditq.train.config.TrainRun`, a whole run as YAML-able data.
+- :mod:`ditq.train.sampler`: the seeded, resumable data order.
+- :mod:`ditq.train.checkpoint`: training states, keep-last-K folders.
+- :mod:`ditq.train.distributed`: rank and world size (rank 0 logs and writes).
+- :mod:`ditq.train.ema`: the exponential moving average of the weights.
+
+``ditq train`` (:mod:`ditq.pipelines.train`) puts these together.
+"""

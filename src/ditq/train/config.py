@@ -1,0 +1,314 @@
+"""A training run as data: :class:`TrainRun`, read from and written to YAML or JSON.
+
+A recipe file (``configs/*.yaml``) looks like::
+
+    seed: 0
+    out: out/fmnist_tiny
+    model:
+      name: DiT-S/4                 # a registry name, with fields overridden ...
+      overrides: {depth: 6, hidden_size: 128, num_heads: 4}
+      # config: {...}               # ... or a full DiT config instead
+    data:
+      kind: idx                     # synthetic | idx | folder
+      path: /usr/share/datasets/fashion-mnist
+      image_size: 32
+    optim:                          # the fields of ditq.train.loop.TrainConfig (but seed)
+      steps: 8000
+      batch_size: 128
+      lr: 1.0e-3
+    checkpoint:
+      every: 500                    # steps between training states (0: only at the end)
+      keep_last: 3                  # how many to keep (0: all)
+
+Every section and field is optional (the dataclass defaults fill in), but an
+unknown key or a value of the wrong type is a one-line :class:`DitqError`
+naming it, never a silently ignored typo. The model's ``input_size``,
+``in_channels`` and ``num_classes`` follow the data unless set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ditq.errors import InvalidArgumentError
+from ditq.train.loop import TrainConfig
+
+DATA_KINDS = ("synthetic", "idx", "folder")
+
+
+class ConfigError(InvalidArgumentError):
+    """A training config that cannot be read or holds a bad key or value."""
+
+
+@dataclass
+class ModelSpec:
+    """Which model to train: a registry name with field overrides, or a full model config."""
+
+    name: str | None = "DiT-S/4"
+    overrides: dict = field(default_factory=dict)
+    config: dict | None = None  # a full DiTConfig dict; then name must be null and overrides empty
+
+
+@dataclass
+class DataSpec:
+    """Where the images come from."""
+
+    kind: str = "synthetic"  # synthetic | idx | folder
+    path: str | None = None  # the idx or image folder (not used by synthetic)
+    image_size: int = 32
+    channels: int | None = None  # default: 1 for synthetic and idx, 3 for folder
+    num_samples: int = 10_000  # synthetic only
+    split: str = "train"  # idx only: train | test
+    random_flip: bool = True  # folder only
+    num_workers: int = 0  # folder only: DataLoader worker processes
+
+    @property
+    def num_channels(self) -> int:
+        if self.channels is not None:
+            return self.channels
+        return 3 if self.kind == "folder" else 1
+
+
+@dataclass
+class CheckpointSpec:
+    """How often training states are written, and how many are kept."""
+
+    every: int = 1000  # steps; 0 = only at the end
+    keep_last: int = 3  # 0 = keep all
+
+
+@dataclass
+class TrainRun:
+    """Everything a ``ditq train`` run needs; stored in its checkpoints and output folder."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    out: str = "out/train"
+    seed: int = 0
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+
+    def train_config(self) -> TrainConfig:
+        """The loop's settings, with the run's seed."""
+        return replace(self.optim, seed=self.seed)
+
+    # -- dict / file round trip ------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["optim"].pop("seed")  # the run's seed is the one seed
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TrainRun:
+        """Build and validate a run from a nested dict; unknown keys and bad values raise ConfigError."""
+        d = _expect_mapping(d, "the config")
+        sections = {"model": ModelSpec, "data": DataSpec, "optim": TrainConfig, "checkpoint": CheckpointSpec}
+        _check_keys(d, [f.name for f in fields(cls)], "the config")
+        kwargs: dict[str, Any] = {}
+        for name, value in d.items():
+            if name in sections:
+                sub = _expect_mapping(value, name)
+                if name == "optim" and "seed" in sub:
+                    raise ConfigError("optim.seed: set the seed at the top level ('seed: N'), not in optim")
+                kwargs[name] = _build(sections[name], sub, name)
+            else:
+                kwargs[name] = _coerce(value, _field_type(cls, name), name)
+        run = cls(**kwargs)
+        run.validate()
+        return run
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as YAML (or JSON for a ``.json`` path), atomically."""
+        from ditq.checkpoint import atomic_write
+
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else self.to_yaml()
+        with atomic_write(path) as tmp:
+            tmp.write_text(text)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainRun:
+        """Read a YAML or JSON run config."""
+        return cls.from_dict(read_config_file(path))
+
+    # -- checks ----------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise a one-line ConfigError for a value that cannot work (paths are checked at run time)."""
+        try:
+            self.optim.validate()
+        except InvalidArgumentError as e:
+            raise ConfigError(f"optim.{e}") from None
+        m, dt, ck = self.model, self.data, self.checkpoint
+        if m.config is not None and (m.name is not None or m.overrides):
+            raise ConfigError("model: give either name (with overrides) or config, not both")
+        if m.config is None and m.name is None:
+            raise ConfigError("model: give a registry name (e.g. name: DiT-S/4) or a full config")
+        _check_model_fields(m.overrides, "model.overrides")
+        if m.config is not None:
+            _check_model_fields({k: v for k, v in m.config.items() if k != "arch"}, "model.config")
+        if dt.kind not in DATA_KINDS:
+            raise ConfigError(f"data.kind must be one of {', '.join(DATA_KINDS)}, got {dt.kind!r}")
+        if dt.kind != "synthetic" and not dt.path:
+            raise ConfigError(f"data.path is required for data.kind {dt.kind}")
+        if dt.image_size < 4:
+            raise ConfigError(f"data.image_size must be at least 4, got {dt.image_size}")
+        if dt.channels is not None and dt.channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {dt.channels}")
+        if dt.kind == "idx" and dt.num_channels != 1:
+            raise ConfigError("data.channels must be 1 for idx data (MNIST-style images are grey)")
+        if dt.num_samples < 1:
+            raise ConfigError(f"data.num_samples must be at least 1, got {dt.num_samples}")
+        if dt.split not in ("train", "test"):
+            raise ConfigError(f"data.split must be train or test, got {dt.split!r}")
+        if dt.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {dt.num_workers}")
+        if ck.every < 0:
+            raise ConfigError(f"checkpoint.every must be >= 0 (0: only at the end), got {ck.every}")
+        if ck.keep_last < 0:
+            raise ConfigError(f"checkpoint.keep_last must be >= 0 (0: keep all), got {ck.keep_last}")
+        if not self.out:
+            raise ConfigError("out must name an output folder")
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The dict in a YAML or JSON file, with one-line errors for missing or malformed files."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise ConfigError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model, data, optim, ...)")
+    return data
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    """``set_dotted(d, "optim.lr", 1e-3)``: set a nested key, creating sections as needed."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"bad config key {key!r}; use dotted names such as optim.lr")
+    node = d
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+#################################################################################
+#                             Strict dict -> dataclass                          #
+#################################################################################
+
+
+def _expect_mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(d: dict, valid: list[str], where: str) -> None:
+    unknown = [k for k in d if k not in valid]
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))} in {where}; "
+            f"valid keys: {', '.join(valid)}"
+        )
+
+
+def _field_type(cls, name: str) -> str:
+    return next(f.type for f in fields(cls) if f.name == name)
+
+
+def _check_model_fields(d: dict, where: str) -> None:
+    from ditq.models import DiTConfig
+
+    _check_keys({k: v for k, v in d.items() if k != "arch"}, [f.name for f in fields(DiTConfig)], where)
+    for k, v in d.items():
+        if k != "arch":
+            d[k] = _coerce(v, _field_type(DiTConfig, k), f"{where}.{k}")
+
+
+def _build(cls, d: dict, where: str):
+    valid = [f.name for f in fields(cls) if not (cls is TrainConfig and f.name == "seed")]
+    _check_keys(d, valid, where)
+    return cls(**{k: _coerce(v, _field_type(cls, k), f"{where}.{k}") for k, v in d.items()})
+
+
+def _coerce(value: Any, type_name: str, where: str) -> Any:
+    """``value`` as the annotated type (a string under postponed annotations), or ConfigError."""
+    options = [t.strip() for t in str(type_name).split("|")]
+    if value is None:
+        if "None" in options:
+            return None
+        raise ConfigError(f"{where} must not be null")
+    for t in options:
+        if t == "bool" and isinstance(value, bool):
+            return value
+        if t == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t == "float" and not isinstance(value, bool):
+            # YAML 1.1 reads 1e-3 (no dot) as a string: accept numeric strings for floats.
+            try:
+                number = float(value) if isinstance(value, (int, float, str)) else None
+            except ValueError:
+                number = None
+            if number is not None and not math.isnan(number):
+                return number
+        if t == "str" and isinstance(value, str):
+            return value
+        if t == "dict" and isinstance(value, dict):
+            return value
+    wanted = " or ".join("null" if t == "None" else _TYPE_WORDS.get(t, t) for t in options)
+    raise ConfigError(f"{where} must be {wanted}, got {value!r}")
+
+
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true/false",
+    "dict": "a mapping",
+}
+
+__all__ = [
+    "DATA_KINDS",
+    "CheckpointSpec",
+    "ConfigError",
+    "DataSpec",
+    "ModelSpec",
+    "TrainRun",
+    "read_config_file",
+    "set_dotted",
+]

@@ -422,3 +422,18 @@ def test_damaged_cache_file_says_how_to_recover(tmp_path, fake_official):
     with pytest.raises(CheckpointError, match="delete") as e:
         load("DiT-XL/2", cache_dir=tmp_path)
     assert str(cached) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_embedded_model_by_name(monkeypatch, tmp_path):
+    model = _tiny()
+    path = tmp_path / "ditq-fmnist.safetensors"
+    save(model, path)
+    monkeypatch.setattr(hub, "embedded_model_path", lambda name="ditq-fmnist": path)
+    loaded = load("ditq-fmnist")
+    assert loaded.config == model.config
+    monkeypatch.setattr(hub, "embedded_model_path", lambda name="ditq-fmnist": None)
+    with pytest.raises(CheckpointError, match="not in this install"):
+        load("ditq-fmnist")
+    monkeypatch.undo()
+    with pytest.raises(UnknownModelError):
+        hub.embedded_model_path("ditq-cifar")

@@ -51,6 +51,9 @@ OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 LATENT_DOWNSAMPLE = 8
 
 # Suffixes that mark an argument as a file path rather than a model name.
+# Models trained by ditq and shipped in the package (ditq/assets), loadable by name.
+EMBEDDED_MODELS = {"ditq-fmnist": "ditq-fmnist.safetensors"}
+
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
@@ -114,7 +117,16 @@ def load(
     (default: when stderr is a terminal, on rank 0).
     """
     key = str(name_or_path)
-    if key in registry.MODEL_CONFIGS and not Path(key).is_file():
+    if key in EMBEDDED_MODELS and not Path(key).is_file():
+        path = embedded_model_path(key)
+        if path is None:
+            raise CheckpointError(
+                f"the embedded model '{key}' is not in this install "
+                f"(expected ditq/assets/{EMBEDDED_MODELS[key]}); "
+                "reinstall ditq, or train one with: ditq train --config configs/fmnist_tiny.yaml"
+            )
+        loaded = _read(path)
+    elif key in registry.MODEL_CONFIGS and not Path(key).is_file():
         entry = official_weights(key, image_size)
         path = _ensure_official(entry, cache_dir=cache_dir, download=download, progress=progress)
         try:
@@ -134,6 +146,16 @@ def load(
                 "drop image_size or use another file"
             )
     return _build(loaded.config, loaded.state_dict, str(path)).to(device).eval()
+
+
+def embedded_model_path(name: str = "ditq-fmnist") -> Path | None:
+    """The file of a model shipped inside the package (``"ditq-fmnist"``), or ``None`` if absent."""
+    from importlib import resources
+
+    if name not in EMBEDDED_MODELS:
+        raise UnknownModelError(f"unknown embedded model '{name}'; known: {', '.join(EMBEDDED_MODELS)}")
+    asset = resources.files("ditq").joinpath("assets", EMBEDDED_MODELS[name])
+    return Path(str(asset)) if asset.is_file() else None
 
 
 def save(

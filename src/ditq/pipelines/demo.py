@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -32,8 +31,6 @@ from ditq.pipelines.sample import sample
 from ditq.pipelines.train import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, MODEL_FILE, TrainResult, run_training
 from ditq.train.config import CheckpointSpec, DataSpec, ModelSpec, TrainRun
 from ditq.train.loop import TrainConfig
-
-EMBEDDED_MODEL = "ditq-fmnist.safetensors"
 
 # Fashion-MNIST padded to 32x32, one channel; 4x4 patches give 64 tokens, so
 # a forward pass costs about a millisecond per image on a CPU core.
@@ -76,11 +73,7 @@ def demo_train_run(out_dir: str | Path, steps: int = DEMO_TRAIN_STEPS, seed: int
 
 def find_embedded_model() -> Path | None:
     """The path of the embedded demo checkpoint, or ``None`` when this install has none."""
-    try:
-        asset = resources.files("ditq").joinpath("assets", EMBEDDED_MODEL)
-    except (ModuleNotFoundError, TypeError):
-        return None
-    return Path(str(asset)) if asset.is_file() else None
+    return models.hub.embedded_model_path("ditq-fmnist")
 
 
 def tiny_demo_model(seed: int = 0) -> nn.Module:

@@ -3,6 +3,10 @@
 Subpackages:
     models     the DiT family (state-dict names of the originals), loading, VAE
     diffusion  Gaussian diffusion as DiT uses it: schedules, respacing, samplers
+    data       synthetic shapes, (Fashion-)MNIST idx files, image folders
+    train      the training loop, EMA, resumable sampler and checkpoints
+    eval       ADM-compatible Inception features, FID, sFID, IS, Precision, Recall
+    pipelines  whole workflows (sample, train, demo), callable from Python
     cli        the ``ditq`` command line (a thin layer over ``pipelines``)
 """
 

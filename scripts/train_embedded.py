@@ -130,6 +130,23 @@ def save_grid(images, path, nrow):
     Image.fromarray(canvas.numpy()).resize((nrow * 34 * 3, rows * 34 * 3), Image.NEAREST).save(path)
 
 
+def _train(model_config, x, y, cfg, device, out, save_every):
+    """Train (resuming from OUT/train_state.pt if present); return the EMA model and wall seconds."""
+    t0 = time.time()
+    _, ema, _ = train(
+        DiT(model_config),
+        x,
+        y,
+        cfg,
+        device=device,
+        log_path=out / "train_log.jsonl",
+        on_log=lambda r: print(json.dumps(r), flush=True),
+        state_path=out / "train_state.pt",
+        save_every=save_every,
+    )
+    return ema, time.time() - t0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
@@ -151,11 +168,23 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=500, help="training-state checkpoint period (resumable)")
     p.add_argument("--eval-per-class", type=int, default=100)
     p.add_argument("--classifier-epochs", type=int, default=4)
+    p.add_argument(
+        "--export-from-state",
+        action="store_true",
+        help="skip training: export and evaluate the EMA of OUT/train_state.pt (a stopped run)",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    MODEL = DiTConfig(depth=args.depth, hidden_size=args.hidden, num_heads=args.heads, patch_size=args.patch,
-                      input_size=32, in_channels=1, num_classes=10)
+    MODEL = DiTConfig(
+        depth=args.depth,
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        patch_size=args.patch,
+        input_size=32,
+        in_channels=1,
+        num_classes=10,
+    )
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -179,7 +208,16 @@ def main(argv=None):
         seed=args.seed,
     )
     steps = args.steps
-    if steps <= 0:  # time a short probe run (compile included), then size the real run to the budget
+    if args.export_from_state:
+        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+        ema = DiT(MODEL)
+        ema.load_state_dict(state["ema"])
+        ema.eval()
+        steps = int(state["step"])
+        logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        wall = max(r["elapsed_s"] for r in logged if r["step"] <= steps)
+        print(f"exporting the EMA of {out / 'train_state.pt'} at step {steps}", flush=True)
+    elif steps <= 0:  # time a short probe run (compile included), then size the real run to the budget
         probe = TrainConfig(steps=300, **{**base, "log_every": 100})
         _, _, rec = train(DiT(MODEL), x, y, probe, device=device)
         per_step = (rec[-1]["elapsed_s"] - rec[0]["elapsed_s"]) / (rec[-1]["step"] - rec[0]["step"])
@@ -187,20 +225,8 @@ def main(argv=None):
         print(
             f"probe: {per_step * 1000:.1f} ms/step -> {steps} steps in {args.time_budget:.0f} s", flush=True
         )
-    cfg = TrainConfig(steps=steps, **base)
-    t0 = time.time()
-    model, ema, records = train(
-        DiT(MODEL),
-        x,
-        y,
-        cfg,
-        device=device,
-        log_path=out / "train_log.jsonl",
-        on_log=lambda r: print(json.dumps(r), flush=True),
-        state_path=out / "train_state.pt",
-        save_every=args.save_every,
-    )
-    wall = time.time() - t0
+    if not args.export_from_state:
+        ema, wall = _train(MODEL, x, y, TrainConfig(steps=steps, **base), device, out, args.save_every)
 
     command = "python scripts/train_embedded.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     tensors = {k: v.detach().to(torch.float16).cpu() for k, v in ema.state_dict().items()}
@@ -223,6 +249,7 @@ def main(argv=None):
 
     report = {
         "train_steps": steps,
+        "planned_steps": args.steps,
         "train_wall_s": wall,
         "train_images_seen": steps * args.batch_size,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -40,7 +40,7 @@ def test_empty_config_is_all_defaults(tmp_path):
     assert TrainRun.load(tmp_path / "empty.yaml") == TrainRun()
 
 
-@pytest.mark.parametrize("name", ["fmnist_tiny.yaml", "synthetic_tiny.yaml"])
+@pytest.mark.parametrize("name", ["fmnist_tiny.yaml", "synthetic_tiny.yaml", "imagenet256_latents.yaml"])
 def test_shipped_configs_load(name):
     run = TrainRun.load(CONFIGS / name)
     assert TrainRun.from_dict(run.to_dict()) == run
@@ -75,7 +75,14 @@ def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
         ({"optimizer": {}}, "unknown key optimizer in the config; valid keys: model, data"),
         ({"optim": {"lr": 1e-3, "learning_rate": 1}}, "unknown key learning_rate in optim"),
         ({"data": {"kind": "folder"}}, "data.path is required"),
-        ({"data": {"kind": "lmdb"}}, "data.kind must be one of synthetic, idx, folder"),
+        ({"data": {"kind": "lmdb"}}, "data.kind must be one of synthetic, idx, folder, latents"),
+        (
+            {"data": {"kind": "latents", "path": "x", "channels": 3}},
+            "data.channels does not apply to latents",
+        ),
+        ({"distributed": {"strategy": "zero3"}}, "distributed.strategy must be one of ddp, fsdp"),
+        ({"distributed": {"backend": "mpi"}}, "distributed.backend must be one of auto, gloo, nccl"),
+        ({"distributed": {"world_size": 2}}, "unknown key world_size in distributed"),
         ({"optim": {"lr": -1}}, "optim.lr must be positive"),
         ({"optim": {"lr": "fast"}}, "optim.lr must be a number, got 'fast'"),
         ({"optim": {"steps": 1.5}}, "optim.steps must be an integer"),

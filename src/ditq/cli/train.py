@@ -3,9 +3,11 @@
     ditq train --config configs/fmnist_tiny.yaml
     ditq train --config configs/synthetic_tiny.yaml --steps 200 --out out/try
     ditq train --resume --out out/try                 # continue where it stopped
+    torchrun --nproc_per_node=4 -m ditq.cli.main train --config run.yaml [--strategy fsdp]
 
 Writes OUT/log.jsonl, training states OUT/checkpoints/step_XXXXXXX.pt (the
-last K) and, at the end, the EMA model OUT/model.safetensors.
+last K) and, at the end, the EMA model OUT/model.safetensors. Under torchrun,
+--batch-size is the global batch (split over the processes) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``train`` on ``subparsers``; sets ``func=run``."""
     p = subparsers.add_parser(
         "train",
-        help="train a DiT from a YAML recipe (synthetic shapes, Fashion-MNIST, image folders)",
+        help="train a DiT from a YAML recipe (synthetic shapes, Fashion-MNIST, image folders, latents)",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--config", default=None, help="YAML or JSON run config (see configs/)")
@@ -35,10 +37,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="continue from the newest checkpoint in the output folder (its config.yaml when no --config)",
     )
     p.add_argument("--steps", type=int, default=None, help="total training steps")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (per process)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="images per step, over all processes (global batch)"
+    )
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--seed", type=int, default=None, help="seed of the model init, data and noise")
-    p.add_argument("--device", default=None, help="auto (default: CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="auto (default: CUDA when available), cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default=None,
+        help="under torchrun: ddp (whole model per process) or fsdp (FSDP2, sharded); default: the config's",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -82,6 +96,7 @@ def build_run(args: argparse.Namespace):
         "out": args.out,
         "seed": args.seed,
         "device": args.device,
+        "distributed.strategy": args.strategy,
         "optim.steps": args.steps,
         "optim.batch_size": args.batch_size,
         "optim.lr": args.lr,
@@ -112,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 def _command(args: argparse.Namespace) -> str:
     # Rebuilt from the options rather than sys.argv, which is not ours when called as main([...]).
     parts = ["ditq", "train"]
-    for flag in ("config", "out", "steps", "batch_size", "lr", "seed", "device"):
+    for flag in ("config", "out", "steps", "batch_size", "lr", "seed", "device", "strategy"):
         value = getattr(args, flag)
         if value is not None:
             parts += [f"--{flag.replace('_', '-')}", str(value)]

@@ -9,8 +9,14 @@ with :func:`ditq.train.loop.fit`, and writes into the run's output folder::
     OUT/model.safetensors             the EMA weights as a ditq checkpoint (at the end)
 
 ``resume=True`` continues from the newest training state exactly (same
-parameters, EMA and data order as an uninterrupted run). Only the main
-process writes (rank 0).
+parameters, EMA and data order as an uninterrupted run).
+
+Under ``torchrun --nproc_per_node=K`` the same call trains on K processes
+(:func:`ditq.train.distributed.init_distributed` starts the process group
+from the environment, and destroys it at the end): ``optim.batch_size`` is
+the global batch, ``distributed.strategy`` picks DDP or FSDP2, rank 0 writes
+everything and every rank reads the checkpoint it resumes from. A run
+resumes under another number of processes too (same data order and noise).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from ditq.errors import DitqError
 from ditq.models import DiTConfig, build_model, config_from_dict, get_config, save
 from ditq.train.checkpoint import CheckpointDir
 from ditq.train.config import ConfigError, DataSpec, ModelSpec, TrainRun
-from ditq.train.distributed import is_main_process
+from ditq.train.distributed import agree, init_distributed
 from ditq.train.loop import fit
 
 CONFIG_FILE = "config.yaml"
@@ -64,6 +70,7 @@ class TrainData:
     image_size: int
     description: str
     class_names: list[str] | None = None
+    vae: str | None = None  # latents: the VAE that encoded them (and decodes samples)
 
 
 def load_data(spec: DataSpec, seed: int = 0, warn: Callable[[str], None] | None = None) -> TrainData:
@@ -80,6 +87,16 @@ def load_data(spec: DataSpec, seed: int = 0, warn: Callable[[str], None] | None 
     path = Path(spec.path)
     if not path.exists():
         raise ConfigError(f"data.path not found: {path}")
+    if spec.kind == "latents":
+        from ditq.data import LatentDataset
+
+        ds = LatentDataset(path, random_flip=spec.random_flip, seed=seed)
+        c, side = ds.latent_channels, ds.latent_size
+        desc = (
+            f"latents {path} ({len(ds)} items, {c}x{side}x{side} from {ds.image_size}px images via "
+            f"{ds.vae}{', flipped at random' if ds.flip else ''})"
+        )
+        return TrainData(ds, ds.num_classes, c, side, desc, ds.classes, vae=ds.vae)
     if spec.kind == "idx":
         from ditq.data import load_idx_dataset
 
@@ -151,19 +168,45 @@ def run_training(
 
     run.validate()
     started = time.perf_counter()
-    main = is_main_process()
+    ctx = init_distributed(
+        resolve_device(run.device), backend=run.distributed.backend, timeout_s=run.distributed.timeout_s
+    )
+    try:
+        return _run_training(
+            run,
+            ctx,
+            started,
+            resume=resume,
+            command=command,
+            progress=progress,
+            log=log,
+            warn=warn,
+            on_log=on_log,
+        )
+    finally:
+        ctx.close()
+
+
+def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on_log) -> TrainResult:
+    main, device = ctx.is_main, ctx.device
     out = Path(run.out)
     log_path, ckpt_dir, model_path = out / LOG_FILE, out / CHECKPOINT_DIR, out / MODEL_FILE
     store = CheckpointDir(ckpt_dir, keep_last=run.checkpoint.keep_last)
     existing = store.list()
-    if not resume and (existing or log_path.exists() or model_path.exists()):
+    taken = not resume and bool(existing or log_path.exists() or model_path.exists())
+    # Every process looks before rank 0 writes anything, and all stop if one saw a run there.
+    if not agree(not taken, device):
         raise DitqError(
             f"{out} already holds a training run; pass --resume to continue it, or choose another --out"
         )
-    device = resolve_device(run.device)
     cfg = run.train_config()
+    if cfg.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"optim.batch_size {cfg.batch_size} is the global batch and must divide by the "
+            f"{ctx.world_size} processes; use a multiple of {ctx.world_size}"
+        )
 
-    data = load_data(run.data, seed=run.seed, warn=warn)
+    data = load_data(run.data, seed=run.seed, warn=warn if main else (lambda _: None))
     model_config = resolve_model_config(run.model, data)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.seed)
@@ -180,10 +223,16 @@ def run_training(
         elif resume:
             log(f"no checkpoint in {ckpt_dir}; starting from step 0")
             log_path.unlink(missing_ok=True)
+        where = str(device)
+        if ctx.world_size > 1:
+            where = (
+                f"{ctx.world_size} processes ({run.distributed.strategy.upper()}, {ctx.backend}, "
+                f"{cfg.batch_size // ctx.world_size} each, {device.type})"
+            )
         log(
             f"training a {params / 1e6:.2f}M-parameter DiT (depth {model_config.depth}, hidden "
             f"{model_config.hidden_size}, patch {model_config.patch_size}) on {data.description} "
-            f"for {cfg.steps} steps of batch {cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}, on {device}"
+            f"for {cfg.steps} steps of batch {cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}, on {where}"
         )
 
     result = fit(
@@ -199,7 +248,9 @@ def run_training(
         num_workers=run.data.num_workers,
         progress=progress,
         state_extra={"run": run.to_dict(), "model_config": model_config.to_dict()},
+        strategy=run.distributed.strategy,
     )
+    error = None
     if main:
         metadata = {
             "weights": f"EMA (decay {cfg.ema_decay})",
@@ -209,8 +260,16 @@ def run_training(
         }
         if data.class_names is not None:
             metadata["class_names"] = data.class_names
-        save(result.ema, model_path, command=command, extra_metadata=metadata)
-        log(f"wrote {model_path} (EMA weights), log {log_path}, checkpoints in {ckpt_dir}")
+        if data.vae is not None:
+            metadata["vae"] = data.vae
+        try:
+            save(result.ema, model_path, command=command, extra_metadata=metadata)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other ranks)
+            error = e
+        else:
+            log(f"wrote {model_path} (EMA weights), log {log_path}, checkpoints in {ckpt_dir}")
+    if not agree(error is None, device):
+        raise error or DitqError(f"rank 0 could not write {model_path} (see its error)")
     return TrainResult(
         out_dir=out,
         model_path=model_path,

@@ -9,21 +9,26 @@ A recipe file (``configs/*.yaml``) looks like::
       overrides: {depth: 6, hidden_size: 128, num_heads: 4}
       # config: {...}               # ... or a full DiT config instead
     data:
-      kind: idx                     # synthetic | idx | folder
+      kind: idx                     # synthetic | idx | folder | latents
       path: /usr/share/datasets/fashion-mnist
       image_size: 32
     optim:                          # the fields of ditq.train.loop.TrainConfig (but seed)
       steps: 8000
-      batch_size: 128
+      batch_size: 128               # the global batch (split over torchrun's processes)
       lr: 1.0e-3
     checkpoint:
       every: 500                    # steps between training states (0: only at the end)
       keep_last: 3                  # how many to keep (0: all)
+    distributed:                    # used only under torchrun (WORLD_SIZE > 1)
+      strategy: ddp                 # ddp | fsdp (FSDP2: blocks and root sharded)
+      backend: auto                 # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
 
 Every section and field is optional (the dataclass defaults fill in), but an
 unknown key or a value of the wrong type is a one-line :class:`DitqError`
 naming it, never a silently ignored typo. The model's ``input_size``,
-``in_channels`` and ``num_classes`` follow the data unless set.
+``in_channels`` and ``num_classes`` follow the data unless set; for
+``kind: latents`` (a folder written by ``ditq extract-latents``) they are the
+latents' side and channels, and ``image_size`` and ``channels`` are not used.
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ from typing import Any
 import yaml
 
 from ditq.errors import InvalidArgumentError
+from ditq.train.distributed import BACKENDS, STRATEGIES
 from ditq.train.loop import TrainConfig
 
-DATA_KINDS = ("synthetic", "idx", "folder")
+DATA_KINDS = ("synthetic", "idx", "folder", "latents")
 
 
 class ConfigError(InvalidArgumentError):
@@ -60,14 +66,14 @@ class ModelSpec:
 class DataSpec:
     """Where the images come from."""
 
-    kind: str = "synthetic"  # synthetic | idx | folder
-    path: str | None = None  # the idx or image folder (not used by synthetic)
-    image_size: int = 32
-    channels: int | None = None  # default: 1 for synthetic and idx, 3 for folder
+    kind: str = "synthetic"  # synthetic | idx | folder | latents
+    path: str | None = None  # the idx, image or latents folder (not used by synthetic)
+    image_size: int = 32  # not used by latents (their manifest says)
+    channels: int | None = None  # default: 1 for synthetic and idx, 3 for folder; not used by latents
     num_samples: int = 10_000  # synthetic only
     split: str = "train"  # idx only: train | test
-    random_flip: bool = True  # folder only
-    num_workers: int = 0  # folder only: DataLoader worker processes
+    random_flip: bool = True  # folder, and latents extracted with --flip
+    num_workers: int = 0  # folder and latents: DataLoader worker processes
 
     @property
     def num_channels(self) -> int:
@@ -85,6 +91,15 @@ class CheckpointSpec:
 
 
 @dataclass
+class DistributedSpec:
+    """How a ``torchrun`` launch spreads the model (a single process ignores it)."""
+
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2)
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    timeout_s: int = 1800  # how long a process waits for the others at a collective
+
+
+@dataclass
 class TrainRun:
     """Everything a ``ditq train`` run needs; stored in its checkpoints and output folder."""
 
@@ -92,6 +107,7 @@ class TrainRun:
     data: DataSpec = field(default_factory=DataSpec)
     optim: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
     out: str = "out/train"
     seed: int = 0
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
@@ -111,7 +127,13 @@ class TrainRun:
     def from_dict(cls, d: Any) -> TrainRun:
         """Build and validate a run from a nested dict; unknown keys and bad values raise ConfigError."""
         d = _expect_mapping(d, "the config")
-        sections = {"model": ModelSpec, "data": DataSpec, "optim": TrainConfig, "checkpoint": CheckpointSpec}
+        sections = {
+            "model": ModelSpec,
+            "data": DataSpec,
+            "optim": TrainConfig,
+            "checkpoint": CheckpointSpec,
+            "distributed": DistributedSpec,
+        }
         _check_keys(d, [f.name for f in fields(cls)], "the config")
         kwargs: dict[str, Any] = {}
         for name, value in d.items():
@@ -151,7 +173,7 @@ class TrainRun:
             self.optim.validate()
         except InvalidArgumentError as e:
             raise ConfigError(f"optim.{e}") from None
-        m, dt, ck = self.model, self.data, self.checkpoint
+        m, dt, ck, ds = self.model, self.data, self.checkpoint, self.distributed
         if m.config is not None and (m.name is not None or m.overrides):
             raise ConfigError("model: give either name (with overrides) or config, not both")
         if m.config is None and m.name is None:
@@ -165,6 +187,8 @@ class TrainRun:
             raise ConfigError(f"data.path is required for data.kind {dt.kind}")
         if dt.image_size < 4:
             raise ConfigError(f"data.image_size must be at least 4, got {dt.image_size}")
+        if dt.kind == "latents" and dt.channels is not None:
+            raise ConfigError("data.channels does not apply to latents (their manifest gives them); drop it")
         if dt.channels is not None and dt.channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {dt.channels}")
         if dt.kind == "idx" and dt.num_channels != 1:
@@ -179,6 +203,14 @@ class TrainRun:
             raise ConfigError(f"checkpoint.every must be >= 0 (0: only at the end), got {ck.every}")
         if ck.keep_last < 0:
             raise ConfigError(f"checkpoint.keep_last must be >= 0 (0: keep all), got {ck.keep_last}")
+        if ds.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"distributed.strategy must be one of {', '.join(STRATEGIES)}, got {ds.strategy!r}"
+            )
+        if ds.backend not in BACKENDS:
+            raise ConfigError(f"distributed.backend must be one of {', '.join(BACKENDS)}, got {ds.backend!r}")
+        if ds.timeout_s < 1:
+            raise ConfigError(f"distributed.timeout_s must be at least 1, got {ds.timeout_s}")
         if not self.out:
             raise ConfigError("out must name an output folder")
 
@@ -307,6 +339,7 @@ __all__ = [
     "CheckpointSpec",
     "ConfigError",
     "DataSpec",
+    "DistributedSpec",
     "ModelSpec",
     "TrainRun",
     "read_config_file",

@@ -2,19 +2,39 @@
 
 :func:`fit` is the loop. Data is either in memory (an ``(images, labels)``
 pair of tensors, as Fashion-MNIST and the synthetic shapes are) or a
-``torch.utils.data.Dataset`` read through a DataLoader (image folders). Both
-read in the order of a :class:`~ditq.train.sampler.ResumableSampler`, so a
-run is a function of its seed, and the training state (model, EMA,
-optimizer, step, RNG states, data cursor) saved every ``save_every`` steps
-lets a resumed run continue bit for bit where the saved one was.
+``torch.utils.data.Dataset`` read through a DataLoader (image folders,
+pre-extracted latents). Both read in the order of a
+:class:`~ditq.train.sampler.ResumableSampler`, so a run is a function of its
+seed, and the training state (model, EMA, optimizer, step, RNG states, data
+cursor) saved every ``save_every`` steps lets a resumed run continue bit for
+bit where the saved one was.
+
+Randomness is a function of the *global* sample position, not of the
+process: at every step one generator, seeded from ``(seed, step)``, draws
+the timesteps, the noise and the label-dropout coins of the whole global
+batch, and each process keeps its slice (the same slice of keys the sampler
+gave it). So ranks draw different noise, a run on K processes sees exactly
+the samples and noise a single process with the same global batch sees
+(equal up to float rounding), and resuming needs no generator state. The
+model's own classifier-free-guidance label dropout (DiT's ``LabelEmbedder``)
+is drawn here for the same reason (see :class:`_LabelDrop`); anything else a
+model draws itself comes from the global RNG, seeded ``seed + rank``.
+
+Under ``torchrun`` (see :mod:`ditq.train.distributed`) the model is wrapped
+in DDP, or sharded with FSDP2 (``strategy="fsdp"``); ``cfg.batch_size`` is
+the global batch, split evenly. The EMA is kept on every process: with DDP
+the weights are identical everywhere, so every process's EMA is too; with
+FSDP the EMA is sharded like the model and each process averages its own
+shard. Rank 0 logs and writes checkpoints (full, unsharded state dicts in
+every case), the others wait for it; every process reads the checkpoint it
+resumes from.
 
 :func:`train` is the original entry point (one state file), kept for scripts.
-
-Only the main process (rank 0) logs and writes; see :mod:`ditq.train.distributed`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -22,14 +42,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ditq.diffusion import create_diffusion
 from ditq.errors import CheckpointError, DitqError, InvalidArgumentError
+from ditq.train import distributed as dist
 from ditq.train.checkpoint import SingleFileState, StateStore, load_state
-from ditq.train.distributed import get_rank, get_world_size, is_main_process
+from ditq.train.distributed import STRATEGIES, get_rank, get_world_size, is_main_process
 from ditq.train.ema import make_ema, update_ema
 from ditq.train.sampler import ResumableSampler
 
@@ -41,7 +63,7 @@ class TrainConfig:
     """Optimization settings (the model and data are passed separately)."""
 
     steps: int = 1000
-    batch_size: int = 128  # per process
+    batch_size: int = 128  # global: split evenly over the processes of a distributed run
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -112,8 +134,9 @@ def fit(
     num_workers: int = 0,
     progress: bool = False,
     state_extra: dict | None = None,
+    strategy: str = "ddp",
 ) -> FitResult:
-    """Train ``model`` on ``data`` (images in [-1, 1] with labels) for ``cfg.steps`` steps.
+    """Train ``model`` on ``data`` (images or latents, with labels) for ``cfg.steps`` steps.
 
     ``data`` is ``(images, labels)`` tensors (moved to ``device`` whole) or a
     Dataset of ``(image, label)`` items, read by a DataLoader with
@@ -125,11 +148,19 @@ def fit(
     (JSON-like, e.g. the run config) is saved in every state under ``"config"``;
     when it has a ``"model_config"``, resuming checks that the state has the same.
 
-    Every ``cfg.log_every`` steps a record (step, mean loss, grad norm, lr,
-    images/s, elapsed s) goes to ``log_path`` (JSON lines, appended) and
-    ``on_log``. A non-finite loss or gradient stops the run with a
-    :class:`DitqError` before anything more is saved, so the last checkpoint
-    in ``store`` is the last good one.
+    In a distributed run (a process group is initialized, see
+    :mod:`ditq.train.distributed`), ``cfg.batch_size`` is the global batch and
+    must divide by the number of processes; ``strategy`` is ``"ddp"`` or
+    ``"fsdp"`` (FSDP2; ignored by a single process). Every process must call
+    ``fit`` with the same arguments. The returned model and EMA are plain
+    (unwrapped, unsharded) modules, except under FSDP on ranks other than 0,
+    which get their sharded modules.
+
+    Every ``cfg.log_every`` steps a record (step, mean loss over all
+    processes, grad norm, lr, images/s, elapsed s) goes to ``log_path`` (JSON
+    lines, appended) and ``on_log``, on rank 0. A non-finite loss or gradient
+    stops the run with a :class:`DitqError` before anything more is saved, so
+    the last checkpoint in ``store`` is the last good one.
     """
     cfg.validate()
     device = torch.device(device)
@@ -138,49 +169,104 @@ def fit(
         raise DitqError(
             f"precision {cfg.precision} needs a CUDA device; use --precision fp32 on {device.type}"
         )
-    main = is_main_process()
-    world_size = get_world_size()
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # timesteps
+    if strategy not in STRATEGIES:
+        raise InvalidArgumentError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    main, rank, world_size = is_main_process(), get_rank(), get_world_size()
+    if cfg.batch_size % world_size:
+        raise InvalidArgumentError(
+            f"batch_size {cfg.batch_size} (the global batch) does not divide by the {world_size} processes; "
+            f"use a multiple of {world_size}"
+        )
+    local_batch = cfg.batch_size // world_size
+    fsdp = strategy == "fsdp" and world_size > 1
+    if fsdp and cfg.precision == "fp16":
+        raise InvalidArgumentError("precision fp16 (a loss scaler) is not supported with FSDP; use bf16")
+    # The global RNG serves only what a model draws itself (not the noise, see the module doc).
+    torch.manual_seed(cfg.seed + rank)
 
     in_memory = not isinstance(data, Dataset)
     if in_memory:
         images, labels = data
         if len(images) != len(labels) or len(images) == 0:
             raise DitqError(f"need as many labels as images (got {len(images)} images, {len(labels)} labels)")
-        images, labels = images.to(device), labels.to(device)
+        data = images.to(device), labels.to(device)
         num_items = len(images)
     else:
         num_items = len(data)
-    sampler = ResumableSampler(
-        num_items, cfg.batch_size, seed=cfg.seed, rank=get_rank(), world_size=world_size
-    )
+    sampler = ResumableSampler(num_items, local_batch, seed=cfg.seed, rank=rank, world_size=world_size)
 
+    # Weightless, made before the model moves: to rebuild full modules from FSDP's shards at the end.
+    template = dist.meta_copy(model) if fsdp and main else None
     model = model.to(device).train()
+    dist.broadcast_module_(model)  # DDP would do it; FSDP shards each process's own copy
     ema = make_ema(model)
+    label_drop = _LabelDrop.take_over(model)  # after make_ema: the EMA keeps its settings
+    if fsdp:
+        dist.shard_fsdp([model, ema], device)
+        wrapped = model
+    elif world_size > 1:
+        wrapped = dist.wrap_ddp(model, device)
+    else:
+        wrapped = model
     diffusion = create_diffusion("")
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    noise_gen = _StepNoise(cfg.seed, device)
+    run = _Run(model, ema, opt, sampler, scaler, device, fsdp, state_extra)
+    run.forward, run.diffusion, run.noise, run.label_drop = forward, diffusion, noise_gen, label_drop
 
     result = FitResult(model, ema)
-    if resume and store is not None and (path := store.latest()) is not None:
-        state = load_state(path)
-        _check_same_model(state, state_extra, path)
-        result.start_step = _restore(state, path, model, ema, opt, gen, sampler, scaler, device)
-        del state
-        result.resumed_from = result.last_checkpoint = path
+    try:
+        if resume and store is not None:
+            start, path = run.resume(store)
+            if path is not None:
+                result.start_step, result.resumed_from, result.last_checkpoint = start, path, path
+        result.records = _steps(
+            run,
+            data,
+            cfg,
+            result,
+            store=store,
+            save_every=save_every,
+            log_path=log_path,
+            on_log=on_log,
+            num_workers=num_workers,
+            progress=progress,
+        )
+    finally:
+        if label_drop is not None:
+            label_drop.restore()
+    result.step = max(result.start_step, cfg.steps)
+    if fsdp:
+        model_state, ema_state = dist.fsdp_model_state(model), dist.fsdp_model_state(ema)
+        if main:
+            result.model = dist.unsharded(copy.deepcopy(template), model_state)
+            result.ema = dist.unsharded(template, ema_state).requires_grad_(False)
+    result.model.eval()
+    result.ema.eval()
+    return result
+
+
+def _steps(
+    run, data, cfg, result, *, store, save_every, log_path, on_log, num_workers, progress
+) -> list[dict]:
+    """Steps ``result.start_step .. cfg.steps`` of :func:`fit`; returns the log records (rank 0's)."""
+    model, ema, opt, scaler = run.model, run.ema, run.opt, run.scaler
+    sampler, device = run.sampler, run.device
+    forward, diffusion, noise_gen, label_drop = run.forward, run.diffusion, run.noise, run.label_drop
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    main, rank, world_size = is_main_process(), get_rank(), get_world_size()
+    lo, hi = rank * sampler.batch_size, (rank + 1) * sampler.batch_size  # this process's slice
     start = result.start_step
-
-    def save(step: int) -> None:
-        if store is not None and main:
-            state = _state(model, ema, opt, gen, sampler, scaler, step, device, state_extra)
-            result.last_checkpoint = store.save(step, state)
-
+    in_memory = not isinstance(data, Dataset)
     batches = None
-    if not in_memory:
+    if in_memory:
+        images, labels = data
+        num_items = len(images)
+    else:
         loader = DataLoader(
             data if getattr(data, "epoch_keys", False) else _ModuloKeys(data),
             batch_sampler=sampler,
@@ -192,7 +278,7 @@ def fit(
         )
         batches = iter(loader)
 
-    records = result.records
+    records: list[dict] = []
     log_file = open(log_path, "a") if log_path and main else None  # noqa: SIM115 (kept open for the run)
     bar = _progress_bar(start, cfg.steps, enabled=progress and main)
     # Non-finite losses are noted on the device and checked at log and save points
@@ -212,9 +298,14 @@ def fit(
                 sampler.cursor += sampler.global_batch_size  # the loader reads from a copy
                 x = x.to(device, non_blocking=True)
                 y = torch.as_tensor(y).to(device, non_blocking=True)
-            t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device, generator=gen)
+            t, noise, coins = noise_gen.draw(
+                step, sampler.global_batch_size, tuple(x.shape[1:]), diffusion.num_timesteps, lo, hi
+            )
+            if label_drop is not None:
+                y = label_drop.apply(y, coins)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = diffusion.training_losses(forward, x, t, model_kwargs={"y": y})["loss"].mean()
+                losses = diffusion.training_losses(forward, x, t, model_kwargs={"y": y}, noise=noise)
+                loss = losses["loss"].mean()
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -226,6 +317,8 @@ def fit(
                 if cfg.grad_clip > 0
                 else torch.zeros((), device=device)
             )
+            if hasattr(grad_norm, "full_tensor"):  # a replicated DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
@@ -247,12 +340,13 @@ def fit(
             if is_log or is_save:
                 _check_finite(bad_step, bad_value, grad_clip=cfg.grad_clip, result=result)
             if is_save:
-                save(done)
+                result.last_checkpoint = run.save(store, done)
             if is_log:
+                mean_loss = float(dist.all_reduce_mean(loss_sum / n_sum))
                 elapsed = time.perf_counter() - t0
                 rec = {
                     "step": done,
-                    "loss": float(loss_sum / n_sum),
+                    "loss": mean_loss,
                     "grad_norm": float(grad_norm),
                     "lr": lr_at(step, cfg),
                     "images_per_s": seen / elapsed,
@@ -273,9 +367,7 @@ def fit(
         if log_file:
             log_file.close()
         del batches  # shuts down DataLoader workers
-    result.step = max(start, cfg.steps)
-    model.eval()
-    return result
+    return records
 
 
 def train(
@@ -321,10 +413,15 @@ def config_dict(cfg: TrainConfig) -> dict:
 
 
 def _check_finite(bad_step: torch.Tensor, bad_value: torch.Tensor, *, grad_clip: float, result: FitResult):
-    step = int(bad_step)
-    if step < 0:
+    # Every process learns of the first bad step of any process, so all stop together.
+    never = torch.iinfo(torch.long).max
+    first = dist.all_reduce_min(torch.where(bad_step < 0, never, bad_step).to(_reduce_device(bad_step)))
+    step = int(first)
+    if step == never:
         return
-    value = float(bad_value)
+    mine = bad_value if int(bad_step) == step else torch.zeros_like(bad_value)
+    # nan/inf survive a sum; a finite sum means only the gradient norm went bad.
+    value = float(dist.all_reduce_mean(mine.to(_reduce_device(mine))))
     what = f"the loss became {value}" if not math.isfinite(value) else "the gradient norm became non-finite"
     fix = "lower the learning rate" + ("" if grad_clip > 0 else " or set grad_clip")
     if result.last_checkpoint is not None:
@@ -334,23 +431,238 @@ def _check_finite(bad_step: torch.Tensor, bad_value: torch.Tensor, *, grad_clip:
     raise DitqError(f"{what} at step {step}; stopped, {then}")
 
 
-def _state(model, ema, opt, gen, sampler, scaler, step, device, extra) -> dict:
-    state = {
-        "step": step,
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "opt": opt.state_dict(),
-        "rng": gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "sampler": sampler.state_dict(),
-    }
-    if device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    if scaler is not None:
-        state["scaler"] = scaler.state_dict()
-    if extra is not None:
-        state["config"] = extra
-    return state
+def _reduce_device(x: torch.Tensor) -> torch.device:
+    # gloo reduces CPU tensors; NCCL CUDA ones.
+    if get_world_size() > 1 and torch.distributed.get_backend() != "nccl":
+        return torch.device("cpu")
+    return x.device
+
+
+def _step_seed(seed: int, step: int) -> int:
+    # SeedSequence mixes (seed, step) into an unrelated 63-bit seed; the tag keeps it apart
+    # from the sampler's per-epoch seeds.
+    return int(np.random.SeedSequence([seed, step, 0x6E6F697365]).generate_state(2, np.uint64)[0]) >> 1
+
+
+class _StepNoise:
+    """The randomness of each step, a function of ``(seed, step)`` and the global sample position.
+
+    One generator, reseeded every step, draws the timesteps, the noise and the
+    label-dropout coins of the whole global batch (in that order), and each
+    process keeps rows ``[lo, hi)``: its slice of the batch, the one its data
+    came from. Drawing the global batch on every process costs one
+    ``randn`` of the global batch per step, which is small next to the model.
+    """
+
+    def __init__(self, seed: int, device: torch.device):
+        self.seed = seed
+        self.device = device
+        self.gen = torch.Generator(device=device)
+
+    def draw(self, step: int, global_batch: int, shape: tuple, num_timesteps: int, lo: int, hi: int):
+        self.gen.manual_seed(_step_seed(self.seed, step))
+        kw = {"generator": self.gen, "device": self.device}
+        t = torch.randint(0, num_timesteps, (global_batch,), **kw)[lo:hi]
+        noise = torch.randn((global_batch, *shape), **kw)[lo:hi]
+        coins = torch.rand((global_batch,), **kw)[lo:hi]
+        return t, noise, coins
+
+
+class _LabelDrop:
+    """Classifier-free-guidance label dropout drawn by the loop instead of the model.
+
+    DiT's ``LabelEmbedder`` drops labels with the global RNG, which would make
+    the dropped labels depend on how the batch is split over processes. The
+    loop takes this over for the duration of :func:`fit`: it sets the
+    embedder's ``dropout_prob`` to 0 and passes the null label
+    (``num_classes``) itself, with the per-step coins of :class:`_StepNoise`;
+    the probability is put back at the end. Models without exactly one such
+    module (anything with ``token_drop``, ``dropout_prob`` > 0 and ``num_classes``)
+    are left alone.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.p = float(module.dropout_prob)
+        self.null = int(module.num_classes)
+
+    @classmethod
+    def take_over(cls, model: nn.Module) -> _LabelDrop | None:
+        found = [
+            m
+            for m in model.modules()
+            if callable(getattr(m, "token_drop", None))
+            and isinstance(getattr(m, "dropout_prob", None), (int, float))
+            and m.dropout_prob > 0
+            and isinstance(getattr(m, "num_classes", None), int)
+        ]
+        if len(found) != 1:
+            return None
+        drop = cls(found[0])
+        found[0].dropout_prob = 0.0
+        return drop
+
+    def apply(self, y: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
+        return torch.where(coins < self.p, torch.full_like(y, self.null), y)
+
+    def restore(self) -> None:
+        self.module.dropout_prob = self.p
+
+
+class _Run:
+    """What a training state holds, and how to save it (rank 0) and resume from it (every rank)."""
+
+    def __init__(self, model, ema, opt, sampler, scaler, device, fsdp: bool, extra: dict | None):
+        self.model, self.ema, self.opt, self.sampler = model, ema, opt, sampler
+        self.scaler, self.device, self.fsdp, self.extra = scaler, device, fsdp, extra
+        # Optimizer states are saved as torch does (parameters by position) without FSDP and
+        # by name with it (what torch.distributed.checkpoint gives); loading converts.
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def state(self, step: int) -> dict | None:
+        """The training state at ``step`` on rank 0 (``None`` elsewhere). Collective."""
+        rngs = dist.all_gather_objects(self._rng_state())
+        if self.fsdp:
+            model, ema = dist.fsdp_model_state(self.model), dist.fsdp_model_state(self.ema)
+            opt, opt_format = dist.fsdp_optim_state(self.model, self.opt), "names"
+        elif is_main_process():
+            model, ema, opt, opt_format = (
+                self.model.state_dict(),
+                self.ema.state_dict(),
+                self.opt.state_dict(),
+                "positions",
+            )
+        if not is_main_process():
+            return None
+        state = {
+            "step": step,
+            "model": model,
+            "ema": ema,
+            "opt": opt,
+            "opt_format": opt_format,
+            "torch_rng": rngs[0]["torch"],  # rank 0's, as single-process states have it
+            "rng_ranks": rngs,
+            "sampler": self.sampler.state_dict(),
+        }
+        if "cuda" in rngs[0]:
+            state["cuda_rng"] = rngs[0]["cuda"]
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.extra is not None:
+            state["config"] = self.extra
+        return state
+
+    def save(self, store: StateStore, step: int) -> Path | None:
+        """Rank 0 writes the state at ``step`` into ``store``; the others wait. Returns its path."""
+        error, path = None, None
+        try:
+            state = self.state(step)
+            if state is not None:
+                path = store.save(step, state)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other ranks)
+            error = e
+        if not dist.agree(error is None, self.device):
+            if error is not None:
+                raise error
+            raise DitqError(
+                f"rank 0 could not write the training state of step {step} (see its error); stopped"
+            )
+        if path is None:  # other ranks: where rank 0 wrote it (the folder is shared)
+            path = store.latest()
+        return path
+
+    def resume(self, store: StateStore) -> tuple[int, Path | None]:
+        """Load the newest state in ``store`` on every process; returns ``(step, path)`` (0, None: none)."""
+        path, state, error = store.latest(), None, None
+        try:
+            if path is not None:
+                state = load_state(path)
+                _check_same_model(state, self.extra, path)
+        except DitqError as e:
+            error = e
+        # Every process must find the same state (a folder not shared between nodes would not).
+        seen = dist.all_gather_objects(
+            (str(error) if error else None, int(state["step"]) if state is not None else None)
+        )
+        if error is not None:
+            raise error
+        if any(e is not None for e, _ in seen):
+            raise CheckpointError(
+                f"another process could not read the training state: {next(e for e, _ in seen if e)}"
+            )
+        steps = sorted({s for _, s in seen}, key=str)
+        if len(steps) > 1:
+            raise CheckpointError(
+                f"the processes see different training states (steps {steps}); "
+                "the output folder must be on a filesystem every node shares"
+            )
+        if state is None:
+            return 0, None
+        step = self._restore(state, path)
+        return step, path
+
+    def _restore(self, state: dict, path: Path) -> int:
+        try:
+            opt = _opt_state_as(
+                state["opt"],
+                state.get("opt_format", "positions"),
+                "names" if self.fsdp else "positions",
+                self.names,
+            )
+            if self.fsdp:
+                dist.fsdp_load(self.model, state["model"], self.opt, opt)
+                dist.fsdp_load(self.ema, state["ema"])
+            else:
+                self.model.load_state_dict(state["model"])
+                self.ema.load_state_dict(state["ema"])
+                self.opt.load_state_dict(opt)
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"training state {path} does not fit this model ({first}); resume with the config it was "
+                "saved with"
+            ) from None
+        rank, world = get_rank(), get_world_size()
+        rngs = state.get("rng_ranks")
+        if rngs is not None and len(rngs) == world:
+            torch.set_rng_state(rngs[rank]["torch"])
+            if "cuda" in rngs[rank] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rngs[rank]["cuda"], self.device)
+        elif world == 1:  # a state from before per-rank RNG states
+            torch.set_rng_state(state["torch_rng"])
+            if "cuda_rng" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        # else: another number of processes; the global RNG (unused by DiT training) keeps its seed.
+        if "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+        else:  # states written before the sampler existed: the cursor follows from the step
+            self.sampler.cursor = int(state["step"]) * self.sampler.global_batch_size
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        return int(state["step"])
+
+
+def _opt_state_as(opt: dict, have: str, want: str, names: list[str]) -> dict:
+    """An optimizer state dict with parameters keyed by position or by name, converted if needed."""
+    if have == want:
+        return opt
+    if have == "positions":
+        key = dict(enumerate(names))
+    else:
+        key = {name: i for i, name in enumerate(names)}
+    try:
+        return {
+            "state": {key[k]: v for k, v in opt["state"].items()},
+            "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in opt["param_groups"]],
+        }
+    except KeyError as e:
+        raise KeyError(f"the optimizer state has parameter {e} this model does not") from None
 
 
 def _check_same_model(state: dict, extra: dict | None, path) -> None:
@@ -368,31 +680,6 @@ def _check_same_model(state: dict, extra: dict | None, path) -> None:
             f"training state {path} is of another model ({diff}); resume with the config it was saved "
             "with, or train into a new output folder"
         )
-
-
-def _restore(state, path, model, ema, opt, gen, sampler, scaler, device) -> int:
-    """Load ``state`` into the run's objects; returns its step."""
-    try:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(
-            f"training state {path} does not fit this model ({first}); resume with the config it was "
-            "saved with"
-        ) from None
-    gen.set_state(state["rng"])
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
-    if "sampler" in state:
-        sampler.load_state_dict(state["sampler"])
-    else:  # states written before the sampler existed: the cursor follows from the step
-        sampler.cursor = int(state["step"]) * sampler.global_batch_size
-    if scaler is not None and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
 
 
 class _ModuloKeys(Dataset):

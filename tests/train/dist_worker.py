@@ -1,0 +1,43 @@
+"""One torchrun worker for tests/train/test_distributed.py (not a test module itself).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 dist_worker.py SPEC.json
+
+Runs each ``argv`` of SPEC.json through ``ditq``'s ``main`` in turn, as
+``torchrun ... -m ditq.cli.main`` would, and writes what every rank saw
+(exit status, stderr, seconds) to ``SPEC.json``'s folder as ``rank<R>.json``.
+
+The first run starts the process group from torchrun's environment, as a
+real launch does. The group is then kept for the later runs (destroying and
+re-creating it in one process can hang under torchrun's shared store, and a
+real launch trains once), and destroyed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    from ditq.cli.main import main
+    from ditq.train import distributed
+
+    distributed.DistContext.close = lambda self: None  # one process group for all the runs
+    spec = Path(sys.argv[1])
+    results = []
+    for argv in json.loads(spec.read_text()):
+        err = io.StringIO()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stderr(err):
+            rc = main(argv)
+        results.append({"argv": argv, "rc": rc, "stderr": err.getvalue(), "s": time.perf_counter() - t0})
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    (spec.parent / f"rank{os.environ['RANK']}.json").write_text(json.dumps(results, indent=1))

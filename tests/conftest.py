@@ -38,7 +38,18 @@ def ref_model(dit_ref):
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def qdit_ref() -> dict:
+    """Q-DiT quantizer outputs (``qdit_quantizer_ref.pt``)."""
+    return load_fixture("qdit_quantizer_ref.pt")
+
+
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic_single_thread():
+    """Seeded, and single-threaded: test tensors are tiny, and on a busy 2-core machine
+    torch's intra-op threads wait on each other far longer than the work takes."""
     torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(before)

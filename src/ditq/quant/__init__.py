@@ -6,10 +6,25 @@ GPTQ), and the primitives it is built from.
     primitives   quant_params / quantize / dequantize / fake_quantize (Q-DiT's quantizer bit for
                  bit), clipping (MinMax, MSE, Percentile), GPTQ's range rule
     gptq         GPTQ: Hessian accumulation and error-feedback quantization of one weight
+    config       QDiTConfig: bits, group sizes, clipping, dynamic/static activations, per-layer
+                 overrides, layer selection; round-trips to JSON
+    nn           QuantLinear (integer codes + group scales, fake-quantized inputs), ActQuantizer
+    api          quantize_(model, config), calibrate, quantized_layers, model_size_bytes,
+                 load_quantized_state_dict
+    presets      which linears Q-DiT quantizes in DiT, diffusers and Large-DiT/TerDiT naming
 
 ``quant`` never imports ``models``, ``diffusion`` or ``eval``: it sees tensors, modules and names.
 """
 
+from ditq.quant.api import (
+    calibrate,
+    load_quantized_state_dict,
+    model_size_bytes,
+    quantize_,
+    quantized_layers,
+    select_layers,
+)
+from ditq.quant.config import PER_TENSOR, LayerQuant, QDiTConfig
 from ditq.quant.gptq import GPTQ, GPTQResult, gptq_quantize
 from ditq.quant.granularity import (
     Granularity,
@@ -26,6 +41,8 @@ from ditq.quant.granularity import (
     valid_group_sizes,
     weight_granularity,
 )
+from ditq.quant.nn import ActQuantizer, QuantLinear
+from ditq.quant.presets import PRESETS, Preset, get_preset, preset_for
 from ditq.quant.primitives import (
     MSE,
     Clip,
@@ -43,6 +60,21 @@ from ditq.quant.primitives import (
 
 __all__ = [
     "GPTQ",
+    "PER_TENSOR",
+    "PRESETS",
+    "ActQuantizer",
+    "LayerQuant",
+    "Preset",
+    "QDiTConfig",
+    "QuantLinear",
+    "calibrate",
+    "get_preset",
+    "load_quantized_state_dict",
+    "model_size_bytes",
+    "preset_for",
+    "quantize_",
+    "quantized_layers",
+    "select_layers",
     "MSE",
     "Clip",
     "GPTQResult",

@@ -1,0 +1,206 @@
+"""QuantLinear and ActQuantizer: bit-exact against the primitives, GPTQ overrides, dynamic vs static
+activation ranges, the dequantized-weight cache, repr and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditq.errors import InvalidArgumentError
+from ditq.quant import (
+    GPTQ,
+    ActQuantizer,
+    LayerQuant,
+    PerGroup,
+    PerTensor,
+    QDiTConfig,
+    QuantLinear,
+    act_granularity,
+    dequantize,
+    fake_quantize,
+    quant_params,
+    quantize,
+    weight_granularity,
+)
+
+
+def _linear(in_f: int = 64, out_f: int = 24, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+@pytest.mark.parametrize(
+    "w_bits, w_group, w_sym, a_bits, a_group, a_sym",
+    [
+        (4, 32, False, 8, 0, False),  # Q-DiT W4A8, g128-like
+        (8, 0, False, 8, 16, False),  # per channel weights, token-group activations
+        (3, 16, True, 6, -1, True),  # symmetric, per-tensor dynamic activations
+        (4, 64, False, None, 0, False),  # weight-only
+    ],
+)
+def test_forward_is_bit_exact_fake_quant(w_bits, w_group, w_sym, a_bits, a_group, a_sym):
+    lin = _linear()
+    cfg = LayerQuant(w_bits=w_bits, w_group=w_group, w_sym=w_sym, a_bits=a_bits, a_group=a_group, a_sym=a_sym)
+    q = QuantLinear.from_float(lin, cfg)
+    x = torch.randn(2, 5, 64)
+
+    s, z = quant_params(lin.weight.detach(), w_bits, weight_granularity(w_group), w_sym)
+    codes = quantize(lin.weight.detach(), s, z, w_bits, w_sym)
+    w_ref = dequantize(codes, s, z)
+    if a_bits is None:
+        x_ref = x
+    else:
+        gran = PerTensor() if a_group == -1 else act_granularity(a_group)
+        x_ref = fake_quantize(x, a_bits, gran, a_sym)
+    ref = F.linear(x_ref, w_ref, lin.bias)
+
+    assert torch.equal(q.qweight, codes) and q.qweight.dtype == (torch.int8 if w_sym else torch.uint8)
+    assert torch.equal(q.w_scale, s) and torch.equal(q.w_zero, z)
+    with torch.no_grad():
+        assert torch.equal(q(x), ref)
+
+
+def test_from_float_takes_a_qdit_config_and_keeps_bias_and_mode():
+    lin = _linear(bias=False).train()
+    q = QuantLinear.from_float(lin, QDiTConfig(w_group=32))
+    assert q.bias is None and q.training
+    assert q.w_scale.shape == (24, 2) and q.act_quant.bits == 8
+
+
+def test_clip_choice_reaches_the_weights():
+    lin = _linear()
+    mse = QuantLinear.from_float(lin, LayerQuant(w_bits=3, w_group=16, w_clip="mse"))
+    s, _ = quant_params(lin.weight.detach(), 3, PerGroup(16), clip="mse")
+    assert torch.equal(mse.w_scale, s)
+
+
+def test_gptq_result_as_weight_override():
+    lin = _linear()
+    acc = GPTQ(64)
+    acc.add_batch(torch.randn(8, 64))
+    res = acc.quantize(lin.weight.detach(), bits=4, granularity=PerGroup(32))
+    q = QuantLinear.from_float(lin, LayerQuant(w_bits=4, w_group=32), res)
+    assert torch.equal(q.qweight, res.codes)
+    assert torch.equal(q.dequantized_weight(), res.weight)
+    q2 = QuantLinear.from_float(lin, LayerQuant(w_bits=4, w_group=32), (res.codes, res.scale, res.zero))
+    assert torch.equal(q2.qweight, q.qweight)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        (lambda r: (r.codes[:, :32], r.scale, r.zero), "codes for layer 'l' must be torch.uint8 (24, 64)"),
+        (lambda r: (r.codes.to(torch.int8), r.scale, r.zero), "codes"),
+        (lambda r: (r.codes, r.scale[:, :1], r.zero[:, :1]), "scale/zero for layer 'l' must be (24, 2)"),
+        (lambda r: (r.codes + 16, r.scale, r.zero), "leave the 4-bit range [0, 15]"),
+        (lambda r: 3, "GPTQResult or (codes, scale, zero)"),
+    ],
+)
+def test_bad_weight_override_is_one_line(override, words):
+    lin = _linear()
+    res = GPTQ(64)
+    res.add_batch(torch.randn(8, 64))
+    res = res.quantize(lin.weight.detach(), bits=4, granularity=PerGroup(32))
+    with pytest.raises(InvalidArgumentError) as e:
+        QuantLinear.from_float(lin, LayerQuant(w_bits=4, w_group=32), override(res), layer="l")
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_dynamic_scales_follow_each_sample_and_call():
+    aq = ActQuantizer(8, 0)
+    x = torch.randn(2, 5, 16)
+    x2 = x.clone()
+    x2[0] *= 10  # sample 0 (e.g. another timestep) has a 10x range
+    s1, _ = aq.params(x)
+    s2, _ = aq.params(x2)
+    assert s1.shape == (2, 5, 1)
+    assert torch.allclose(s2[0], 10 * s1[0]) and torch.equal(s2[1], s1[1])  # per sample, per token
+    assert len(aq.state_dict()) == 0  # no state: nothing carries over between calls
+    assert torch.equal(aq(x2)[1], aq(x)[1])
+    grouped = ActQuantizer(8, 4).params(x)[0]
+    assert grouped.shape == (2, 5, 4)
+
+
+def test_static_per_tensor_calibrates_then_freezes():
+    aq = ActQuantizer(8, -1, dynamic=False, channels=16, layer="blocks.0.attn.qkv")
+    x1, x2 = torch.randn(3, 16), 5 * torch.randn(3, 16)
+    with pytest.raises(InvalidArgumentError, match="layer 'blocks.0.attn.qkv' has no calibrated range"):
+        aq(x1)
+    aq.calibrating = True
+    assert torch.equal(aq(x1), x1)  # passes through while observing
+    aq.calibrating = False
+    assert torch.equal(aq(x1), fake_quantize(x1, 8, PerTensor()))
+    lo, hi = aq.lo.clone(), aq.hi.clone()
+    out2 = aq(x2)
+    assert torch.equal(aq.lo, lo) and torch.equal(aq.hi, hi)  # frozen
+    assert not torch.equal(out2, fake_quantize(x2, 8, PerTensor()))  # unlike a dynamic range
+    step = float(hi - lo) / 255  # the grid ends within one step of the calibrated range (zero is rounded)
+    assert float(out2.max()) <= float(hi) + step and float(out2.min()) >= float(lo) - step
+    assert float(x2.abs().max()) > 2 * float(hi.abs().max() + lo.abs().max())  # so x2 really was clipped
+
+
+def test_static_per_channel_ranges():
+    aq = ActQuantizer(8, 1, dynamic=False, channels=16)  # a_group 1: one range per channel
+    x = torch.randn(2, 3, 16) * torch.linspace(0.1, 10, 16)
+    aq.calibrating = True
+    aq(x[:1])
+    aq(x[1:])  # running min/max over both calls
+    aq.calibrating = False
+    assert aq.lo.shape == (16,)
+    assert torch.equal(aq.lo, x.reshape(-1, 16).amin(0)) and torch.equal(aq.hi, x.reshape(-1, 16).amax(0))
+    cols = x.reshape(-1, 16).t().contiguous()  # each channel as one row
+    ref = fake_quantize(cols, 8, act_granularity(0)).t().reshape(x.shape)
+    assert torch.equal(aq(x), ref)
+
+
+def test_static_ranges_load_as_calibrated():
+    a = ActQuantizer(8, 0, dynamic=False, channels=8)
+    a.calibrating = True
+    a(torch.randn(4, 8))
+    a.calibrating = False
+    b = ActQuantizer(8, 0, dynamic=False, channels=8)
+    assert not b.calibrated
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 8)
+    assert b.calibrated and torch.equal(b(x), a(x))
+
+
+def test_weight_cache_tracks_buffer_changes():
+    q = QuantLinear.from_float(_linear(), LayerQuant(w_group=32))
+    w1 = q.dequantized_weight()
+    assert q.dequantized_weight() is w1  # cached
+    q.w_scale.mul_(2)  # in-place write bumps the version
+    assert torch.equal(q.dequantized_weight(), 2 * w1)
+    q.load_state_dict({k: v.clone() for k, v in q.state_dict().items()} | {"w_scale": q.w_scale / 2})
+    assert torch.equal(q.dequantized_weight(), w1)
+    q.double()
+    assert q.dequantized_weight().dtype == torch.float64
+    q.cache_weight = False
+    assert q.dequantized_weight() is not q.dequantized_weight()
+    q.cache_weight = True
+    q.invalidate_cache()
+    assert q._cache is None
+    assert torch.equal(q.weight, q.dequantized_weight())
+
+
+def test_extra_repr_shows_bits_and_groups():
+    q = QuantLinear.from_float(_linear(), LayerQuant(w_bits=4, w_group=32, a_bits=8, a_group=16))
+    text = repr(q)
+    assert "w_bits=4, w_group32" in text and "bits=8, token_group16" in text and "dynamic" in text
+    s = QuantLinear.from_float(_linear(), LayerQuant(w_group=0, a_group=-1, dynamic=False))
+    assert "w_channel" in repr(s) and "tensor" in repr(s) and "static" in repr(s)
+    assert "bits=None" in repr(QuantLinear.from_float(_linear(), LayerQuant(w_group=0, a_bits=None)))
+
+
+def test_group_size_errors_name_the_layer():
+    with pytest.raises(InvalidArgumentError) as e:
+        QuantLinear.from_float(_linear(), LayerQuant(w_group=48), layer="blocks.0.mlp.fc1")
+    msg = str(e.value)
+    assert "group size 48 does not divide the 64 input channels of layer 'blocks.0.mlp.fc1'" in msg
+    assert "valid group sizes" in msg and "\n" not in msg
+    with pytest.raises(InvalidArgumentError, match="does not divide the 64 channels"):
+        QuantLinear.from_float(_linear(), LayerQuant(w_group=0, a_group=24))
+    with pytest.raises(InvalidArgumentError, match="takes an nn.Linear"):
+        QuantLinear.from_float(nn.Conv2d(3, 3, 1), LayerQuant())

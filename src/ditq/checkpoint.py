@@ -66,12 +66,21 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
+        # Some writers (safetensors) create 0600 files; give the file the permissions
+        # a plain open() would have, so a checkpoint is as readable as any other output.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:

@@ -19,7 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--samples-per-class", type=int, default=2, help="grid rows (default 2)")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (default 2)")
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     p.add_argument("--skip-train", action="store_true", help="skip the short training run (synthetic shapes)")
     p.add_argument("--train-steps", type=int, default=80, help="steps of the short training run (default 80)")
     p.add_argument("--quiet", action="store_true", help="print nothing")

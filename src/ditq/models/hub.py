@@ -118,13 +118,7 @@ def load(
     """
     key = str(name_or_path)
     if key in EMBEDDED_MODELS and not Path(key).is_file():
-        path = embedded_model_path(key)
-        if path is None:
-            raise CheckpointError(
-                f"the embedded model '{key}' is not in this install "
-                f"(expected ditq/assets/{EMBEDDED_MODELS[key]}); "
-                "reinstall ditq, or train one with: ditq train --config configs/fmnist_tiny.yaml"
-            )
+        path = _embedded_file(key)
         loaded = _read(path)
     elif key in registry.MODEL_CONFIGS and not Path(key).is_file():
         entry = official_weights(key, image_size)
@@ -156,6 +150,17 @@ def embedded_model_path(name: str = "ditq-fmnist") -> Path | None:
         raise UnknownModelError(f"unknown embedded model '{name}'; known: {', '.join(EMBEDDED_MODELS)}")
     asset = resources.files("ditq").joinpath("assets", EMBEDDED_MODELS[name])
     return Path(str(asset)) if asset.is_file() else None
+
+
+def _embedded_file(name: str) -> Path:
+    path = embedded_model_path(name)
+    if path is None:
+        raise CheckpointError(
+            f"the embedded model '{name}' is not in this install "
+            f"(expected ditq/assets/{EMBEDDED_MODELS[name]}); "
+            "reinstall ditq, or train one with: ditq train --config configs/fmnist_tiny.yaml"
+        )
+    return path
 
 
 def save(
@@ -197,7 +202,12 @@ def describe(path: PathLike, *, num_heads: int | None = None) -> dict[str, Any]:
     and ``dtypes`` (tensor count per dtype). ditq checkpoints are described from
     their header alone; pickles must be read whole.
     """
-    path = _as_checkpoint_path(path)
+    key = str(path)
+    path = (
+        _embedded_file(key)
+        if key in EMBEDDED_MODELS and not Path(key).is_file()
+        else _as_checkpoint_path(path)
+    )
     out: dict[str, Any] = {"path": str(path), "file_size": path.stat().st_size}
     if ckpt.is_safetensors(path):
         info, raw_meta = ckpt.read_safetensors_header(path)

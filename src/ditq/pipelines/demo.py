@@ -106,7 +106,7 @@ def run_demo(
     seed: int = 0,
     samples_per_class: int = 2,
     steps: int = 20,
-    cfg_scale: float = 2.0,
+    cfg_scale: float = 3.0,
     progress: bool = False,
     log: Callable[[str], None] = print,
     train: bool = True,

@@ -51,9 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Build the dataset and the VAE, then extract."""
+    from ditq.common import resolve_device
     from ditq.data import ImageFolderDataset, extract_latents
     from ditq.models.vae import PIXEL_SPACE_NAMES, PixelSpace, StableDiffusionVAE
-    from ditq.pipelines.sample import resolve_device
 
     say = (lambda _: None) if args.quiet else print
     device = resolve_device(args.device)

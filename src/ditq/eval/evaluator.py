@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ditq.common import resolve_device
 from ditq.errors import InvalidArgumentError
 from ditq.eval import metrics as M
 from ditq.eval.features import FeatureExtractor, extract_features
@@ -36,21 +37,6 @@ def parse_metrics(metrics: str | Sequence[str] | None) -> tuple[str, ...]:
             f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose among {','.join(METRICS)}"
         )
     return tuple(m for m in METRICS if m in names)
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``"auto"``/None -> CUDA when available, else CPU; anything else as ``torch.device``."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InvalidArgumentError(f"bad device '{device}': {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError(
-            f"device '{device}' asked for, but CUDA is not available; use --device cpu"
-        )
-    return device
 
 
 def evaluate(

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -71,6 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditq.checkpoint import atomic_write
+from ditq.common import fetch_url
 from ditq.errors import CheckpointError, DownloadError, InvalidArgumentError
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -420,40 +420,6 @@ def default_cache_dir(override: str | os.PathLike | None = None) -> Path:
         return Path(override).expanduser()
     env = os.environ.get("DITQ_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ditq"
-
-
-def _show_progress(progress: bool | None) -> bool:
-    if progress is not None:
-        return progress
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_rank() != 0:
-            return False
-    return sys.stderr.isatty()
-
-
-def fetch_url(url: str, dst: Path, *, progress: bool | None = None) -> None:
-    """Write the content at ``url`` to ``dst`` with a progress bar; raises OSError on failure.
-
-    Module-level so that tests and offline setups can replace it.
-    """
-    from tqdm.auto import tqdm
-
-    request = urllib.request.Request(url, headers={"User-Agent": "ditq"})
-    with urllib.request.urlopen(request, timeout=60) as response, open(dst, "wb") as f:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=url.rsplit("/", 1)[-1],
-            disable=not _show_progress(progress),
-        ) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-        if total is not None and f.tell() != total:
-            raise OSError(f"connection closed after {f.tell()} of {total} bytes")
 
 
 def _read_state_dict(path: Path, source: str | None = None) -> dict[str, torch.Tensor]:

@@ -26,7 +26,6 @@ import http.client
 import os
 import pickle
 import re
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from ditq import checkpoint as ckpt
+from ditq.common import fetch_url
 from ditq.errors import CheckpointError, DownloadError, UnknownModelError
 from ditq.models import registry
 from ditq.models.dit import DiTConfig
@@ -350,31 +350,6 @@ def infer_config(
 #################################################################################
 
 
-def fetch_url(url: str, dst: Path, *, progress: bool | None = None) -> None:
-    """Write the content at ``url`` to ``dst`` (with a progress bar). Raises OSError on failure.
-
-    Module-level so tests (and offline setups) can replace it.
-    """
-    from tqdm.auto import tqdm
-
-    request = urllib.request.Request(url, headers={"User-Agent": "ditq"})
-    with urllib.request.urlopen(request, timeout=60) as response, open(dst, "wb") as f:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=url.rsplit("/", 1)[-1],
-            disable=not _show_progress(progress),
-        ) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-        if total is not None and f.tell() != total:
-            raise OSError(f"connection closed after {f.tell()} of {total} bytes")
-
-
 def _ensure_official(
     entry: OfficialWeights, *, cache_dir: PathLike | None, download: bool, progress: bool | None
 ) -> Path:
@@ -434,15 +409,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _show_progress(progress: bool | None) -> bool:
-    if progress is not None:
-        return progress
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_rank() != 0:
-            return False
-    return sys.stderr.isatty()
 
 
 #################################################################################

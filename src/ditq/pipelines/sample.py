@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ditq.common import resolve_device
 from ditq.diffusion import ClassifierFreeGuidance, create_diffusion, sample_loop
 from ditq.errors import InvalidArgumentError
 from ditq.images import to_uint8
@@ -61,21 +62,6 @@ def check_sample_options(
     if not 0.0 <= eta <= 1.0:
         raise InvalidArgumentError(f"eta must be in [0, 1], got {eta}")
     return int(steps)
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InvalidArgumentError(f"bad device '{device}': {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError(
-            f"device '{device}' asked for, but CUDA is not available; use --device cpu"
-        )
-    return device
 
 
 def make_labels(

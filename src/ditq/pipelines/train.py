@@ -164,7 +164,7 @@ def run_training(
     thing done; ``on_log`` each training log record; ``command`` is stored in
     the model's metadata.
     """
-    from ditq.pipelines.sample import resolve_device
+    from ditq.common import resolve_device
 
     run.validate()
     started = time.perf_counter()

@@ -1,6 +1,11 @@
-"""``ditq sample`` end to end on a tiny checkpoint, and its one-line errors."""
+"""``ditq sample`` end to end on a tiny checkpoint, and its one-line errors; sharded .npz under torchrun."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -57,6 +62,7 @@ def test_npz_has_adm_keys_and_is_deterministic(tmp_path, capsys, tiny_ckpt):
         assert da["arr_1"].dtype == np.int64 and da["arr_1"].tolist() == [0, 4, 0, 4, 0]
         np.testing.assert_array_equal(da["arr_0"], db["arr_0"])
         assert not np.array_equal(da["arr_0"], dc["arr_0"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz", "c.npz"]  # shards merged, removed
 
 
 def test_grid_png_is_written(tmp_path, capsys, tiny_ckpt):
@@ -145,3 +151,116 @@ def test_label_out_of_range_is_reported_before_the_vae(tmp_path, capsys, monkeyp
     models.save(model, path)
     code, _, err = run(capsys, *sample_args(path, tmp_path / "x.npz", "--class-labels", "7"))
     assert_one_line_error(code, err, "class label 7 is out of range")
+
+
+# --- sharded .npz: resume, settings, balanced labels, torchrun -------------------------------
+
+
+def read(path):
+    with np.load(path) as data:
+        return data["arr_0"], data["arr_1"]
+
+
+SHARDED = ["--num-samples", "7", "--batch-size", "2", "--shard-size", "2", "--cfg-scale", "2", "--seed", "5"]
+
+
+def test_npz_resumes_from_its_shards(tmp_path, capsys, tiny_ckpt):
+    out, shards = tmp_path / "s.npz", tmp_path / "s.shards"
+    assert run(capsys, *sample_args(tiny_ckpt, out, *SHARDED, "--keep-shards"))[0] == 0
+    first = read(out)
+    assert sorted(p.name for p in shards.iterdir()) == ["manifest.json"] + [
+        f"shard_00000{k}.npz" for k in range(4)
+    ]
+    (shards / "shard_000002.npz").unlink()
+    argv = sample_args(tiny_ckpt, out, *SHARDED)
+    argv.remove("--quiet")
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0
+    assert "resuming: 3 of 4 shards are already there" in stdout and "wrote 7 images (8x8)" in stdout
+    assert not shards.exists()  # merged without --keep-shards: removed
+    for a, b in zip(read(out), first, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_shard_folder_of_other_settings_is_a_one_line_error(tmp_path, capsys, tiny_ckpt):
+    folder = tmp_path / "shards"
+    argv = sample_args(tiny_ckpt, tmp_path / "a.npz", *SHARDED, "--shard-dir", folder, "--keep-shards")
+    assert run(capsys, *argv)[0] == 0
+    code, _, err = run(capsys, *argv, "--cfg-scale", "3")
+    assert_one_line_error(code, err, str(folder), "cfg_scale was 2.0, now 3.0", "use another shard folder")
+    code, _, err = run(capsys, *argv, "--sampler", "ddpm")
+    assert_one_line_error(code, err, "sampler was 'ddim', now 'ddpm'")
+
+
+def test_balanced_labels(tmp_path, capsys, tiny_ckpt):
+    out, grid = tmp_path / "b.npz", tmp_path / "b.png"
+    assert run(capsys, *sample_args(tiny_ckpt, out, "--num-samples", "12", "--balanced"))[0] == 0
+    images, labels = read(out)
+    assert images.shape == (12, 8, 8, 3) and np.bincount(labels).tolist() == [3, 3, 2, 2, 2]
+    assert run(capsys, *sample_args(tiny_ckpt, grid, "--num-samples", "12", "--balanced"))[0] == 0
+    assert grid.is_file()
+
+
+@pytest.mark.parametrize(
+    "out, extra, fragments",
+    [
+        ("x.png", ["--shard-size", "2"], ["--shard-size applies to .npz output only"]),
+        ("x.png", ["--shard-dir", "d"], ["--shard-dir applies to .npz output only"]),
+        ("x.png", ["--keep-shards"], ["--keep-shards applies to .npz output only"]),
+        ("x.npz", ["--shard-size", "0"], ["--shard-size must be a positive integer, got 0"]),
+        (
+            "x.npz",
+            ["--balanced", "--class-labels", "1"],
+            ["--balanced and --class-labels exclude each other"],
+        ),
+    ],
+)
+def test_shard_options_are_checked_before_the_model_loads(tmp_path, capsys, out, extra, fragments):
+    code, _, err = run(capsys, *sample_args(tmp_path / "missing.safetensors", tmp_path / out, *extra))
+    assert_one_line_error(code, err, *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_grid_under_torchrun_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run(capsys, *sample_args(tmp_path / "missing.safetensors", tmp_path / "g.png"))
+    assert_one_line_error(code, err, "is drawn by one process; run it without torchrun")
+
+
+@pytest.mark.dist
+def test_two_processes_write_what_one_writes_and_resume(tmp_path, capsys, tiny_ckpt):
+    """``torchrun --nproc_per_node=2 -m ditq.cli.main sample`` with gloo: the same .npz as one process."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    common = [*SHARDED, "--device", "cpu", "--keep-shards"]
+    one = tmp_path / "one.npz"
+    assert run(capsys, *sample_args(tiny_ckpt, one, *common))[0] == 0
+    # The two processes resume a run killed after drawing shard 1 (rank 1's): it must be kept, not redrawn.
+    two, shards = tmp_path / "two.npz", tmp_path / "two.shards"
+    shards.mkdir()
+    for name in ("manifest.json", "shard_000001.npz"):
+        shutil.copy2(tmp_path / "one.shards" / name, shards / name)
+    kept = (shards / "shard_000001.npz").stat().st_mtime_ns
+
+    argv = sample_args(tiny_ckpt, two, *common)
+    argv.remove("--quiet")  # to see who prints
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*launch, "-m", "ditq.cli.main", *map(str, argv)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    # Rank 0 alone speaks and writes.
+    assert proc.stdout.count("sampling 7 images") == 1 and "on 2 processes (gloo, cpu)" in proc.stdout
+    assert proc.stdout.count("resuming: 1 of 4 shards") == 1
+    assert proc.stdout.count("wrote 7 images (8x8)") == 1
+    for a, b in zip(read(two), read(one), strict=True):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+    assert (shards / "shard_000001.npz").stat().st_mtime_ns == kept
+    assert sorted(p.name for p in shards.iterdir()) == sorted(
+        p.name for p in (tmp_path / "one.shards").iterdir()
+    )

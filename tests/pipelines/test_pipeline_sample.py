@@ -1,7 +1,8 @@
-"""ditq.pipelines.sample: shapes, determinism, labels, guidance, validation."""
+"""ditq.pipelines.sample: shapes, determinism, labels, guidance, validation; sharded .npz sampling."""
 
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,10 +12,18 @@ from torch import nn
 
 from ditq.diffusion import create_diffusion, sample_loop
 from ditq.errors import InvalidArgumentError
+from ditq.eval.sampling import list_shards, make_eval_labels, plan_shards, read_manifest, shard_seed
 from ditq.images import to_uint8
 from ditq.models import create_model
 from ditq.models.vae import StableDiffusionVAE
-from ditq.pipelines.sample import check_sample_options, make_labels, sample
+from ditq.pipelines.sample import (
+    check_sample_options,
+    default_shard_dir,
+    default_shard_size,
+    make_labels,
+    sample,
+    sample_to_npz,
+)
 
 
 def tiny_model(in_channels: int = 3, num_classes: int = 5, seed: int = 0) -> nn.Module:
@@ -176,3 +185,104 @@ def test_half_precision_model():
     model = tiny_model().to(torch.bfloat16)
     images, _ = sample(model, num_samples=2, batch_size=2, **FAST)
     assert images.shape == (2, 8, 8, 3)
+
+
+# --- sample_to_npz: sharded, resumable ---------------------------------------------------------
+
+SHARDED = dict(num_samples=5, batch_size=2, cfg_scale=2.0, seed=3, **FAST)
+
+
+def _read(path):
+    with np.load(path) as data:
+        return data["arr_0"], data["arr_1"]
+
+
+def test_one_shard_is_exactly_sample(tmp_path):
+    model = tiny_model()
+    result = sample_to_npz(model, tmp_path / "s.npz", log=lambda _: None, **SHARDED)
+    images, labels = _read(tmp_path / "s.npz")
+    expected, expected_labels = sample(model, **SHARDED)
+    np.testing.assert_array_equal(images, expected)
+    np.testing.assert_array_equal(labels, expected_labels)
+    assert (result.rank, result.world_size, result.is_main) == (0, 1, True)
+    assert (result.path, result.image_shape, result.shards_drawn) == (tmp_path / "s.npz", (8, 8, 3), 1)
+    assert result.shard_dir == tmp_path / "s.shards" and not result.shard_dir.exists()  # merged, removed
+
+
+def test_each_shard_is_sample_of_its_labels_and_seed(tmp_path):
+    model = tiny_model()
+    lines = []
+    result = sample_to_npz(
+        model, tmp_path / "s.npz", shard_size=2, balanced=True, keep_shards=True, log=lines.append, **SHARDED
+    )
+    images, labels = _read(tmp_path / "s.npz")
+    np.testing.assert_array_equal(labels, make_eval_labels(5, 5, seed=3, balanced=True))
+    for shard in plan_shards(5, 2, seed=3):
+        part = labels[shard.start : shard.stop].tolist()
+        expected, _ = sample(
+            model, **{**SHARDED, "num_samples": shard.size, "seed": shard.seed}, class_labels=part
+        )
+        np.testing.assert_array_equal(images[shard.start : shard.stop], expected)
+    assert list_shards(tmp_path / "s.shards") == [0, 1, 2] and result.shards_drawn == 3
+    assert read_manifest(tmp_path / "s.shards")["meta"]["labels"] == "balanced"
+    assert (
+        len(lines) == 1 and "sampling 5 images (balanced labels)" in lines[0] and "3 shards of 2" in lines[0]
+    )
+
+
+def test_a_rerun_keeps_complete_shards_and_refuses_other_settings(tmp_path, monkeypatch):
+    # The module itself (ditq.pipelines.sample the attribute is the function).
+    pipeline = importlib.import_module("ditq.pipelines.sample")
+    model = tiny_model()
+    out, shards = tmp_path / "s.npz", tmp_path / "keep"
+    kwargs = dict(shard_size=2, shard_dir=shards, keep_shards=True, log=lambda _: None, **SHARDED)
+    sample_to_npz(model, out, **kwargs)
+    first = _read(out)
+    (shards / "shard_000001.npz").unlink()
+    calls = []
+    real = pipeline.sample
+    monkeypatch.setattr(pipeline, "sample", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+    lines = []
+    result = sample_to_npz(model, out, **{**kwargs, "log": lines.append})
+    assert calls == [shard_seed(3, 1)] and (result.shards_drawn, result.shards_kept) == (1, 2)
+    assert "resuming: 2 of 3 shards are already there" in lines[1]
+    for a, b in zip(_read(out), first, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for change, fragment in [
+        (dict(cfg_scale=3.0), "cfg_scale was 2.0, now 3.0"),
+        (dict(batch_size=1), "batch_size was 2, now 1"),
+        (dict(steps=5), "steps was 4, now 5"),
+        (dict(balanced=True), "labels was 'uniform', now 'balanced'"),
+        (dict(meta={"model": "other"}), "model was None, now 'other'"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=fragment) as e:
+            sample_to_npz(model, out, **{**kwargs, **change})
+        assert "\n" not in str(e.value) and "use another shard folder" in str(e.value)
+    with pytest.raises(InvalidArgumentError, match="model_config"):
+        sample_to_npz(tiny_model(num_classes=6), out, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(balanced=True, class_labels=[1]), "exclude each other"),
+        (dict(shard_size=0), "shard_size must be a positive integer, got 0"),
+        (dict(num_samples=0), "num_samples must be a positive integer"),
+        (dict(class_labels=[7]), "class label 7 is out of range"),
+        (dict(out="s.png"), "writes an .npz file, not 's.png'"),
+        (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+    ],
+)
+def test_sample_to_npz_invalid_arguments(tmp_path, kwargs, match):
+    out = tmp_path / kwargs.pop("out", "s.npz")
+    with pytest.raises(InvalidArgumentError, match=match) as e:
+        sample_to_npz(tiny_model(), out, **{**SHARDED, **kwargs})
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_shard_size_and_folder():
+    assert (
+        default_shard_size(32) == 1024 and default_shard_size(50) == 1000 and default_shard_size(3000) == 3000
+    )
+    assert default_shard_dir("runs/samples.npz").as_posix() == "runs/samples.shards"

@@ -85,10 +85,19 @@ def test_group_not_dividing_lists_valid_sizes():
     assert "1, 2, 4, 8, 16, 32, 64" in _one_line(e)
 
 
-@pytest.mark.parametrize("bad", [lambda: PerGroup(-1), lambda: PerGroup(1.5), lambda: PerTokenGroup(True),
-                                 lambda: parse_granularity("group"), lambda: parse_granularity("blocks"),
-                                 lambda: parse_granularity(32), lambda: group_length("channel", 8),
-                                 lambda: group_length(None, 8)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: PerGroup(-1),
+        lambda: PerGroup(1.5),
+        lambda: PerTokenGroup(True),
+        lambda: parse_granularity("group"),
+        lambda: parse_granularity("blocks"),
+        lambda: parse_granularity(32),
+        lambda: group_length("channel", 8),
+        lambda: group_length(None, 8),
+    ],
+)
 def test_bad_granularity_one_line(bad):
     with pytest.raises(InvalidArgumentError) as e:
         bad()

@@ -89,8 +89,9 @@ def test_gptq_full_matches_within_rounding_flips(qdit_ref, key):
     acc = GPTQ(W.shape[1])
     for x in full["X_cal"]:  # one add_batch per batch element, as the fixture was made
         acc.add_batch(x)
-    res = acc.quantize(W, bits, weight_granularity(g), sym,
-                       percdamp=full["percdamp"], block_size=full["blocksize"])
+    res = acc.quantize(
+        W, bits, weight_granularity(g), sym, percdamp=full["percdamp"], block_size=full["blocksize"]
+    )
     assert torch.equal(dequantize(res.codes, res.scale, res.zero), res.weight)
     # A flipped rounding decision moves one weight by one step (its group's scale); error feedback
     # can carry it to a few later columns. Allow 1% of weights, each within 1.5 steps.

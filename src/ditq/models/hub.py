@@ -435,7 +435,8 @@ def _read(path: Path, *, num_heads: int | None = None, expected: DiTConfig | Non
             if "quant_config" in meta:
                 raise CheckpointError(
                     f"{path} holds a quantized model (quant_config in its metadata); "
-                    "ditq.models.load reads full-precision checkpoints only"
+                    "ditq.models.load reads full-precision checkpoints only; load it with "
+                    "ditq.pipelines.ptq.load_model (ditq sample does)"
                 )
             if "model_config" not in meta:
                 raise CheckpointError(

@@ -6,12 +6,24 @@ classifier-free guidance over a doubled batch with the null label, a VAE
 decode, and DiT's uint8 rule. All randomness comes from one generator seeded
 with ``seed`` (labels from a separate numpy stream), so a run is determined by
 ``(seed, batch_size, device)``.
+
+:func:`sample_to_npz` is the same at evaluation scale (``ditq sample --out
+x.npz``): the samples are cut into shards (:mod:`ditq.eval.sampling`), spread
+over the processes of a ``torchrun`` launch, kept on disk so that a killed run
+resumes, and merged into one ADM ``.npz`` by rank 0. Its images depend on
+``(seed, shard_size, batch_size, labels, device type)``, not on the number of
+processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,13 +33,27 @@ from tqdm.auto import tqdm
 
 from ditq.common import resolve_device
 from ditq.diffusion import ClassifierFreeGuidance, create_diffusion, sample_loop
-from ditq.errors import InvalidArgumentError
+from ditq.errors import DitqError, InvalidArgumentError
+from ditq.eval.npz import open_images
+from ditq.eval.sampling import (
+    list_shards,
+    make_eval_labels,
+    merge_shards,
+    plan_shards,
+    remove_shards,
+    sample_shards,
+)
 from ditq.images import to_uint8
 from ditq.models.vae import VAE, vae_for_model
+from ditq.train.distributed import agree, init_distributed
 
 SAMPLERS = ("ddpm", "ddim")
 # DiT samples with 250 ancestral steps; Q-DiT evaluates with DDIM-50.
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50}
+# Samples per shard by default: a shard is the unit of resumption (work lost
+# when killed) and of progress, so minutes of work, not hours; and few enough
+# files for 50,000 samples.
+TARGET_SHARD_SIZE = 1000
 
 
 def default_steps(sampler: str) -> int:
@@ -239,3 +265,249 @@ def sample(
     finally:
         model.train(was_training)
     return np.concatenate(images), labels
+
+
+#################################################################################
+#                       Sharded, resumable, multi-process                       #
+#################################################################################
+
+
+def default_shard_size(batch_size: int) -> int:
+    """About :data:`TARGET_SHARD_SIZE` samples: the smallest multiple of ``batch_size`` not below it.
+
+    A multiple of the batch size, so that no shard ends in a short batch.
+    """
+    return max(1, math.ceil(TARGET_SHARD_SIZE / batch_size)) * batch_size
+
+
+def default_shard_dir(out_path: str | Path) -> Path:
+    """Where the shards of ``out_path`` go by default: ``samples.npz`` -> ``samples.shards/`` beside it."""
+    return Path(out_path).with_suffix(".shards")
+
+
+@dataclass
+class ShardedSampleResult:
+    """What :func:`sample_to_npz` did, seen from one process."""
+
+    path: Path | None  # the merged .npz (every rank knows it; rank 0 wrote it)
+    shard_dir: Path
+    num_samples: int
+    image_shape: tuple[int, int, int] | None  # (H, W, C) of the merged file, on rank 0
+    rank: int
+    world_size: int
+    shards_drawn: int  # by this process
+    shards_kept: int  # found complete from an earlier run, by this process
+    seconds: float
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _json_value(value: Any) -> Any:
+    # Config objects become plain JSON (what the manifest stores and compares).
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def sample_to_npz(
+    model: nn.Module,
+    out_path: str | Path,
+    *,
+    num_samples: int,
+    batch_size: int = 32,
+    shard_size: int | None = None,
+    balanced: bool = False,
+    class_labels: Sequence[int] | None = None,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    cfg_scale: float = 1.0,
+    cfg_channels: int | str | None = "auto",
+    seed: int = 0,
+    eta: float = 0.0,
+    device: torch.device | str | None = None,
+    vae: VAE | str | None = None,
+    clip_denoised: bool | None = None,
+    shard_dir: str | Path | None = None,
+    keep_shards: bool = False,
+    meta: Mapping[str, Any] | None = None,
+    backend: str = "auto",
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> ShardedSampleResult:
+    """Draw ``num_samples`` images into one ADM ``.npz``, in resumable shards, on every ``torchrun`` process.
+
+    Alone, this is :func:`sample` written to ``out_path``. Under ``torchrun
+    --nproc_per_node=K`` (``WORLD_SIZE > 1``) it starts the process group
+    (gloo on CPU, NCCL on CUDA with each process on ``cuda:LOCAL_RANK``),
+    each process draws its shards, rank 0 merges once all are done, and the
+    group is closed again (unless it was started by the caller).
+
+    The labels are drawn first: ``class_labels`` cycled, or uniform at random
+    from ``seed``, or balanced (``balanced=True``: every class equally often,
+    shuffled). Shard ``k`` (``shard_size`` samples, default about 1000, a
+    multiple of ``batch_size``) is :func:`sample` of exactly its labels with
+    :func:`ditq.eval.sampling.shard_seed` ``(seed, k)``; shard 0 uses ``seed``,
+    so a run of one shard equals :func:`sample` with the same seed.
+
+    Shards go to ``shard_dir`` (default :func:`default_shard_dir`, e.g.
+    ``samples.shards/`` beside ``samples.npz``) with a manifest of the
+    settings. Run the same call again after a crash and the complete shards are
+    kept; other settings in that folder are an error naming the one that
+    differs. Once merged the shards are deleted, unless ``keep_shards`` (then
+    a rerun only merges again).
+
+    Args:
+        model, batch_size, sampler, steps, cfg_scale, cfg_channels, eta,
+        clip_denoised: as for :func:`sample`.
+        device: where to sample (``None``: where the model is); under torchrun
+            a CUDA device becomes ``cuda:LOCAL_RANK``.
+        vae: a decoder, or a name for :func:`ditq.models.vae.vae_for_model`
+            (``None``: the model's default), built on this process's device.
+        meta: more settings to record and check on resume, e.g.
+            ``{"model": "DiT-XL/2"}`` (the model's config is recorded already).
+        backend: ``"auto"``, ``"gloo"`` or ``"nccl"`` for the process group.
+        progress: a bar with images/s and time left on rank 0 (``None``: when
+            stderr is a terminal).
+        log: receives a few lines of what is being done, on rank 0 only.
+
+    Raises:
+        InvalidArgumentError: bad options (see :func:`sample`), ``balanced``
+            with ``class_labels``, an ``out_path`` that is not ``.npz``, a
+            shard folder holding another run.
+    """
+    steps = check_sample_options(
+        num_samples=num_samples,
+        batch_size=batch_size,
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        eta=eta,
+    )
+    shard_size = default_shard_size(batch_size) if shard_size is None else shard_size
+    if not isinstance(shard_size, (int, np.integer)) or isinstance(shard_size, bool) or shard_size < 1:
+        raise InvalidArgumentError(f"shard_size must be a positive integer, got {shard_size!r}")
+    num_shards = len(plan_shards(num_samples, shard_size, seed))  # also checks the seed (>= 0)
+    out_path = Path(out_path)
+    if out_path.suffix.lower() != ".npz":
+        raise InvalidArgumentError(f"sharded sampling writes an .npz file, not '{out_path.name}'")
+    if out_path.is_dir():
+        raise InvalidArgumentError(f"{out_path} is a folder; give the path of the .npz file to write")
+    if balanced and class_labels is not None:
+        raise InvalidArgumentError(
+            "balanced labels and given class labels exclude each other; drop one of them"
+        )
+    config = _config(model)
+    if class_labels is not None:
+        labels = make_labels(class_labels, num_samples, config.num_classes)
+        label_kind = "given"
+    else:
+        labels = make_eval_labels(num_samples, config.num_classes, seed, balanced=balanced)
+        label_kind = "balanced" if balanced else "uniform"
+    guided_channels = _resolve_cfg_channels(cfg_channels, config.in_channels)
+    shard_dir = default_shard_dir(out_path) if shard_dir is None else Path(shard_dir)
+
+    started = time.perf_counter()
+    ctx = init_distributed(
+        resolve_device(device) if device is not None else next(model.parameters()).device, backend=backend
+    )
+    try:
+        model.to(ctx.device)
+        if vae is None or isinstance(vae, str):
+            vae = vae_for_model(config, vae, device=ctx.device)
+        run_meta = {
+            "model_class": type(model).__name__,
+            "model_config": _json_value(config),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            # The name, not repr(): that names the device, which differs between ranks.
+            "vae": str(getattr(vae, "name_or_path", type(vae).__name__)),
+            "labels": label_kind,
+            "batch_size": int(batch_size),
+            "sampler": sampler,
+            "steps": steps,
+            "cfg_scale": float(cfg_scale),
+            "cfg_channels": guided_channels,
+            "eta": float(eta),
+            "clip_denoised": clip_denoised,
+            **_json_value(dict(meta or {})),
+        }
+
+        def generate(shard_labels: np.ndarray, shard_seed: int) -> np.ndarray:
+            images, _ = sample(
+                model,
+                num_samples=len(shard_labels),
+                batch_size=batch_size,
+                sampler=sampler,
+                steps=steps,
+                cfg_scale=cfg_scale,
+                cfg_channels=cfg_channels,
+                class_labels=shard_labels.tolist(),
+                seed=shard_seed,
+                eta=eta,
+                vae=vae,
+                clip_denoised=clip_denoised,
+            )
+            return images
+
+        if ctx.is_main:
+            where = str(ctx.device)
+            if ctx.world_size > 1:
+                where = f"{ctx.world_size} processes ({ctx.backend}, {ctx.device.type})"
+            name = run_meta.get("model", type(model).__name__)
+            log(
+                f"sampling {num_samples} images ({label_kind} labels) from {name} with "
+                f"{sampler.upper()}-{steps}, cfg scale {cfg_scale:g}, seed {seed}, "
+                f"in {num_shards} shard{'s' * (num_shards > 1)} of {shard_size} in {shard_dir}, on {where}"
+            )
+            if existing := list_shards(shard_dir):
+                log(
+                    f"resuming: {len(existing)} of {num_shards} shards are already there (kept when complete)"
+                )
+
+        error: BaseException | None = None
+        try:
+            run = sample_shards(
+                generate,
+                labels,
+                shard_dir,
+                shard_size=shard_size,
+                seed=seed,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                meta=run_meta,
+                progress=progress,
+            )
+        except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other ranks)
+            error = e
+        # Every process waits here for the others; one that failed stops them all
+        # instead of leaving rank 0 to wait for shards that will never come.
+        if not agree(error is None, ctx.device):
+            raise error or DitqError(
+                "another process failed while sampling (see its error); run the same command again to resume"
+            )
+
+        image_shape = None
+        if ctx.is_main:
+            try:
+                merge_shards(shard_dir, out_path)
+                image_shape = open_images(out_path).shape[1:]
+                if not keep_shards:
+                    remove_shards(shard_dir)
+            except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other ranks)
+                error = e
+        if not agree(error is None, ctx.device):
+            raise error or DitqError(f"rank 0 could not write {out_path} (see its error)")
+        return ShardedSampleResult(
+            path=out_path,
+            shard_dir=shard_dir,
+            num_samples=num_samples,
+            image_shape=image_shape,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            shards_drawn=len(run.drawn),
+            shards_kept=len(run.kept),
+            seconds=time.perf_counter() - started,
+        )
+    finally:
+        ctx.close()

@@ -5,13 +5,17 @@ GPTQ), and the primitives it is built from.
                  PerToken, PerTokenGroup(g); bit-width and group-size validation
     primitives   quant_params / quantize / dequantize / fake_quantize (Q-DiT's quantizer bit for
                  bit), clipping (MinMax, MSE, Percentile), GPTQ's range rule
-    gptq         GPTQ: Hessian accumulation and error-feedback quantization of one weight
+    calibration  model inputs (x_t, t, y) recorded while sampling, one random step per sample
+    gptq         GPTQ: Hessian accumulation and error-feedback quantization of one weight; whole
+                 models block by block (gptq_model)
     config       QDiTConfig: bits, group sizes, clipping, dynamic/static activations, per-layer
                  overrides, layer selection; round-trips to JSON
     nn           QuantLinear (integer codes + group scales, fake-quantized inputs), ActQuantizer
     api          quantize_(model, config), calibrate, quantized_layers, model_size_bytes,
                  load_quantized_state_dict
     presets      which linears Q-DiT quantizes in DiT, diffusers and Large-DiT/TerDiT naming
+    search       evolutionary search of per-layer weight and activation group sizes under a cost
+                 constraint; applying candidates in place; layer-config files
 
 ``quant`` never imports ``models``, ``diffusion`` or ``eval``: it sees tensors, modules and names.
 """
@@ -24,8 +28,9 @@ from ditq.quant.api import (
     quantized_layers,
     select_layers,
 )
+from ditq.quant.calibration import CalibrationData, CalibrationRecorder, run_calibration
 from ditq.quant.config import PER_TENSOR, LayerQuant, QDiTConfig
-from ditq.quant.gptq import GPTQ, GPTQResult, gptq_quantize
+from ditq.quant.gptq import GPTQ, GPTQResult, find_stages, gptq_model, gptq_quantize
 from ditq.quant.granularity import (
     Granularity,
     PerChannel,
@@ -57,8 +62,26 @@ from ditq.quant.primitives import (
     quant_params,
     quantize,
 )
+from ditq.quant.search import (
+    DEFAULT_GROUPS,
+    Candidate,
+    Cost,
+    SearchResult,
+    SearchSpace,
+    applied,
+    output_error_proxy,
+    read_layer_config,
+    search,
+    search_space,
+    write_layer_config,
+)
 
 __all__ = [
+    "CalibrationData",
+    "CalibrationRecorder",
+    "find_stages",
+    "gptq_model",
+    "run_calibration",
     "GPTQ",
     "PER_TENSOR",
     "PRESETS",
@@ -102,4 +125,15 @@ __all__ = [
     "quantize",
     "valid_group_sizes",
     "weight_granularity",
+    "DEFAULT_GROUPS",
+    "Candidate",
+    "Cost",
+    "SearchResult",
+    "SearchSpace",
+    "applied",
+    "output_error_proxy",
+    "read_layer_config",
+    "search",
+    "search_space",
+    "write_layer_config",
 ]

@@ -24,6 +24,7 @@ and the codes keep the plain group-wise layout.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from ditq.quant.granularity import (
     check_bits,
     group_length,
     parse_granularity,
+    weight_granularity,
 )
 from ditq.quant.primitives import (
     MinMax,
@@ -119,8 +121,10 @@ def _param_fn(bits: int, sym: bool, params: str, clip):
     clip = as_clip(clip)
     if params == "gptq":
         if not isinstance(clip, MinMax):
-            raise InvalidArgumentError("GPTQ's own range rule takes only a clip ratio; use params='qdit' for "
-                                       "'mse' or 'percentile' clipping")
+            raise InvalidArgumentError(
+                "GPTQ's own range rule takes only a clip ratio; use params='qdit' for "
+                "'mse' or 'percentile' clipping"
+            )
         return lambda w, gran: gptq_quant_params(w, bits, gran, sym, clip.ratio, check_finite=False)
     return lambda w, gran: quant_params(w, bits, gran, sym, clip, check_finite=False)
 
@@ -240,3 +244,172 @@ def gptq_quantize(
         Q, codes = Q[:, inv], codes[:, inv]
     return GPTQResult(codes=codes.to(code_dtype(sym)), scale=scales, zero=zeros, weight=Q.to(weight.dtype))
 
+
+# ----------------------------------------------------------------------------
+# Whole models: block by block, earlier blocks already quantized
+# ----------------------------------------------------------------------------
+
+
+class _StageDone(Exception):
+    """Raised by a hook to end a forward pass once the stage being calibrated has run."""
+
+
+def find_stages(model, names) -> list[tuple[str, list[str]]]:
+    """Group layer ``names`` by the transformer block they sit in, in forward order.
+
+    A block is a child of an ``nn.ModuleList`` (``blocks.3``, ``transformer_blocks.0``,
+    ``layers.11``): the longest such prefix of each name. Layers in no block
+    form a last stage named ``""`` (the whole model). Returns
+    ``[(stage_name, [layer names in it]), ...]``.
+    """
+    from torch import nn
+
+    lists = {n for n, m in model.named_modules() if n and isinstance(m, nn.ModuleList)}
+    stages: dict[str, list[str]] = {}
+    loose: list[str] = []
+    for name in names:
+        parts = name.split(".")
+        # the longest "<module list>.<index>" prefix is the block
+        depth = next(
+            (j for j in range(len(parts) - 1, 0, -1) if parts[j].isdigit() and ".".join(parts[:j]) in lists),
+            None,
+        )
+        if depth is None:
+            loose.append(name)
+        else:
+            stages.setdefault(".".join(parts[: depth + 1]), []).append(name)
+    ordered = sorted(stages.items(), key=lambda kv: _stage_key(kv[0]))
+    if loose:
+        ordered.append(("", loose))
+    return ordered
+
+
+def _stage_key(name: str) -> tuple:
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in name.split("."))
+
+
+@torch.no_grad()
+def gptq_model(
+    model,
+    config,
+    data,
+    *,
+    include=None,
+    exclude=None,
+    batch_size: int = 32,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    log=None,
+):
+    """Quantize ``model`` in place with GPTQ, one transformer block at a time (Q-DiT's recipe).
+
+    ``config`` (a :class:`~ditq.quant.config.QDiTConfig`) picks the layers and
+    their bits and group sizes, as :func:`ditq.quant.quantize_` does; ``data``
+    is :class:`~ditq.quant.calibration.CalibrationData` (model inputs ``x, t,
+    **kwargs``). For each block, in forward order, the calibration inputs run
+    through the model whose earlier blocks are already quantized (weights and
+    activations), stopping after the block; each selected layer's Hessian is
+    accumulated from its input *after* its own activation quantizer, and the
+    block's layers are then swapped for :class:`~ditq.quant.nn.QuantLinear`
+    holding GPTQ codes. Static activation ranges are observed in a first pass
+    over the same inputs. Running the prefix again for every block costs about
+    ``depth / 2`` full forward passes over the data, and needs no assumption
+    about what a block takes as input.
+
+    Returns ``{layer: GPTQResult}``. An error before any layer is swapped
+    leaves the model as it was.
+    """
+    from ditq.quant.api import _check_config, _check_named, _set_module, select_layers
+    from ditq.quant.nn import ActQuantizer, QuantLinear
+
+    config = _check_config(config)
+    selected = select_layers(model, config, include=include, exclude=exclude)
+    if not selected:
+        raise InvalidArgumentError("GPTQ found no layer to quantize (check include/exclude and the preset)")
+    _check_named("QDiTConfig.layers", list(config.layers), selected, model)
+    for name in selected:  # group sizes and bits are checked before any work
+        QuantLinear.empty(model.get_submodule(name), config.for_layer(name), layer=name)
+    if len(data) == 0:
+        raise InvalidArgumentError("GPTQ needs calibration data; got none")
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for stage, names in find_stages(model, selected):
+            started = time.perf_counter()
+            layers = {n: model.get_submodule(n) for n in names}
+            quantizers = {}
+            for n, lin in layers.items():
+                c = config.for_layer(n)
+                quantizers[n] = ActQuantizer(
+                    c.a_bits, c.a_group, c.a_sym, c.dynamic, lin.in_features, layer=n, device=device
+                )
+            static = [q for q in quantizers.values() if hasattr(q, "lo")]
+            if static:
+                for q in static:
+                    q.calibrating = True
+                _run_stage(model, stage, layers, quantizers, None, data, batch_size, device)
+                for q in static:
+                    q.calibrating = False
+            hessians = {n: GPTQ(lin.in_features, device=device) for n, lin in layers.items()}
+            _run_stage(model, stage, layers, quantizers, hessians, data, batch_size, device)
+            new = {}
+            for n, lin in layers.items():
+                c = config.for_layer(n)
+                clip = as_clip(c.w_clip)
+                # GPTQ's own range rule for min-max (with a ratio); the RTN rule for MSE/percentile.
+                rule = (
+                    {"params": "gptq", "clip": clip.ratio}
+                    if isinstance(clip, MinMax)
+                    else {"params": "qdit", "clip": clip}
+                )
+                res = hessians[n].quantize(
+                    lin.weight, c.w_bits, weight_granularity(c.w_group), c.w_sym,
+                    block_size=block_size, percdamp=percdamp, act_order=act_order, **rule,
+                )  # fmt: skip
+                q = QuantLinear.from_float(lin, c, res, layer=n)
+                q.act_quant.load_state_dict(quantizers[n].state_dict())
+                new[n] = q
+                results[n] = res
+            for n, q in new.items():
+                _set_module(model, n, q)
+            if log is not None:
+                seconds = time.perf_counter() - started
+                log(f"GPTQ {stage or 'loose layers'}: {len(names)} layers in {seconds:.1f} s")
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _run_stage(model, stage, layers, quantizers, hessians, data, batch_size, device) -> None:
+    """Run the calibration inputs up to the end of ``stage``, feeding its layers' inputs to the quantizers."""
+    handles = []
+
+    def make_hook(name):
+        def hook(_module, args):
+            x = quantizers[name](args[0])
+            if hessians is not None:
+                hessians[name].add_batch(x)
+
+        return hook
+
+    for n, lin in layers.items():
+        handles.append(lin.register_forward_pre_hook(make_hook(n)))
+    if stage:
+
+        def stop(*_):
+            raise _StageDone
+
+        handles.append(model.get_submodule(stage).register_forward_hook(stop))
+    try:
+        for x, t, kw in data.batches(batch_size, device):
+            try:
+                model(x, t, **kw)
+            except _StageDone:
+                pass
+    finally:
+        for h in handles:
+            h.remove()

@@ -489,24 +489,50 @@ def _quality_line(fp: dict, q: dict) -> str:
 
 
 def _search(model, base, options: PTQOptions, calib, quality: QualityFn, log: Log, progress: bool):
-    """The per-layer granularity search with ``quality`` (first metric) of fixed-seed samples as fitness."""
-    spec = options.search_eval
+    return granularity_search(
+        model, base, quality, options.search_eval, calib=calib, groups=options.search_groups,
+        population=options.search_population, generations=options.search_generations,
+        prescreen=options.search_prescreen, seed=options.seed, state_path=options.search_state,
+        log=log, progress=progress,
+    )  # fmt: skip
+
+
+def granularity_search(
+    model: nn.Module,
+    base: quant.QDiTConfig,
+    quality: QualityFn,
+    spec: EvalSpec,
+    *,
+    calib: CalibrationData | None = None,
+    groups: tuple[int, ...] = (32, 64, 128, 192, 288),
+    population: int = 50,
+    generations: int = 10,
+    prescreen: int | None = None,
+    seed: int = 0,
+    state_path: str | os.PathLike | None = None,
+    log: Log | None = None,
+    progress: bool = False,
+) -> quant.SearchResult:
+    """:func:`ditq.quant.search` with Q-DiT's fitness: the quality (first metric, e.g. FID) of
+    ``spec`` samples drawn with the same seed and labels for every candidate. With ``prescreen`` the
+    noise-prediction error vs the float model on 64 calibration inputs pre-screens candidates.
+    Mutations and crossovers are half the population each, parents the best ``min(10, population)``."""
 
     def fitness(quantized: nn.Module) -> float:
         images, labels = draw_samples(quantized, spec, progress=progress)
         return float(next(iter(quality(images, labels).values())))
 
     proxy = None
-    if options.search_prescreen:
+    if prescreen:
+        if calib is None:
+            raise InvalidArgumentError("pre-screening candidates needs calibration data")
         batches = [(x, t, kw["y"]) for x, t, kw in calib.subset(64).batches(64)]
         eps = model.config.in_channels
         proxy = quant.output_error_proxy(model, batches, output=lambda out: out[:, :eps])
     return quant.search(
-        model, fitness, base, groups=options.search_groups, population=options.search_population,
-        generations=options.search_generations, top_k=min(10, options.search_population),
-        mutations=options.search_population // 2, crossovers=options.search_population // 2,
-        proxy=proxy, prescreen=options.search_prescreen, seed=options.seed,
-        state_path=options.search_state, log=log,
+        model, fitness, base, groups=groups, population=population, generations=generations,
+        top_k=min(10, population), mutations=population // 2, crossovers=population // 2,
+        proxy=proxy, prescreen=prescreen, seed=seed, state_path=state_path, log=log,
     )  # fmt: skip
 
 

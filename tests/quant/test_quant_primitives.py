@@ -233,3 +233,19 @@ def test_bad_input_is_a_one_line_error(name):
     with pytest.raises(InvalidArgumentError) as e:
         BAD[name]()
     _one_line(e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("gran", ["token", "token_group16", "tensor"])
+def test_fake_quantize_is_bit_identical_to_quantize_then_dequantize(dtype, sym, gran):
+    from ditq.quant import parse_granularity
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 64, generator=g) * torch.logspace(-2, 2, 64)).to(dtype)
+    granularity = parse_granularity(gran)
+    for bits in (2, 4, 8):
+        s, z = quant_params(x, bits, granularity, sym)
+        slow = dequantize(quantize(x, s, z, bits, sym), s, z)
+        fast = fake_quantize(x, bits, granularity, sym)
+        assert fast.dtype == x.dtype and torch.equal(fast, slow)

@@ -53,3 +53,9 @@ def _deterministic_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def terdit_ref() -> dict:
+    """TerDiT inference outputs and packed state dict (``terdit_ref_tiny.pt``)."""
+    return load_fixture("terdit_ref_tiny.pt")

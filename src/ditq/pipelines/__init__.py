@@ -1,10 +1,15 @@
 """Whole workflows, callable from Python; the CLI is a thin layer over these.
 
-- :mod:`ditq.pipelines.sample`: class-conditional sampling to uint8 images.
+- :mod:`ditq.pipelines.sample`: class-conditional sampling to uint8 images; sharded,
+  resumable, multi-rank ``.npz`` batches (``sample_to_npz``).
+- :mod:`ditq.pipelines.ptq`: ``ditq ptq``, Q-DiT post-training quantization: calibration
+  recording, RTN/GPTQ, the granularity search, quantized checkpoints (``load_model``).
+- :mod:`ditq.pipelines.ladder`: the Q-DiT ablation ladder on identical samples.
 - :mod:`ditq.pipelines.demo`: ``ditq demo``, the embedded first-contact run.
 """
 
 from ditq.pipelines.demo import find_embedded_model, run_demo
-from ditq.pipelines.sample import sample
+from ditq.pipelines.ptq import load_model, run_ptq
+from ditq.pipelines.sample import sample, sample_to_npz
 
-__all__ = ["find_embedded_model", "run_demo", "sample"]
+__all__ = ["find_embedded_model", "load_model", "run_demo", "run_ptq", "sample", "sample_to_npz"]

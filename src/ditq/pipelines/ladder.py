@@ -20,11 +20,13 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from ditq import quant
+from ditq.checkpoint import atomic_write
 from ditq.pipelines.ptq import (
     CalibrationData,
     EvalSpec,
@@ -89,9 +91,26 @@ class LadderRow:
         return d
 
 
-def _measure(model: nn.Module, spec: EvalSpec, quality: QualityFn) -> dict:
-    images, labels = draw_samples(model, spec)
+def _measure(model: nn.Module, spec: EvalSpec, quality: QualityFn, cache: Path | None = None) -> dict:
+    """Quality of ``spec`` samples; with ``cache`` (an .npz path) the samples are kept and reused."""
+    if cache is not None and cache.is_file():
+        with np.load(cache) as f:
+            images, labels = f["arr_0"], f["arr_1"]
+    else:
+        images, labels = draw_samples(model, spec)
+        if cache is not None:  # the arrays as drawn (ADM's save_npz would widen grayscale to RGB)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(cache) as tmp, open(tmp, "wb") as f:
+                np.savez(f, arr_0=images, arr_1=labels)
     return quality(images, labels)
+
+
+def _cache(cache_dir, name: str, spec: EvalSpec) -> Path | None:
+    if cache_dir is None:
+        return None
+    return (
+        Path(cache_dir) / f"{name}-n{spec.num_samples}-ddim{spec.steps}-cfg{spec.cfg_scale}-s{spec.seed}.npz"
+    )
 
 
 def _row(method, w_bits, a_bits, q: dict, model, spec: EvalSpec, seconds: float, **extra) -> LadderRow:
@@ -111,9 +130,17 @@ def _row(method, w_bits, a_bits, q: dict, model, spec: EvalSpec, seconds: float,
 
 
 def fp_rows(
-    model: nn.Module, spec: EvalSpec, quality: QualityFn, seeds: Sequence[int] = (0,), log: Log | None = None
+    model: nn.Module,
+    spec: EvalSpec,
+    quality: QualityFn,
+    seeds: Sequence[int] = (0,),
+    log: Log | None = None,
+    cache_dir: str | Path | None = None,
 ) -> list[LadderRow]:
-    """The full-precision row at each seed (the spread over seeds is the noise floor of the ladder)."""
+    """The full-precision row at each seed (the spread over seeds is the noise floor of the ladder).
+
+    ``cache_dir`` keeps each row's samples as an ADM .npz and reuses them on the next call.
+    """
     rows = []
     for seed in seeds:
         started = time.perf_counter()
@@ -147,11 +174,14 @@ def ladder_rows(
     search_layers: dict | None = None,
     search_fn: Callable[[nn.Module, quant.QDiTConfig], dict] | None = None,
     log: Log | None = None,
+    cache_dir: str | Path | None = None,
 ) -> list[LadderRow]:
     """Measure ``rungs`` at ``w_bits``/``a_bits`` on copies of the float ``model``.
 
     The searched map comes from ``search_layers`` or, when a searched rung is
     asked for without one, from ``search_fn(model, base_config)`` (run once).
+    ``cache_dir`` keeps each row's samples (see :func:`fp_rows`); the searched
+    rungs are not cached, since their map may change between runs.
     """
     rows = []
     for rung in rungs:

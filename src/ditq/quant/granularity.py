@@ -113,8 +113,8 @@ def parse_granularity(spec: str | Granularity) -> Granularity:
     if spec in simple:
         return simple[spec]
     for prefix, cls in (("token_group", PerTokenGroup), ("group", PerGroup)):
-        if spec.startswith(prefix) and spec[len(prefix):].isdigit():
-            return cls(int(spec[len(prefix):]))
+        if spec.startswith(prefix) and spec[len(prefix) :].isdigit():
+            return cls(int(spec[len(prefix) :]))
     raise InvalidArgumentError(
         f"unknown granularity {spec!r}; use tensor, channel, group<g>, token or token_group<g>"
     )
@@ -128,9 +128,7 @@ def parse_granularity(spec: str | Granularity) -> Granularity:
 def check_bits(bits) -> int:
     """Bit widths 2..8 only (integer codes must fit int8/uint8)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise InvalidArgumentError(
-            f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}"
-        )
+        raise InvalidArgumentError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
     return bits
 
 

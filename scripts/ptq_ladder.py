@@ -83,6 +83,7 @@ def main() -> None:
     p.add_argument("--search-generations", type=int, default=5)
     p.add_argument("--search-prescreen", type=int, default=5)
     p.add_argument("--search-groups", default="16,32,64,128,256")
+    p.add_argument("--rungs", default=",".join(ladder.RUNGS), help="rungs to measure (default all)")
     p.add_argument("--state-dir", default="out/ladder", help="search states (resumable) and row samples")
     p.add_argument(
         "--sample-only",
@@ -147,7 +148,8 @@ def main() -> None:
             payload["searches"][f"W{w_bits}A8"] = {**result.summary(), "layers": result.layers}
             return result.layers
 
-        rungs = [r for r in ladder.RUNGS if not (args.sample_only and r in ("+search", "+gptq"))]
+        wanted = [r.strip() for r in args.rungs.split(",") if r.strip()]
+        rungs = [r for r in wanted if not (args.sample_only and r in ("+search", "+gptq"))]
         rows = ladder.ladder_rows(
             model,
             w_bits,

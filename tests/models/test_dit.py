@@ -77,7 +77,7 @@ def _expected_original_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
 PAPER_PARAMS_M = {"DiT-S/2": 33.0, "DiT-B/2": 130.5, "DiT-XL/2": 675.1}
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("dit"))
 def test_registry_configs_build_with_original_names(name):
     cfg = get_config(name)
     with torch.device("meta"):
@@ -97,7 +97,7 @@ def test_registry_configs_build_with_original_names(name):
 
 
 def test_registry_has_all_twelve():
-    assert len(list_models()) == 12
+    assert len(list_models("dit")) == 12
     assert get_config("DiT-L/4").depth == 24 and get_config("DiT-L/4").patch_size == 4
 
 

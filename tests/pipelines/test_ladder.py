@@ -41,7 +41,7 @@ def test_each_rung_adds_one_ingredient():
         ladder.rung_config("+magic", 4)
 
 
-def test_rows_share_samples_and_the_search_runs_once():
+def test_rows_share_samples_and_the_search_runs_once(tmp_path):
     model = _dit()
     seen_labels, searches = [], []
 
@@ -58,8 +58,12 @@ def test_rows_share_samples_and_the_search_runs_once():
         torch.randn(8, 1, 16, 16), torch.randint(0, 1000, (8,)), {"y": torch.randint(0, 5, (8,))}
     )
     spec = ptq.EvalSpec(num_samples=8, steps=2, batch_size=8)
-    fp = ladder.fp_rows(model, spec, quality, seeds=(0, 1))
-    rows = ladder.ladder_rows(model, 4, spec, quality, calib, search_fn=search_fn)
+    fp = ladder.fp_rows(model, spec, quality, seeds=(0, 1), cache_dir=tmp_path)
+    rows = ladder.ladder_rows(model, 4, spec, quality, calib, search_fn=search_fn, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2 + len(ladder.RUNGS)  # every row's samples are kept
+    calls = len(seen_labels)
+    again = ladder.fp_rows(model, spec, quality, seeds=(1,), cache_dir=tmp_path)
+    assert again[0].fid == fp[1].fid and len(seen_labels) == calls + 1  # evaluated, not re-sampled
     assert [r.method for r in rows] == list(ladder.RUNGS)
     assert len(searches) == 1 and searches[0].a_group == 128
     assert not quant.quantized_layers(model)  # every rung quantized a copy

@@ -18,6 +18,7 @@ from ditq.models.layers import (
     LabelEmbedder,
     Mlp,
     PatchEmbed,
+    RMSNorm,
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
     modulate,
@@ -38,6 +39,8 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
     mlp_ratio: float = 4.0
+    # TerDiT's RMSNorm over each block's 6·hidden adaLN outputs (adaLN_modulation.2), for ternary QAT.
+    adaln_norm: bool = False
 
     arch = "dit"
 
@@ -81,15 +84,22 @@ class DiTConfig:
 
 
 class DiTBlock(nn.Module):
-    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning.
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    ``adaln_norm`` appends TerDiT's RMSNorm (eps 1e-5) over all six chunks:
+    ``RMSNorm(Linear(SiLU(c)))``; it tames the ternary adaLN linear's outputs.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, adaln_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        modulation: list[nn.Module] = [nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True)]
+        if adaln_norm:
+            modulation.append(RMSNorm(6 * hidden_size, eps=1e-5))
+        self.adaLN_modulation = nn.Sequential(*modulation)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
@@ -140,7 +150,10 @@ class DiT(nn.Module):
         # key is the same either way, and parameter counts then match the paper's.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, D), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(D, config.num_heads, mlp_ratio=config.mlp_ratio) for _ in range(config.depth)]
+            [
+                DiTBlock(D, config.num_heads, mlp_ratio=config.mlp_ratio, adaln_norm=config.adaln_norm)
+                for _ in range(config.depth)
+            ]
         )
         self.final_layer = FinalLayer(D, config.patch_size, self.out_channels)
         self.initialize_weights()
@@ -171,8 +184,8 @@ class DiT(nn.Module):
 
         # adaLN-Zero: every block starts as the identity, the output as zero.
         for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+            nn.init.constant_(block.adaLN_modulation[1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[1].bias, 0)
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
         nn.init.constant_(self.final_layer.linear.weight, 0)

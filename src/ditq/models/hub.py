@@ -10,7 +10,10 @@
 - an original training checkpoint ``{"model", "ema", "opt", "args"}``: the EMA
   weights are the ones loaded (they are the ones to sample from);
 - a ditq checkpoint (safetensors, config in its metadata), as :func:`save`
-  writes it.
+  writes it;
+- an official TerDiT checkpoint: a folder with ``consolidated_ema_ternary.00-of-01.pth``
+  and ``model_args.pth`` (or that ``.pth`` file), loaded by :mod:`ditq.models.terdit`
+  as a Large-DiT with packed ternary layers.
 
 Pickles are read with ``torch.load(weights_only=True)`` only; the one
 non-tensor class allowed in is ``argparse.Namespace`` (the ``args`` of
@@ -110,9 +113,11 @@ def load(
     ``name_or_path`` is a registry name with official weights (``"DiT-XL/2"``;
     ``image_size`` 256, the default, or 512) or a checkpoint file: an official
     state dict, an original training checkpoint (its EMA weights), or a ditq
-    checkpoint. ``cache_dir`` overrides ``$DITQ_CACHE``; with ``download=False``
-    a missing official file is an error instead of a download. ``num_heads``
-    is needed only for a state dict whose size is not in the registry (heads
+    checkpoint; or an official TerDiT checkpoint folder (see
+    :func:`ditq.models.terdit.load_official`). ``cache_dir`` overrides
+    ``$DITQ_CACHE``; with ``download=False`` a missing official file is an
+    error instead of a download. ``num_heads`` is needed only for a state
+    dict (or TerDiT checkpoint) whose size is not in the registry (heads
     cannot be read off tensor shapes). ``progress`` shows a download bar
     (default: when stderr is a terminal, on rank 0).
     """
@@ -131,6 +136,12 @@ def load(
             # file placed or damaged by hand: say how to get a good one.
             raise CheckpointError(f"{e}; or delete {path} to download {entry.url} again") from None
     else:
+        from ditq.models import terdit  # imports ditq.quant; only needed for TerDiT folders
+
+        if terdit.is_official_checkpoint(name_or_path):
+            return terdit.load_official(
+                name_or_path, device=device, num_heads=num_heads, image_size=image_size
+            )
         path = _as_checkpoint_path(name_or_path)
         loaded = _read(path, num_heads=num_heads)
         if image_size is not None and image_size != _image_size(loaded.config):
@@ -194,7 +205,8 @@ def describe(path: PathLike, *, num_heads: int | None = None) -> dict[str, Any]:
     """What a checkpoint file holds, without building a model.
 
     Returns ``path``, ``format`` (``"ditq-safetensors"``, ``"safetensors"``
-    for one without ditq metadata, ``"dit-official"``, ``"dit-training"``),
+    for one without ditq metadata, ``"dit-official"``, ``"dit-training"``,
+    ``"terdit-official"`` for a TerDiT folder, see :mod:`ditq.models.terdit`),
     ``file_size`` (bytes), ``config`` (a dict; None with ``config_error`` when
     it cannot be worked out), ``metadata`` (ditq metadata, or the training
     ``args`` and other plain entries), ``num_tensors``, ``num_parameters``
@@ -202,6 +214,10 @@ def describe(path: PathLike, *, num_heads: int | None = None) -> dict[str, Any]:
     and ``dtypes`` (tensor count per dtype). ditq checkpoints are described from
     their header alone; pickles must be read whole.
     """
+    from ditq.models import terdit  # imports ditq.quant; only needed for TerDiT folders
+
+    if terdit.is_official_checkpoint(path):
+        return terdit.describe_official(path, num_heads=num_heads)
     key = str(path)
     path = (
         _embedded_file(key)
@@ -323,6 +339,7 @@ def infer_config(
             f"in_channels*patch^2 = {in_channels * per_channel}; the file is not a DiT"
         )
     mlp_ratio = 4.0
+    adaln_norm = "blocks.0.adaLN_modulation.2.weight" in state_dict
     if "blocks.0.mlp.fc1.weight" in state_dict:
         mlp_ratio = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden
     heads = num_heads or _registry_heads(depth, hidden, model_name)
@@ -342,6 +359,7 @@ def infer_config(
         class_dropout_prob=0.1,
         learn_sigma=learn_sigma,
         mlp_ratio=mlp_ratio,
+        adaln_norm=adaln_norm,
     )
 
 
@@ -606,7 +624,10 @@ def _as_checkpoint_path(name_or_path: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file; give the file's path")
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint file (nor a TerDiT folder with model_args.pth); "
+            "give the file's path"
+        )
     text = str(name_or_path)
     # "DiT-Q/2" is a mistyped model name rather than a missing file.
     if not text.endswith(_CHECKPOINT_SUFFIXES) and re.fullmatch(r"[A-Za-z][\w.-]*/\d+", text):
@@ -619,10 +640,10 @@ def _as_checkpoint_path(name_or_path: str | os.PathLike) -> Path:
 
 def _registry_heads(depth: int, hidden: int, model_name: str | None) -> int | None:
     named = registry.MODEL_CONFIGS.get(model_name) if model_name else None
-    if named is not None and (named.depth, named.hidden_size) == (depth, hidden):
+    if named is not None and named.arch == "dit" and (named.depth, named.hidden_size) == (depth, hidden):
         return named.num_heads
     for config in registry.MODEL_CONFIGS.values():
-        if (config.depth, config.hidden_size) == (depth, hidden):
+        if config.arch == "dit" and (config.depth, config.hidden_size) == (depth, hidden):
             return config.num_heads
     return None
 
@@ -645,7 +666,13 @@ def _image_size(config: DiTConfig) -> int:
     return config.input_size * (1 if config.in_channels in (1, 3) else LATENT_DOWNSAMPLE)
 
 
-def _summary(config: DiTConfig) -> str:
+def _summary(config) -> str:
+    if config.arch == "large-dit":
+        return (
+            f"Large-DiT(dim={config.dim}, n_layers={config.n_layers}, n_heads={config.n_heads}, "
+            f"patch_size={config.patch_size}, input_size={config.input_size}, qk_norm={config.qk_norm}, "
+            f"adaln_norm={config.adaln_norm})"
+        )
     return (
         f"DiT(depth={config.depth}, hidden_size={config.hidden_size}, num_heads={config.num_heads}, "
         f"patch_size={config.patch_size}, input_size={config.input_size})"

@@ -162,3 +162,22 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     emb_a = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
     emb_b = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
     return np.concatenate([emb_a, emb_b], axis=1)
+
+
+class RMSNorm(nn.Module):
+    """``weight * x * rsqrt(mean(x², -1) + eps)`` with the mean in float32 (apex ``FusedRMSNorm``'s math)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

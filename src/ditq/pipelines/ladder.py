@@ -17,6 +17,8 @@ are the quantization's. ``scripts/ptq_ladder.py`` runs the full ladder into
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -150,7 +152,7 @@ def fp_rows(
                 "fp",
                 None,
                 None,
-                _measure(model, s, quality),
+                _measure(model, s, quality, _cache(cache_dir, "fp", s)),
                 model,
                 s,
                 time.perf_counter() - started,
@@ -180,8 +182,8 @@ def ladder_rows(
 
     The searched map comes from ``search_layers`` or, when a searched rung is
     asked for without one, from ``search_fn(model, base_config)`` (run once).
-    ``cache_dir`` keeps each row's samples (see :func:`fp_rows`); the searched
-    rungs are not cached, since their map may change between runs.
+    ``cache_dir`` keeps each row's samples (see :func:`fp_rows`); those of the
+    searched rungs are keyed by a hash of the map.
     """
     rows = []
     for rung in rungs:
@@ -196,9 +198,11 @@ def ladder_rows(
         config = rung_config(rung, w_bits, a_bits, search_layers)
         q = copy.deepcopy(model)
         quantize_model(q, config, calib=calib, gptq=rung == "+gptq")
-        row = _row(
-            rung, w_bits, a_bits, _measure(q, spec, quality), q, spec, time.perf_counter() - started, **extra
-        )
+        name = f"w{w_bits}a{a_bits}{rung}"
+        if rung in ("+search", "+gptq"):  # these samples belong to this map only
+            name += "-" + hashlib.sha256(json.dumps(config.layers, sort_keys=True).encode()).hexdigest()[:10]
+        measured = _measure(q, spec, quality, _cache(cache_dir, name, spec))
+        row = _row(rung, w_bits, a_bits, measured, q, spec, time.perf_counter() - started, **extra)
         rows.append(row)
         if log:
             log(_line(row))

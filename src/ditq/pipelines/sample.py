@@ -44,6 +44,7 @@ from ditq.eval.sampling import (
     sample_shards,
 )
 from ditq.images import to_uint8
+from ditq.models.large_dit import map_class_labels
 from ditq.models.vae import VAE, vae_for_model
 from ditq.train.distributed import agree, init_distributed
 
@@ -242,6 +243,8 @@ def sample(
             starts, desc="batches", disable=not progress or len(starts) < 2, dynamic_ncols=True
         ):
             y = torch.from_numpy(labels[start : start + batch_size]).to(device)
+            # Class ids -> the labels the model was trained with (official TerDiT: ImageFolder order).
+            y = map_class_labels(model, y)
             n = len(y)
             z = torch.randn((n, *shape), generator=generator, device=device)
             if use_cfg:

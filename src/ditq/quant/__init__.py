@@ -16,6 +16,9 @@ GPTQ), and the primitives it is built from.
     presets      which linears Q-DiT quantizes in DiT, diffusers and Large-DiT/TerDiT naming
     search       evolutionary search of per-layer weight and activation group sizes under a cost
                  constraint; applying candidates in place; layer-config files
+    ternary      TerDiT / BitNet b1.58 ternary weights: TernaryQATConfig (prepare -> train ->
+                 convert through quantize_), TernaryQATLinear (latent weights, STE, learnable
+                 alpha or absmean gamma, optional int8 activations), TernaryLinear (packed 2-bit)
 
 ``quant`` never imports ``models``, ``diffusion`` or ``eval``: it sees tensors, modules and names.
 """
@@ -74,6 +77,18 @@ from ditq.quant.search import (
     search,
     search_space,
     write_layer_config,
+)
+from ditq.quant.ternary import (
+    TernaryLinear,
+    TernaryQATConfig,
+    TernaryQATLinear,
+    empty_ternary_,
+    fake_quant_act_int8,
+    init_alpha,
+    quantize_ternary_,
+    select_ternary_layers,
+    ternarize,
+    ternary_layers,
 )
 
 __all__ = [
@@ -136,4 +151,14 @@ __all__ = [
     "search",
     "search_space",
     "write_layer_config",
+    "TernaryLinear",
+    "TernaryQATConfig",
+    "TernaryQATLinear",
+    "empty_ternary_",
+    "fake_quant_act_int8",
+    "init_alpha",
+    "quantize_ternary_",
+    "select_ternary_layers",
+    "ternarize",
+    "ternary_layers",
 ]

@@ -36,6 +36,7 @@ from ditq.quant.config import LayerQuant, QDiTConfig, _patterns
 from ditq.quant.granularity import num_groups, weight_granularity
 from ditq.quant.nn import ActQuantizer, QuantLinear
 from ditq.quant.presets import get_preset, linear_names, match_any, preset_for
+from ditq.quant.ternary import TernaryQATConfig, quantize_ternary_
 
 SCALE_BYTES = 2
 """Bytes per stored scale / zero point / static range end in :func:`model_size_bytes` (fp16)."""
@@ -123,7 +124,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_(
     model: nn.Module,
-    config: QDiTConfig | None = None,
+    config: QDiTConfig | TernaryQATConfig | None = None,
     *,
     include=None,
     exclude=None,
@@ -139,7 +140,14 @@ def quantize_(
     selected, when ``config.layers`` or ``weight_overrides`` name layers that
     are missing or not selected, or when a group size does not divide a
     layer's input channels.
+
+    A :class:`~ditq.quant.ternary.TernaryQATConfig` runs its ``prepare`` or
+    ``convert`` step instead (:func:`~ditq.quant.ternary.quantize_ternary_`).
     """
+    if isinstance(config, TernaryQATConfig):
+        if weight_overrides:
+            raise InvalidArgumentError("weight_overrides apply to QDiTConfig only, not to a TernaryQATConfig")
+        return quantize_ternary_(model, config, include=include, exclude=exclude)
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"quantize_ takes an nn.Module, got {type(model).__name__}")
     config = _check_config(config)

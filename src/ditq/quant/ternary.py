@@ -1,0 +1,620 @@
+"""Ternary weights (TerDiT, BitNet b1.58): quantization-aware training and packed 2-bit inference.
+
+::
+
+    from ditq import quant
+    quant.quantize_(model, quant.TernaryQATConfig(step="prepare"))   # nn.Linear -> TernaryQATLinear
+    ...train...                                                       # latent float weights learn
+    quant.quantize_(model, quant.TernaryQATConfig(step="convert"))   # -> TernaryLinear (2 bits/weight)
+
+**Ternarization** (absmean): ``γ = mean|W|`` over the whole tensor,
+``W̃ = clamp(round(W / (γ + ε)), -1, 1)`` with ``ε = 1e-6``; the layer computes
+``y = x · (s·W̃)ᵀ + b`` with one scalar ``s`` per layer:
+
+* ``scale="alpha"`` (TerDiT): ``s = α``, a learnable parameter (state-dict key
+  ``alphas``, shape (1,), as in official TerDiT checkpoints);
+* ``scale="gamma"`` (BitNet b1.58): ``s = γ``, recomputed from the latent
+  weights at every step, nothing to learn.
+
+**Gradients** go straight through the ternarizer, as in the originals
+(BitNet's ``w + (q(w) - w).detach()``): its Jacobian is taken as the identity,
+so with ``G = dL/d(sW̃)`` the latent weights get ``dL/dW = α·G`` (alpha) or
+``G`` (gamma, where γ is treated as a constant), and ``dL/dα = Σ G ⊙ W̃``.
+Latent weights stay in floating point and are what the optimizer updates.
+
+**α initialization** (``alpha_init``):
+
+* ``"lsq"`` (default): the least-squares scale ``α = ⟨W, W̃⟩ / ⟨W̃, W̃⟩``, which
+  is the mean of ``|W|`` over the entries that stay non-zero. It minimizes
+  ``‖W − αW̃‖_F``, and so the expected output error ``E‖Wx − αW̃x‖²`` for
+  inputs with isotropic second moment (``E[xxᵀ] ∝ I``): the ternary layer
+  starts as the closest scaled copy of the float layer. It is never below γ
+  (it averages the largest magnitudes); for Gaussian weights it is ≈ 1.34·γ,
+  so ``"gamma"`` starts every layer's output about 25 % too small, which
+  compounds over depth.
+* ``"gamma"``: ``α = γ`` at prepare time: the layer starts exactly as
+  ``scale="gamma"`` would compute it (BitNet's scale), then α is free.
+* ``"normal"``: ``α ~ N(0, 1)``, the original TerDiT code's init. It ignores
+  the weights' scale (and may be negative), which is what makes early
+  activations huge there; kept to reproduce it.
+
+A layer whose weights are all zero (adaLN-Zero) has no scale to match; its α
+starts at ``1/√in_features`` (the scale of a fan-in initialized layer) so
+gradients reach its weights (``dL/dW = α·G`` would stay zero with ``α = 0``).
+
+**Activations** (``act_bits=8``, W1.58A8): BitNet b1.58's per-token absmax
+int8 fake quantization ``s = 127 / max(|x|, 1e-5)`` over the last dim,
+``x̂ = clamp(round(x·s), -128, 127) / s``, with a straight-through gradient.
+TerDiT itself keeps activations in floating point (``act_bits=None``).
+
+**Inference**: :class:`TernaryLinear` holds the ternary codes ``W̃ + 1`` packed
+four per byte in ``ditq.kernels.packing``'s ``"k4"`` layout (``weight``, uint8
+``[out, in/4]``), the scale ``s`` as ``alphas`` (γ for BitNet-style layers),
+and the bias. Its forward unpacks and multiplies in floating point (the
+reference path); it gives the same numbers as the QAT layer in eval mode, bit
+for bit. It also loads official TerDiT tensors (``weight`` uint8
+``[out/4, in]`` in the ``"terdit"`` layout), repacking them to ``"k4"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.kernels.packing import PackingError, pack_ternary, packed_2bit_shape, unpack_2bit, unpack_ternary
+from ditq.quant.config import check_pattern
+from ditq.quant.presets import get_preset, linear_names, match_any, preset_for
+
+EPS = 1e-6
+"""ε in ``W / (γ + ε)``: keeps an all-zero weight from dividing by zero."""
+
+LAYOUT = "k4"
+"""Packed layout of :class:`TernaryLinear` weights (see :mod:`ditq.kernels.packing`)."""
+
+STEPS = ("prepare", "convert")
+SCALES = ("alpha", "gamma")
+ALPHA_INITS = ("lsq", "gamma", "normal")
+ACT_BITS = (None, 8)
+
+
+# ----------------------------------------------------------------------------
+# Ternarization and activation quantization (with straight-through gradients)
+# ----------------------------------------------------------------------------
+
+
+def absmean(w: torch.Tensor) -> torch.Tensor:
+    """γ = mean |W| over the whole tensor, a float32 scalar (reduced in float32 for bf16 weights too)."""
+    return w.detach().float().abs().mean()
+
+
+def ternarize(w: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W̃, γ)``: ``W̃ = clamp(round(W / (γ + ε)), -1, 1)`` in ``w``'s dtype, and γ (float32 scalar)."""
+    gamma = absmean(w)
+    w_t = (w.detach().float() / (gamma + eps)).round().clamp(-1, 1)
+    return w_t.to(w.dtype), gamma
+
+
+class _TernarySTE(torch.autograd.Function):
+    """Forward ``W̃`` (or ``γ·W̃``); backward the identity (straight through)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, eps: float, times_gamma: bool) -> torch.Tensor:
+        w_t, gamma = ternarize(w, eps)
+        return (gamma * w_t).to(w.dtype) if times_gamma else w_t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
+def fake_quant_act_int8(x: torch.Tensor) -> torch.Tensor:
+    """BitNet b1.58's per-token absmax int8 fake quantization (computed in float32, returned in x's dtype)."""
+    xf = x.float()
+    s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return ((xf * s).round().clamp(-128, 127) / s).to(x.dtype)
+
+
+class _ActSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_act_int8(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad
+
+
+def act_quant(x: torch.Tensor, bits: int | None) -> torch.Tensor:
+    """x fake-quantized to ``bits`` (8, per token, straight-through gradient), or x itself for None."""
+    return x if bits is None else _ActSTE.apply(x)
+
+
+def init_alpha(w: torch.Tensor, method: str = "lsq", eps: float = EPS) -> torch.Tensor:
+    """The initial α (float32, shape (1,)) for latent weights ``w``; see the module doc for the methods."""
+    if method not in ALPHA_INITS:
+        raise InvalidArgumentError(f"alpha_init must be one of {', '.join(ALPHA_INITS)}, got {method!r}")
+    if method == "normal":
+        return torch.randn(1, device=w.device)
+    if w.is_meta:
+        raise InvalidArgumentError(
+            f"alpha_init={method!r} reads the weights, which are on the meta device; load or initialize "
+            "the model before step='prepare'"
+        )
+    w_t, gamma = ternarize(w, eps)
+    w_t, wf = w_t.float(), w.detach().float()
+    kept = (w_t * w_t).sum()
+    if kept == 0:  # all-zero weights (adaLN-Zero): any α gives 0; keep gradients alive
+        return torch.full((1,), 1.0 / math.sqrt(w.shape[-1]), device=w.device)
+    alpha = gamma if method == "gamma" else (wf * w_t).sum() / kept
+    return alpha.reshape(1)
+
+
+# ----------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------
+
+
+def _check_in_features(in_features: int, layer: str | None) -> None:
+    if in_features % 4:
+        where = f"layer {layer!r}: " if layer else ""
+        raise InvalidArgumentError(
+            f"{where}{in_features} input features is not a multiple of 4, which packed ternary weights "
+            f"(layout {LAYOUT!r}, 4 inputs per byte) need; exclude the layer"
+        )
+
+
+class TernaryQATLinear(nn.Module):
+    """A linear layer trained with ternary weights: latent float ``weight``, ``y = x·(s·W̃)ᵀ + b``.
+
+    ``s`` is the learnable ``alphas`` (``scale="alpha"``, TerDiT) or γ = mean|W|
+    (``scale="gamma"``, BitNet b1.58). ``act_bits=8`` fake-quantizes inputs
+    per token to int8. Gradients pass straight through both quantizers.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        scale: str = "alpha",
+        act_bits: int | None = None,
+        eps: float = EPS,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_in_features(in_features, None)
+        _check_choice("scale", scale, SCALES)
+        _check_choice("act_bits", act_bits, ACT_BITS)
+        self.in_features, self.out_features = in_features, out_features
+        self.scale, self.act_bits, self.eps = scale, act_bits, eps
+        kw = {"device": device, "dtype": dtype}
+        if scale == "alpha":
+            self.alphas = nn.Parameter(torch.ones(1, **kw))
+        else:
+            self.register_parameter("alphas", None)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        *,
+        scale: str = "alpha",
+        alpha_init: str = "lsq",
+        act_bits: int | None = None,
+        layer: str | None = None,
+    ) -> TernaryQATLinear:
+        """Wrap ``linear``'s own weight and bias Parameters (no copy) as latent weights."""
+        _check_in_features(linear.in_features, layer)
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        _check_choice("scale", scale, SCALES)
+        _check_choice("alpha_init", alpha_init, ALPHA_INITS)
+        _check_choice("act_bits", act_bits, ACT_BITS)
+        q.in_features, q.out_features = linear.in_features, linear.out_features
+        q.scale, q.act_bits, q.eps = scale, act_bits, EPS
+        if scale == "alpha":
+            alpha = init_alpha(linear.weight, alpha_init)
+            q.alphas = nn.Parameter(alpha.to(device=linear.weight.device, dtype=linear.weight.dtype))
+        else:
+            q.register_parameter("alphas", None)
+        q.weight = linear.weight
+        if linear.bias is not None:
+            q.bias = linear.bias
+        else:
+            q.register_parameter("bias", None)
+        return q
+
+    def effective_weight(self) -> torch.Tensor:
+        """``s·W̃`` as the forward uses it (straight-through gradients to ``weight``, and to ``alphas``)."""
+        if self.scale == "alpha":
+            return self.alphas * _TernarySTE.apply(self.weight, self.eps, False)
+        return _TernarySTE.apply(self.weight, self.eps, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(act_quant(x, self.act_bits), self.effective_weight(), self.bias)
+
+    @torch.no_grad()
+    def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W̃ as int8 [out, in], s as a (1,) tensor)``: what :class:`TernaryLinear` stores."""
+        w_t, gamma = ternarize(self.weight, self.eps)
+        s = self.alphas.detach().clone() if self.scale == "alpha" else gamma.reshape(1).to(self.weight.dtype)
+        return w_t.to(torch.int8), s
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, scale={self.scale}, act_bits={self.act_bits}"
+        )
+
+
+class TernaryLinear(nn.Module):
+    """Inference linear with packed ternary weights: ``y = x·(alphas·W̃)ᵀ + b``.
+
+    State dict: ``alphas`` float (1,), ``bias`` (if any), ``weight`` uint8
+    ``[out, in/4]`` (codes ``W̃+1``, layout ``"k4"``) — the key names of
+    official TerDiT checkpoints, whose ``[out/4, in]`` ``"terdit"``-layout
+    weights it also loads (repacked on the way in). ``act_bits=8``
+    fake-quantizes inputs per token, as the QAT layer did.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        act_bits: int | None = None,
+        device=None,
+        dtype=None,
+        layer: str | None = None,
+    ):
+        super().__init__()
+        _check_in_features(in_features, layer)
+        _check_choice("act_bits", act_bits, ACT_BITS)
+        self.in_features, self.out_features, self.act_bits = in_features, out_features, act_bits
+        kw = {"device": device, "dtype": dtype}
+        # Parameters (not buffers) as in the original, so the key order matches: alphas, bias, weight.
+        self.alphas = nn.Parameter(torch.ones(1, **kw), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        shape = packed_2bit_shape(out_features, in_features, LAYOUT)
+        # Code 1 everywhere = W̃ of zeros: an empty layer computes the bias only.
+        self.register_buffer("weight", torch.full(shape, 0b01010101, dtype=torch.uint8, device=device))
+
+    @classmethod
+    def from_qat(cls, qat: TernaryQATLinear, *, layer: str | None = None) -> TernaryLinear:
+        """Freeze a :class:`TernaryQATLinear`: pack its W̃, keep its scale and bias."""
+        w_t, s = qat.ternary()
+        q = cls(
+            qat.in_features,
+            qat.out_features,
+            qat.bias is not None,
+            act_bits=qat.act_bits,
+            device=qat.weight.device,
+            dtype=qat.weight.dtype,
+            layer=layer,
+        )
+        with torch.no_grad():
+            q.weight.copy_(pack_ternary(w_t, LAYOUT))
+            q.alphas.copy_(s)
+            if qat.bias is not None:
+                q.bias.copy_(qat.bias)
+        return q
+
+    def ternary_weight(self) -> torch.Tensor:
+        """W̃ as int8 ``[out, in]`` in {-1, 0, +1}."""
+        return unpack_ternary(self.weight, LAYOUT)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``alphas · W̃`` in the dtype of ``alphas``."""
+        # unpack_2bit skips unpack_ternary's code-3 check (a host sync): codes are checked on the way in.
+        return self.alphas * (unpack_2bit(self.weight, LAYOUT).to(self.alphas.dtype) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(act_quant(x, self.act_bits), self.dequantized_weight(), self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key = prefix + "weight"
+        w = state_dict.get(key)
+        if isinstance(w, torch.Tensor):
+            state_dict[key] = self._as_k4(w, prefix.rstrip("."))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def _as_k4(self, w: torch.Tensor, name: str) -> torch.Tensor:
+        """Packed weights of this layer in the ``"k4"`` layout; official ``"terdit"`` ones are repacked."""
+        mine = packed_2bit_shape(self.out_features, self.in_features, LAYOUT)
+        official = (self.out_features // 4, self.in_features) if self.out_features % 4 == 0 else None
+        if w.dtype != torch.uint8 or tuple(w.shape) not in (mine, official):
+            return w  # left to load_state_dict's own shape/dtype error
+        if w.is_meta:
+            return w if tuple(w.shape) == mine else torch.empty(mine, dtype=torch.uint8, device="meta")
+        src = LAYOUT if tuple(w.shape) == mine else "terdit"
+        try:
+            codes = unpack_ternary(w, src)  # also rejects code 3
+        except PackingError as e:
+            raise CheckpointError(f"packed ternary weight {name or 'weight'}: {e}") from None
+        return w if src == LAYOUT else pack_ternary(codes, LAYOUT)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, act_bits={self.act_bits}, layout={LAYOUT}"
+        )
+
+
+# ----------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices or isinstance(value, bool):
+        shown = ", ".join(repr(c) for c in choices)
+        raise InvalidArgumentError(f"TernaryQATConfig.{name} must be one of {shown}, got {value!r}")
+
+
+def _pattern_list(v, name: str) -> list[str] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(p, str) and p for p in v):
+        raise InvalidArgumentError(
+            f"TernaryQATConfig.{name} must be a list of name patterns (fnmatch, or 're:' + a regex), "
+            f"got {v!r}"
+        )
+    return [check_pattern(p) for p in v]
+
+
+@dataclass
+class TernaryQATConfig:
+    """Ternary QAT: ``step="prepare"`` swaps float linears for :class:`TernaryQATLinear`,
+    ``step="convert"`` swaps those for packed :class:`TernaryLinear`.
+
+    ``scale``: ``"alpha"`` (TerDiT, learnable per-layer α) or ``"gamma"``
+    (BitNet b1.58, α = mean|W|). ``alpha_init``: ``"lsq"`` (least squares,
+    default), ``"gamma"`` or ``"normal"`` (the original's). ``act_bits``:
+    None (weights only, TerDiT) or 8 (W1.58A8, per-token int8 inputs).
+    Layer selection as in :class:`~ditq.quant.QDiTConfig`: ``include`` patterns,
+    else the preset's (``"auto"`` recognizes DiT/Large-DiT/diffusers naming;
+    None = every ``nn.Linear``); ``quantize_adaln`` (default True, as TerDiT)
+    adds each block's adaLN linear; minus ``exclude``. At ``convert``, every
+    :class:`TernaryQATLinear` (matching ``include`` when given, minus
+    ``exclude``) is converted with its own scale mode and ``act_bits``.
+    """
+
+    step: str = "prepare"
+    scale: str = "alpha"
+    alpha_init: str = "lsq"
+    act_bits: int | None = None
+    quantize_adaln: bool = True
+    include: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    preset: str | None = "auto"
+
+    method = "ternary"  # marks the JSON form; not a field
+
+    def __post_init__(self) -> None:
+        _check_choice("step", self.step, STEPS)
+        _check_choice("scale", self.scale, SCALES)
+        _check_choice("alpha_init", self.alpha_init, ALPHA_INITS)
+        _check_choice("act_bits", self.act_bits, ACT_BITS)
+        if not isinstance(self.quantize_adaln, bool):
+            raise InvalidArgumentError(
+                f"TernaryQATConfig.quantize_adaln must be true or false, got {self.quantize_adaln!r}"
+            )
+        self.include = _pattern_list(self.include, "include")
+        self.exclude = _pattern_list(self.exclude, "exclude") or []
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise InvalidArgumentError(
+                f"TernaryQATConfig.preset must be 'auto', a preset name or None, got {self.preset!r}"
+            )
+        if self.preset not in (None, "auto"):
+            get_preset(self.preset)  # validates the name
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able values (with ``"method": "ternary"``); ``from_dict(to_dict())`` is equal."""
+        return {"method": self.method, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TernaryQATConfig:
+        if not isinstance(d, Mapping):
+            raise InvalidArgumentError(f"a TernaryQATConfig is read from a dict, got {type(d).__name__}")
+        d = dict(d)
+        method = d.pop("method", cls.method)
+        if method != cls.method:
+            raise InvalidArgumentError(f"not a ternary config: method is {method!r}, expected 'ternary'")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(map(str, set(d) - names))
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown TernaryQATConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        return cls(**d)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> TernaryQATConfig:
+        try:
+            d = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise InvalidArgumentError(f"TernaryQATConfig JSON does not parse: {e}") from None
+        return cls.from_dict(d)
+
+
+# ----------------------------------------------------------------------------
+# Module swaps
+# ----------------------------------------------------------------------------
+
+
+def _few(names, k: int = 5) -> str:
+    names = list(names)
+    shown = ", ".join(names[:k]) or "(none)"
+    return shown + (f", ... ({len(names)} in all)" if len(names) > k else "")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _rules(model: nn.Module, config: TernaryQATConfig, include, exclude) -> tuple[list[str], list[str]]:
+    """(include, exclude) in force: arguments win over the config, the config over the preset."""
+    if include is not None:
+        inc = _pattern_list(include, "include")
+    elif config.include is not None:
+        inc = config.include
+    else:
+        # Ternary layers count for recognizing the family: a second prepare must not fall back to "*".
+        names = linear_names(model) + [n for n, m in model.named_modules() if isinstance(m, _TERNARY)]
+        preset = preset_for(names) if config.preset == "auto" else config.preset
+        preset = get_preset(preset) if preset is not None else None
+        inc = preset.patterns(config.quantize_adaln) if preset is not None else ["*"]
+    exc = _pattern_list(exclude, "exclude") if exclude is not None else config.exclude
+    return inc, exc or []
+
+
+_TERNARY = (TernaryQATLinear, TernaryLinear)
+
+
+def select_ternary_layers(
+    model: nn.Module, config: TernaryQATConfig | None = None, *, include=None, exclude=None
+) -> list[str]:
+    """Names of the float ``nn.Linear`` layers ``prepare`` would swap."""
+    config = config or TernaryQATConfig()
+    inc, exc = _rules(model, config, include, exclude)
+    return [
+        n for n, m in model.named_modules()
+        if n and isinstance(m, nn.Linear) and match_any(n, inc) and not match_any(n, exc)
+    ]  # fmt: skip
+
+
+def ternary_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: TernaryQATLinear | TernaryLinear}`` in ``named_modules`` order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _TERNARY)}
+
+
+def _selected_or_error(model: nn.Module, config: TernaryQATConfig, include, exclude) -> list[str]:
+    selected = select_ternary_layers(model, config, include=include, exclude=exclude)
+    if not selected:
+        inc, exc = _rules(model, config, include, exclude)
+        floats = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+        already = len(ternary_layers(model))
+        hint = f" ({already} layers are already ternary)" if already else ""
+        raise InvalidArgumentError(
+            f"no nn.Linear layer matches include {inc} minus exclude {exc}{hint}; the model's linear layers "
+            f"are e.g. {_few(floats)}"
+        )
+    return selected
+
+
+def quantize_ternary_(
+    model: nn.Module, config: TernaryQATConfig | None = None, *, include=None, exclude=None
+) -> nn.Module:
+    """Apply ``config.step`` in place and return ``model`` (what ``quantize_`` does for a TernaryQATConfig).
+
+    ``prepare``: the selected ``nn.Linear`` layers become :class:`TernaryQATLinear`
+    sharing their weight and bias Parameters (build the optimizer afterwards).
+    ``convert``: every :class:`TernaryQATLinear` (matching ``include`` if given,
+    minus ``exclude``) becomes a packed :class:`TernaryLinear`; the result
+    computes exactly what the QAT model computes in eval mode. All layers are
+    built before any is swapped, so an error leaves the model as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"quantize_ takes an nn.Module, got {type(model).__name__}")
+    config = config if config is not None else TernaryQATConfig()
+    if isinstance(config, Mapping):
+        config = TernaryQATConfig.from_dict(config)
+    new: dict[str, nn.Module] = {}
+    if config.step == "prepare":
+        for name in _selected_or_error(model, config, include, exclude):
+            linear = model.get_submodule(name)
+            new[name] = TernaryQATLinear.from_float(
+                linear, scale=config.scale, alpha_init=config.alpha_init, act_bits=config.act_bits, layer=name
+            )
+    else:
+        inc = _pattern_list(include, "include") if include is not None else config.include
+        exc = _pattern_list(exclude, "exclude") if exclude is not None else config.exclude
+        qat = {
+            n: m for n, m in model.named_modules()
+            if isinstance(m, TernaryQATLinear) and (inc is None or match_any(n, inc))
+            and not match_any(n, exc)
+        }  # fmt: skip
+        if not qat:
+            done = sum(isinstance(m, TernaryLinear) for m in model.modules())
+            hint = f"; {done} layers are already converted" if done else ""
+            raise InvalidArgumentError(
+                f"step='convert' found no TernaryQATLinear layer to convert{hint}; run "
+                f"quantize_(model, TernaryQATConfig(step='prepare')) and train first"
+            )
+        new = {n: TernaryLinear.from_qat(m, layer=n) for n, m in qat.items()}
+    for name, module in new.items():
+        _set_module(model, name, module)
+    return model
+
+
+def empty_ternary_(
+    model: nn.Module, config: TernaryQATConfig | None = None, *, include=None, exclude=None
+) -> nn.Module:
+    """Swap the layers ``prepare`` would select for empty :class:`TernaryLinear`, to load packed weights into.
+
+    Works on the meta device (no memory); ``config.act_bits`` sets the layers' activation mode.
+    """
+    config = config or TernaryQATConfig()
+    new = {}
+    for name in _selected_or_error(model, config, include, exclude):
+        linear = model.get_submodule(name)
+        new[name] = TernaryLinear(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            act_bits=config.act_bits,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            layer=name,
+        )
+    for name, module in new.items():
+        _set_module(model, name, module)
+    return model
+
+
+__all__ = [
+    "ACT_BITS",
+    "ALPHA_INITS",
+    "EPS",
+    "LAYOUT",
+    "SCALES",
+    "STEPS",
+    "TernaryLinear",
+    "TernaryQATConfig",
+    "TernaryQATLinear",
+    "absmean",
+    "act_quant",
+    "empty_ternary_",
+    "fake_quant_act_int8",
+    "init_alpha",
+    "quantize_ternary_",
+    "select_ternary_layers",
+    "ternarize",
+    "ternary_layers",
+]

@@ -3,11 +3,16 @@
     ditq train --config configs/fmnist_tiny.yaml
     ditq train --config configs/synthetic_tiny.yaml --steps 200 --out out/try
     ditq train --resume --out out/try                 # continue where it stopped
+    ditq train --config configs/fmnist_ternary.yaml   # ternary QAT (TerDiT); model.safetensors is packed
+    ditq train --config configs/fmnist_ternary_distill.yaml   # data-free, from the ditq-fmnist teacher
     torchrun --nproc_per_node=4 -m ditq.cli.main train --config run.yaml [--strategy fsdp]
 
 Writes OUT/log.jsonl, training states OUT/checkpoints/step_XXXXXXX.pt (the
-last K) and, at the end, the EMA model OUT/model.safetensors. Under torchrun,
---batch-size is the global batch (split over the processes) and rank 0 writes.
+last K) and, at the end, the EMA model OUT/model.safetensors (for a run with a
+``quant:`` section, converted: ternary weights packed at 2 bits; ``ditq export``
+packs any of its training states). ``--init`` starts from full-precision weights
+(fine-tuning). Under torchrun, --batch-size is the global batch (split over the
+processes) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--seed", type=int, default=None, help="seed of the model init, data and noise")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="start from these full-precision weights (fine-tuning; sets init.from)",
+    )
     p.add_argument(
         "--device",
         default=None,
@@ -100,6 +111,7 @@ def build_run(args: argparse.Namespace):
         "optim.steps": args.steps,
         "optim.batch_size": args.batch_size,
         "optim.lr": args.lr,
+        "init.from": args.init,
     }
     for key, value in flags.items():
         if value is not None:
@@ -127,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 def _command(args: argparse.Namespace) -> str:
     # Rebuilt from the options rather than sys.argv, which is not ours when called as main([...]).
     parts = ["ditq", "train"]
-    for flag in ("config", "out", "steps", "batch_size", "lr", "seed", "device", "strategy"):
+    for flag in ("config", "out", "steps", "batch_size", "lr", "seed", "init", "device", "strategy"):
         value = getattr(args, flag)
         if value is not None:
             parts += [f"--{flag.replace('_', '-')}", str(value)]

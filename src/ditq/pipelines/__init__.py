@@ -5,11 +5,25 @@
 - :mod:`ditq.pipelines.ptq`: ``ditq ptq``, Q-DiT post-training quantization: calibration
   recording, RTN/GPTQ, the granularity search, quantized checkpoints (``load_model``).
 - :mod:`ditq.pipelines.ladder`: the Q-DiT ablation ladder on identical samples.
+- :mod:`ditq.pipelines.qat`: ``ditq export``, TerDiT ternary runs to packed 2-bit checkpoints
+  (``export_ternary``) and back (``load_ternary``, also reached through ``load_model``).
+- :mod:`ditq.pipelines.train`: ``ditq train`` (from scratch, fine-tuning, data-free distillation,
+  ternary QAT).
 - :mod:`ditq.pipelines.demo`: ``ditq demo``, the embedded first-contact run.
 """
 
 from ditq.pipelines.demo import find_embedded_model, run_demo
 from ditq.pipelines.ptq import load_model, run_ptq
+from ditq.pipelines.qat import export_ternary, load_ternary
 from ditq.pipelines.sample import sample, sample_to_npz
 
-__all__ = ["find_embedded_model", "load_model", "run_demo", "run_ptq", "sample", "sample_to_npz"]
+__all__ = [
+    "export_ternary",
+    "find_embedded_model",
+    "load_model",
+    "load_ternary",
+    "run_demo",
+    "run_ptq",
+    "sample",
+    "sample_to_npz",
+]

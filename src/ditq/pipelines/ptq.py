@@ -220,6 +220,10 @@ def load_quantized(path: str | os.PathLike, *, device: str | torch.device = "cpu
     meta = ckpt.read_metadata(path)
     if "quant_config" not in meta or "model_config" not in meta:
         raise CheckpointError(f"{path} is not a quantized ditq checkpoint (no quant_config/model_config)")
+    if meta.get("quant_kind") == "ternary":  # TerDiT QAT, packed 2-bit (ditq export)
+        from ditq.pipelines.qat import load_ternary
+
+        return load_ternary(path, device=device)
     if meta.get("quant_kind", QUANT_KIND) != QUANT_KIND:
         raise CheckpointError(f"{path} holds a '{meta['quant_kind']}' model, not a Q-DiT one")
     config = registry.config_from_dict(meta["model_config"])

@@ -11,6 +11,26 @@ with :func:`ditq.train.loop.fit`, and writes into the run's output folder::
 ``resume=True`` continues from the newest training state exactly (same
 parameters, EMA and data order as an uninterrupted run).
 
+Three ways to start, and quantization-aware training on top of any:
+
+- from scratch (the registry init, seeded);
+- ``init: {from: NAME_OR_PATH}``: full-precision weights (anything
+  :func:`ditq.models.load` takes) loaded into the model before anything else
+  (fine-tuning); TerDiT's adaLN RMSNorm gains, which a float model lacks, start
+  at the RMS of the float adaLN outputs (``adaln_gain: rms``, see
+  :func:`adaln_rms_gains_`; with gains of 1, ``adaln_gain: one``, a ternary
+  student of ditq-fmnist starts with 13x the distillation loss);
+- ``data: {kind: distill, teacher: ...}``: no dataset; the student learns the
+  teacher's outputs on the teacher's own samples (:mod:`ditq.train.distill`).
+
+With ``quant: {method: ternary, ...}`` the model is then prepared
+(:class:`~ditq.quant.TernaryQATConfig`, step ``prepare``) before the optimizer
+is built, so the latent weights and each layer's α train; EMA and training
+states hold that QAT state (``--resume`` continues it exactly), and
+``OUT/model.safetensors`` is the *converted* EMA: packed 2-bit weights
+(:mod:`ditq.quant.export`), loadable by :func:`ditq.pipelines.ptq.load_model`
+and ``ditq sample``.
+
 Under ``torchrun --nproc_per_node=K`` the same call trains on K processes
 (:func:`ditq.train.distributed.init_distributed` starts the process group
 from the environment, and destroys it at the end): ``optim.batch_size`` is
@@ -29,12 +49,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
-from ditq.errors import DitqError
-from ditq.models import DiTConfig, build_model, config_from_dict, get_config, save
+from ditq.errors import CheckpointError, DitqError, InvalidArgumentError
+from ditq.models import build_model, config_from_dict, get_config, save
+from ditq.models.registry import ModelConfig
 from ditq.train.checkpoint import CheckpointDir
-from ditq.train.config import ConfigError, DataSpec, ModelSpec, TrainRun
+from ditq.train.config import ConfigError, DataSpec, ModelSpec, QuantSpec, TrainRun
 from ditq.train.distributed import agree, init_distributed
 from ditq.train.loop import fit
 
@@ -53,7 +75,7 @@ class TrainResult:
     log_path: Path
     checkpoint_dir: Path
     last_checkpoint: Path | None
-    model_config: DiTConfig
+    model_config: ModelConfig
     start_step: int  # > 0 after a resume
     steps: int
     seconds: float
@@ -62,20 +84,45 @@ class TrainResult:
 
 @dataclass
 class TrainData:
-    """The data of a run: tensors or a Dataset, with what the model needs to know about it."""
+    """The data of a run: tensors or a Dataset, with what the model needs to know about it.
 
-    data: tuple[torch.Tensor, torch.Tensor] | Dataset
+    For distillation ``data`` is None and ``teacher`` the model whose samples
+    (made on the training device, see :mod:`ditq.train.distill`) are the data.
+    """
+
+    data: tuple[torch.Tensor, torch.Tensor] | Dataset | None
     num_classes: int
     channels: int
     image_size: int
     description: str
     class_names: list[str] | None = None
     vae: str | None = None  # latents: the VAE that encoded them (and decodes samples)
+    teacher: nn.Module | None = None  # distill: the frozen full-precision teacher
+    source: str = "the data"  # what the model's input size, channels and classes follow (messages)
 
 
 def load_data(spec: DataSpec, seed: int = 0, warn: Callable[[str], None] | None = None) -> TrainData:
     """Build the data a :class:`DataSpec` describes (one-line errors for missing paths)."""
     size, channels = spec.image_size, spec.num_channels
+    if spec.kind == "distill":
+        from ditq.train.distill import load_teacher
+
+        teacher = load_teacher(spec.teacher)
+        c = teacher.config
+        renew = f"a new one every {spec.pool_refresh} steps" if spec.pool_refresh else "one for the run"
+        desc = (
+            f"data-free distillation from {spec.teacher} (a pool of {spec.pool_size} teacher samples, "
+            f"DDIM-{spec.pool_steps}, {renew})"
+        )
+        return TrainData(
+            None,
+            c.num_classes,
+            c.in_channels,
+            c.input_size,
+            desc,
+            teacher=teacher,
+            source=f"teacher {spec.teacher}",
+        )
     if spec.kind == "synthetic":
         from ditq.data import SYNTHETIC_CLASSES, load_synthetic_dataset
 
@@ -117,11 +164,12 @@ def load_data(spec: DataSpec, seed: int = 0, warn: Callable[[str], None] | None 
     return TrainData(dataset, len(dataset.classes), channels, size, desc, list(dataset.classes))
 
 
-def resolve_model_config(spec: ModelSpec, data: TrainData) -> DiTConfig:
+def resolve_model_config(spec: ModelSpec, data: TrainData, quant: QuantSpec | None = None) -> ModelConfig:
     """The model config of a run: registry name + overrides (or a full config), fitted to the data.
 
     ``input_size``, ``in_channels`` and ``num_classes`` follow the data unless
-    given; given ones must agree with it (``num_classes`` may be larger).
+    given; given ones must agree with it (``num_classes`` may be larger, but
+    not for a teacher). ``quant.adaln_norm`` (unless null) sets ``adaln_norm``.
     """
     try:
         if spec.config is not None:
@@ -136,15 +184,117 @@ def resolve_model_config(spec: ModelSpec, data: TrainData) -> DiTConfig:
     for key, value in fitted.items():
         if key not in given:
             setattr(config, key, value)
-        elif key == "num_classes" and getattr(config, key) < value:
+        elif key == "num_classes" and data.teacher is None and getattr(config, key) < value:
             raise ConfigError(f"model num_classes is {config.num_classes} but the data has {value} classes")
-        elif key != "num_classes" and getattr(config, key) != value:
+        elif (key != "num_classes" or data.teacher is not None) and getattr(config, key) != value:
+            what = "teacher" if data.teacher is not None else "data"
             raise ConfigError(
-                f"model {key} is {getattr(config, key)} but the data gives {value}; drop it from the model "
-                "config (it follows the data) or change the data"
+                f"model {key} is {getattr(config, key)} but {data.source} gives {value}; drop it from the "
+                f"model config (it follows {data.source}) or change the {what}"
             )
-    config.validate()
+    if quant is not None and quant.adaln_norm is not None:
+        config.adaln_norm = quant.adaln_norm
+    try:
+        config.validate()
+    except InvalidArgumentError as e:
+        raise ConfigError(f"model: {e}") from None
     return config
+
+
+def init_from(
+    model: nn.Module, source: str, log: Callable[[str], None] | None = None, *, adaln_gain: str = "rms"
+) -> None:
+    """Load full-precision weights (anything :func:`ditq.models.load` takes) into ``model``, a float model.
+
+    The source's config must be ``model``'s but for ``adaln_norm`` and
+    ``class_dropout_prob``. The adaLN RMSNorm gains ``model`` has and the
+    source lacks start at 1 (``adaln_gain="one"``) or, by default (``"rms"``),
+    at the mean RMS of each block's adaLN outputs (see :func:`adaln_rms_gains_`).
+    """
+    from ditq.models import load
+
+    try:
+        loaded = load(source)
+    except CheckpointError as e:
+        raise CheckpointError(f"init.from: {e}") from None
+    if any(not isinstance(p, torch.Tensor) or p.dtype == torch.uint8 for p in loaded.state_dict().values()):
+        raise ConfigError(f"init.from {source} is not a full-precision model (it holds packed weights)")
+    mine, theirs = model.config.to_dict(), loaded.config.to_dict()
+    ignored = ("adaln_norm", "class_dropout_prob")
+    diff = [
+        f"{k} {theirs.get(k)!r} (run: {mine.get(k)!r})"
+        for k in sorted(set(mine) | set(theirs))
+        if k not in ignored and mine.get(k) != theirs.get(k)
+    ]
+    if diff:
+        raise ConfigError(
+            f"init.from {source} is another model: {', '.join(diff[:4])}; make the model section match it"
+        )
+    state = loaded.state_dict()
+    own = model.state_dict()
+    # TerDiT's RMSNorm after each adaLN linear (adaLN_modulation.2) is all a float model may lack.
+    norms = {k for k in own if k not in state and k.endswith("adaLN_modulation.2.weight")}
+    missing = [k for k in own if k not in state and k not in norms]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        what = "; ".join(
+            f"{label} {', '.join(keys[:3])}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes))
+            if keys
+        )
+        raise ConfigError(f"init.from {source} does not fit the run's model: {what}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+    fresh = ""
+    if norms and adaln_gain == "rms":
+        gains = adaln_rms_gains_(model, {k.removesuffix(".weight") for k in norms})
+        fresh = (
+            f"; {len(norms)} new adaLN RMSNorm gains start at the float outputs' RMS ({_few_floats(gains)})"
+        )
+    elif norms:
+        fresh = f"; {len(norms)} new adaLN RMSNorm gains start at 1"
+    if log is not None:
+        log(f"init: full-precision weights from {source}{fresh}")
+
+
+@torch.no_grad()
+def adaln_rms_gains_(model: nn.Module, norms: set[str], num_conditions: int = 256) -> list[float]:
+    """Set each named adaLN RMSNorm's gain to the mean RMS of what it normalizes; returns the gains.
+
+    An RMSNorm put after a trained adaLN linear (TerDiT's change) rescales
+    every output vector to RMS 1 times the gain; the float model's vectors have
+    RMS well below 1 (shift, scale and gate are small), so gains of 1 start the
+    blocks far from the float model. The RMS of a block's adaLN output varies
+    little with the condition, so its mean over ``num_conditions`` conditions
+    (timesteps evenly over [0, 1000), labels cycling through every class and
+    the null label) restores the float model's scale. Data-free: the
+    conditions go through the model's own timestep and label embedders.
+    """
+    n = num_conditions
+    t = torch.arange(n) * 1000 // n
+    rows = model.y_embedder.embedding_table.num_embeddings  # classes, plus the null label if any
+    y = torch.arange(n) % rows
+    c = model.t_embedder(t) + model.y_embedder(y, False)  # (n, cond)
+    gains = []
+    for name in sorted(norms, key=_natural):
+        modulation = model.get_submodule(name.rpartition(".")[0])  # the Sequential(SiLU, Linear, RMSNorm)
+        out = modulation[:-1](c).float()  # (n, 6D): what the norm sees
+        rms = float(out.pow(2).mean(-1).sqrt().mean())
+        if rms > 0:  # all-zero adaLN linears (adaLN-Zero, untrained) have no scale to keep
+            modulation[-1].weight.fill_(rms)
+        gains.append(rms)
+    return gains
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def _few_floats(values: list[float], n: int = 3) -> str:
+    shown = ", ".join(f"{v:.3g}" for v in values[:n])
+    return shown + (", ..." if len(values) > n else "")
 
 
 def run_training(
@@ -207,11 +357,31 @@ def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on
         )
 
     data = load_data(run.data, seed=run.seed, warn=warn if main else (lambda _: None))
-    model_config = resolve_model_config(run.model, data)
+    model_config = resolve_model_config(run.model, data, run.quant)
+    if data.teacher is not None:
+        from ditq.train.distill import check_teacher
+
+        try:
+            check_teacher(data.teacher.config, model_config, run.data.teacher)
+        except InvalidArgumentError as e:
+            raise ConfigError(str(e)) from None
+    resuming = resume and bool(existing)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.seed)
         model = build_model(model_config)
-    params = sum(p.numel() for p in model.parameters())
+        params = sum(p.numel() for p in model.parameters())
+        # A resumed run's weights come from its state: the init weights would be overwritten at once.
+        if run.init is not None and not resuming:
+            init_from(model, run.init.from_, log if main else None, adaln_gain=run.init.adaln_gain)
+        qconfig = None
+        if run.quant is not None:
+            from ditq import quant
+
+            qconfig = run.quant.ternary_config("prepare")
+            try:
+                quant.quantize_(model, qconfig)
+            except InvalidArgumentError as e:
+                raise ConfigError(f"quant: {e}") from None
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -230,14 +400,28 @@ def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on
                 f"{cfg.batch_size // ctx.world_size} each, {device.type})"
             )
         log(
-            f"training a {params / 1e6:.2f}M-parameter DiT (depth {model_config.depth}, hidden "
-            f"{model_config.hidden_size}, patch {model_config.patch_size}) on {data.description} "
-            f"for {cfg.steps} steps of batch {cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}, on {where}"
+            f"training a {params / 1e6:.2f}M-parameter {_model_words(model_config)}"
+            f"{_quant_words(run.quant, model)} on {data.description} for {cfg.steps} steps of batch "
+            f"{cfg.batch_size}, lr {cfg.lr:g}, seed {run.seed}, on {where}"
         )
 
+    train_data, loss_fn = data.data, None
+    if data.teacher is not None:
+        from ditq.train.distill import TeacherPool
+
+        spec = run.data
+        pool = TeacherPool(
+            data.teacher, size=spec.pool_size, steps=spec.pool_steps, refresh=spec.pool_refresh,
+            cfg_scale=spec.pool_cfg_scale, seed=run.seed, device=device, autocast_dtype=_autocast(cfg),
+            log=log if main else None,
+        )  # fmt: skip
+        train_data, loss_fn = pool, pool.loss
+    extra = {"run": run.to_dict(), "model_config": model_config.to_dict()}
+    if qconfig is not None:
+        extra["quant_config"] = qconfig.to_dict()
     result = fit(
         model,
-        data.data,
+        train_data,
         cfg,
         device=device,
         store=store,
@@ -247,8 +431,9 @@ def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on
         on_log=on_log,
         num_workers=run.data.num_workers,
         progress=progress,
-        state_extra={"run": run.to_dict(), "model_config": model_config.to_dict()},
+        state_extra=extra,
         strategy=run.distributed.strategy,
+        loss_fn=loss_fn,
     )
     error = None
     if main:
@@ -263,11 +448,18 @@ def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on
         if data.vae is not None:
             metadata["vae"] = data.vae
         try:
-            save(result.ema, model_path, command=command, extra_metadata=metadata)
+            if qconfig is None:
+                save(result.ema, model_path, command=command, extra_metadata=metadata)
+            else:  # the converted EMA: packed 2-bit weights; the QAT state stays in the training states
+                from ditq.pipelines.qat import export_model
+
+                metadata["weights"] += ", ternary (converted)"
+                export_model(result.ema, model_path, qconfig, command=command, extra_metadata=metadata)
         except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other ranks)
             error = e
         else:
-            log(f"wrote {model_path} (EMA weights), log {log_path}, checkpoints in {ckpt_dir}")
+            what = "EMA weights" if qconfig is None else "EMA weights, ternary, packed 2 bits each"
+            log(f"wrote {model_path} ({what}), log {log_path}, checkpoints in {ckpt_dir}")
     if not agree(error is None, device):
         raise error or DitqError(f"rank 0 could not write {model_path} (see its error)")
     return TrainResult(
@@ -282,6 +474,25 @@ def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on
         seconds=time.perf_counter() - started,
         records=result.records,
     )
+
+
+def _model_words(config) -> str:
+    if config.arch == "large-dit":
+        return f"Large-DiT (depth {config.n_layers}, dim {config.dim}, patch {config.patch_size})"
+    return f"DiT (depth {config.depth}, hidden {config.hidden_size}, patch {config.patch_size})"
+
+
+def _quant_words(spec: QuantSpec | None, model: nn.Module) -> str:
+    if spec is None:
+        return ""
+    from ditq.quant import ternary_layers
+
+    acts = "" if spec.act_bits is None else f", int{spec.act_bits} activations"
+    return f", ternary QAT ({len(ternary_layers(model))} layers, scale {spec.scale}{acts})"
+
+
+def _autocast(cfg) -> torch.dtype | None:
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
 
 def _truncate_log(log_path: Path, step: int) -> None:
@@ -310,6 +521,8 @@ def _stderr(message: str) -> None:
 __all__ = [
     "TrainData",
     "TrainResult",
+    "adaln_rms_gains_",
+    "init_from",
     "load_data",
     "resolve_model_config",
     "run_training",

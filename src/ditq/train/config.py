@@ -22,6 +22,21 @@ A recipe file (``configs/*.yaml``) looks like::
     distributed:                    # used only under torchrun (WORLD_SIZE > 1)
       strategy: ddp                 # ddp | fsdp (FSDP2: blocks and root sharded)
       backend: auto                 # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    init:                           # optional: fine-tune from full-precision weights
+      from: ditq-fmnist             # anything ditq.models.load takes (name, file)
+      adaln_gain: rms               # new adaLN RMSNorm gains: rms (the float outputs' scale) | one
+    quant:                          # optional: quantization-aware training (TerDiT)
+      method: ternary               # the one QAT method (Q-DiT is post-training: ditq ptq)
+      scale: alpha                  # alpha (TerDiT, learnable) | gamma (BitNet b1.58, mean|W|)
+      alpha_init: lsq               # lsq | gamma | normal (see ditq.quant.ternary)
+      act_bits: null                # null (weights only, TerDiT) | 8 (W1.58A8)
+      adaln_norm: true              # TerDiT's RMSNorm after each block's adaLN linear
+
+Data-free distillation replaces the dataset by a full-precision teacher
+(``data: {kind: distill, teacher: ditq-fmnist, pool_size: 1024, pool_steps: 25,
+pool_refresh: 500, pool_cfg_scale: 1.0}``, see :mod:`ditq.train.distill`); the
+model's ``input_size``, ``in_channels`` and ``num_classes`` then follow the
+teacher.
 
 Every section and field is optional (the dataclass defaults fill in), but an
 unknown key or a value of the wrong type is a one-line :class:`DitqError`
@@ -46,7 +61,9 @@ from ditq.errors import InvalidArgumentError
 from ditq.train.distributed import BACKENDS, STRATEGIES
 from ditq.train.loop import TrainConfig
 
-DATA_KINDS = ("synthetic", "idx", "folder", "latents")
+DATA_KINDS = ("synthetic", "idx", "folder", "latents", "distill")
+QUANT_METHODS = ("ternary",)
+ADALN_GAINS = ("rms", "one")
 
 
 class ConfigError(InvalidArgumentError):
@@ -74,6 +91,12 @@ class DataSpec:
     split: str = "train"  # idx only: train | test
     random_flip: bool = True  # folder, and latents extracted with --flip
     num_workers: int = 0  # folder and latents: DataLoader worker processes
+    # distill only (data-free: the teacher's own samples are the data, see ditq.train.distill)
+    teacher: str | None = None  # a full-precision model: registry/embedded name or checkpoint
+    pool_size: int = 1024  # teacher samples kept at a time
+    pool_steps: int = 25  # DDIM steps per teacher sample
+    pool_refresh: int = 500  # training steps between new pools (0: one pool for the whole run)
+    pool_cfg_scale: float = 1.0  # guidance while the teacher samples (1: none, its plain p(x|y))
 
     @property
     def num_channels(self) -> int:
@@ -100,6 +123,60 @@ class DistributedSpec:
 
 
 @dataclass
+class InitSpec:
+    """Full-precision weights to start from (fine-tuning), loaded before ``quant`` prepares the model.
+
+    ``from`` (YAML key; ``from_`` here) is anything :func:`ditq.models.load`
+    takes. Its config must be the run's model config but for ``adaln_norm``
+    and ``class_dropout_prob``. TerDiT's adaLN RMSNorm gains, absent from a
+    float model, start at ``adaln_gain``: ``rms`` (default), each block's mean
+    RMS of its adaLN outputs over a grid of timesteps and labels, so the
+    normalized block starts close to the float one; or ``one``.
+    """
+
+    from_: str | None = None
+    adaln_gain: str = "rms"
+
+
+@dataclass
+class QuantSpec:
+    """Quantization-aware training: ``method: ternary`` (TerDiT; :class:`ditq.quant.TernaryQATConfig`).
+
+    The model is prepared (its selected linears become ternary QAT layers)
+    before the optimizer is built, so latent weights and the per-layer α
+    train; EMA and training states hold that QAT state; the final
+    ``model.safetensors`` is the converted, packed 2-bit checkpoint.
+    ``adaln_norm`` sets the model's ``adaln_norm`` (TerDiT's RMSNorm over each
+    block's adaLN outputs; null: leave the model's own setting).
+    """
+
+    method: str = "ternary"
+    scale: str = "alpha"  # alpha (TerDiT) | gamma (BitNet b1.58)
+    alpha_init: str = "lsq"  # lsq | gamma | normal
+    act_bits: int | None = None  # None (weights only) | 8 (per-token int8 inputs)
+    adaln_norm: bool | None = True
+    quantize_adaln: bool = True  # the blocks' adaLN linears are ternary too (as TerDiT)
+    include: list | None = None  # layer-name patterns; None: the model family's preset
+    exclude: list = field(default_factory=list)
+    preset: str | None = "auto"
+
+    def ternary_config(self, step: str = "prepare"):
+        """The :class:`~ditq.quant.TernaryQATConfig` of this spec at ``step``."""
+        from ditq.quant.ternary import TernaryQATConfig
+
+        return TernaryQATConfig(
+            step=step,
+            scale=self.scale,
+            alpha_init=self.alpha_init,
+            act_bits=self.act_bits,
+            quantize_adaln=self.quantize_adaln,
+            include=self.include,
+            exclude=list(self.exclude),
+            preset=self.preset,
+        )
+
+
+@dataclass
 class TrainRun:
     """Everything a ``ditq train`` run needs; stored in its checkpoints and output folder."""
 
@@ -108,6 +185,8 @@ class TrainRun:
     optim: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     distributed: DistributedSpec = field(default_factory=DistributedSpec)
+    init: InitSpec | None = None
+    quant: QuantSpec | None = None
     out: str = "out/train"
     seed: int = 0
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
@@ -121,6 +200,8 @@ class TrainRun:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["optim"].pop("seed")  # the run's seed is the one seed
+        if d["init"] is not None:
+            d["init"] = {"from": d["init"]["from_"], "adaln_gain": d["init"]["adaln_gain"]}
         return d
 
     @classmethod
@@ -137,7 +218,18 @@ class TrainRun:
         _check_keys(d, [f.name for f in fields(cls)], "the config")
         kwargs: dict[str, Any] = {}
         for name, value in d.items():
-            if name in sections:
+            if name in ("init", "quant") and value is None:
+                kwargs[name] = None  # "quant: null": float training
+            elif name == "init":
+                sub = dict(_expect_mapping(value, name))
+                _check_keys(sub, ["from", "adaln_gain"], name)
+                kwargs[name] = InitSpec(
+                    _coerce(sub.get("from"), "str | None", "init.from"),
+                    _coerce(sub.get("adaln_gain", "rms"), "str", "init.adaln_gain"),
+                )
+            elif name == "quant":
+                kwargs[name] = _build(QuantSpec, _expect_mapping(value, name), name)
+            elif name in sections:
                 sub = _expect_mapping(value, name)
                 if name == "optim" and "seed" in sub:
                     raise ConfigError("optim.seed: set the seed at the top level ('seed: N'), not in optim")
@@ -178,12 +270,14 @@ class TrainRun:
             raise ConfigError("model: give either name (with overrides) or config, not both")
         if m.config is None and m.name is None:
             raise ConfigError("model: give a registry name (e.g. name: DiT-S/4) or a full config")
-        _check_model_fields(m.overrides, "model.overrides")
+        _check_model_fields(m.overrides, "model.overrides", _model_arch(m))
         if m.config is not None:
-            _check_model_fields({k: v for k, v in m.config.items() if k != "arch"}, "model.config")
+            _check_model_fields(m.config, "model.config", _model_arch(m))
         if dt.kind not in DATA_KINDS:
             raise ConfigError(f"data.kind must be one of {', '.join(DATA_KINDS)}, got {dt.kind!r}")
-        if dt.kind != "synthetic" and not dt.path:
+        self._validate_distill()
+        self._validate_init_and_quant()
+        if dt.kind not in ("synthetic", "distill") and not dt.path:
             raise ConfigError(f"data.path is required for data.kind {dt.kind}")
         if dt.image_size < 4:
             raise ConfigError(f"data.image_size must be at least 4, got {dt.image_size}")
@@ -213,6 +307,56 @@ class TrainRun:
             raise ConfigError(f"distributed.timeout_s must be at least 1, got {ds.timeout_s}")
         if not self.out:
             raise ConfigError("out must name an output folder")
+
+    def _validate_distill(self) -> None:
+        dt = self.data
+        if dt.kind != "distill":
+            if dt.teacher is not None:
+                raise ConfigError(f"data.teacher applies to data.kind distill only, not {dt.kind}; drop it")
+            return
+        if not dt.teacher:
+            raise ConfigError(
+                "data.kind distill needs data.teacher: a full-precision model (ditq-fmnist, a checkpoint...)"
+            )
+        if dt.path is not None:
+            raise ConfigError(
+                "data.path does not apply to data.kind distill (the teacher makes the data); drop it"
+            )
+        if dt.channels is not None:
+            raise ConfigError(
+                "data.channels does not apply to data.kind distill (they follow the teacher); drop it"
+            )
+        for name, low in (("pool_size", 1), ("pool_steps", 1), ("pool_refresh", 0)):
+            if getattr(dt, name) < low:
+                raise ConfigError(f"data.{name} must be at least {low}, got {getattr(dt, name)}")
+        if not dt.pool_cfg_scale >= 1.0:
+            raise ConfigError(f"data.pool_cfg_scale must be >= 1 (1: no guidance), got {dt.pool_cfg_scale}")
+
+    def _validate_init_and_quant(self) -> None:
+        if self.init is not None and not self.init.from_:
+            raise ConfigError("init.from must name full-precision weights (a model name or a checkpoint)")
+        if self.init is not None and self.init.adaln_gain not in ADALN_GAINS:
+            raise ConfigError(
+                f"init.adaln_gain must be one of {', '.join(ADALN_GAINS)}, got {self.init.adaln_gain!r}"
+            )
+        q = self.quant
+        if q is None:
+            return
+        if q.method not in QUANT_METHODS:
+            raise ConfigError(
+                f"quant.method must be one of {', '.join(QUANT_METHODS)}, got {q.method!r} "
+                "(Q-DiT is post-training quantization: use ditq ptq)"
+            )
+        try:
+            q.ternary_config()
+        except InvalidArgumentError as e:
+            raise ConfigError(f"quant: {e}") from None
+        given = {**(self.model.config or {}), **self.model.overrides}
+        if q.adaln_norm is not None and "adaln_norm" in given and given["adaln_norm"] != q.adaln_norm:
+            raise ConfigError(
+                f"model adaln_norm is {given['adaln_norm']} but quant.adaln_norm is {q.adaln_norm}; "
+                "set one of them (quant.adaln_norm: null leaves the model's)"
+            )
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
@@ -283,13 +427,26 @@ def _field_type(cls, name: str) -> str:
     return next(f.type for f in fields(cls) if f.name == name)
 
 
-def _check_model_fields(d: dict, where: str) -> None:
-    from ditq.models import DiTConfig
+def _model_arch(m: ModelSpec) -> str:
+    """The architecture a model spec names: its config's ``arch``, or its registry name's."""
+    if m.config is not None:
+        return str(m.config.get("arch", "dit"))
+    from ditq.models import MODEL_CONFIGS
 
-    _check_keys({k: v for k, v in d.items() if k != "arch"}, [f.name for f in fields(DiTConfig)], where)
+    config = MODEL_CONFIGS.get(m.name)
+    return config.arch if config is not None else "dit"  # an unknown name fails when the model is built
+
+
+def _check_model_fields(d: dict, where: str, arch: str = "dit") -> None:
+    from ditq.models import DiTConfig, LargeDiTConfig
+
+    cls = {"dit": DiTConfig, "large-dit": LargeDiTConfig}.get(arch)
+    if cls is None:
+        raise ConfigError(f"{where}.arch must be dit or large-dit, got {arch!r}")
+    _check_keys({k: v for k, v in d.items() if k != "arch"}, [f.name for f in fields(cls)], where)
     for k, v in d.items():
         if k != "arch":
-            d[k] = _coerce(v, _field_type(DiTConfig, k), f"{where}.{k}")
+            d[k] = _coerce(v, _field_type(cls, k), f"{where}.{k}")
 
 
 def _build(cls, d: dict, where: str):
@@ -322,6 +479,8 @@ def _coerce(value: Any, type_name: str, where: str) -> Any:
             return value
         if t == "dict" and isinstance(value, dict):
             return value
+        if t == "list" and isinstance(value, list):
+            return value
     wanted = " or ".join("null" if t == "None" else _TYPE_WORDS.get(t, t) for t in options)
     raise ConfigError(f"{where} must be {wanted}, got {value!r}")
 
@@ -332,6 +491,7 @@ _TYPE_WORDS = {
     "str": "a string",
     "bool": "true/false",
     "dict": "a mapping",
+    "list": "a list",
 }
 
 __all__ = [
@@ -340,7 +500,10 @@ __all__ = [
     "ConfigError",
     "DataSpec",
     "DistributedSpec",
+    "InitSpec",
     "ModelSpec",
+    "QUANT_METHODS",
+    "QuantSpec",
     "TrainRun",
     "read_config_file",
     "set_dotted",

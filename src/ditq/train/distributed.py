@@ -13,7 +13,7 @@ Two ways to spread a model (``distributed.strategy`` in the run config):
 - ``ddp``: every process holds the whole model; gradients are averaged by
   :class:`~torch.nn.parallel.DistributedDataParallel` in backward.
 - ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on each
-  transformer block (``model.blocks``) and on the root, so each process holds
+  transformer block (``model.blocks`` or ``model.layers``) and on the root, so each process holds
   ``1/K`` of the parameters, gradients and optimizer state. Checkpoints
   gather a full (unsharded, CPU) state dict first, so they are the same files
   DDP and single-process runs write, and any of them resumes any other.
@@ -209,7 +209,7 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def shard_fsdp(modules: list[nn.Module], device: torch.device) -> None:
-    """FSDP2 ``fully_shard`` on each transformer block (``module.blocks``) and on the root, in place.
+    """FSDP2 ``fully_shard`` on each block (DiT ``blocks``, Large-DiT ``layers``) and on the root, in place.
 
     Several modules (the model and its EMA) are sharded the same way over one
     device mesh, so their shards line up parameter for parameter.
@@ -225,6 +225,8 @@ def shard_fsdp(modules: list[nn.Module], device: torch.device) -> None:
     mesh = init_device_mesh(device.type, (get_world_size(),))
     for module in modules:
         blocks = getattr(module, "blocks", None)
+        if not isinstance(blocks, nn.ModuleList):
+            blocks = getattr(module, "layers", None)  # Large-DiT / TerDiT
         if isinstance(blocks, nn.ModuleList):
             for block in blocks:
                 fully_shard(block, mesh=mesh)

@@ -1,9 +1,11 @@
 """The training loop: AdamW, LR schedule, EMA, hybrid diffusion loss, logging, exact resume.
 
 :func:`fit` is the loop. Data is either in memory (an ``(images, labels)``
-pair of tensors, as Fashion-MNIST and the synthetic shapes are) or a
+pair of tensors, as Fashion-MNIST and the synthetic shapes are), a
 ``torch.utils.data.Dataset`` read through a DataLoader (image folders,
-pre-extracted latents). Both read in the order of a
+pre-extracted latents), or a :class:`StepData` that makes each step's batch
+itself (the teacher's sample pool of data-free distillation,
+:mod:`ditq.train.distill`). All read in the order of a
 :class:`~ditq.train.sampler.ResumableSampler`, so a run is a function of its
 seed, and the training state (model, EMA, optimizer, step, RNG states, data
 cursor) saved every ``save_every`` steps lets a resumed run continue bit for
@@ -41,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -117,7 +120,33 @@ class FitResult:
     last_checkpoint: Path | None = None
 
 
-Data = tuple[torch.Tensor, torch.Tensor] | Dataset
+class StepData(Protocol):
+    """Data made per step (not a Dataset): ``len()`` items, and ``batch(step, keys) -> (x, y)``.
+
+    ``keys`` are this process's sampler keys (``epoch * len + index``) for
+    ``step``; the batch must be a function of ``(step, keys)`` alone, so a
+    resumed run sees what the uninterrupted one saw. ``x`` and ``y`` are on the
+    training device.
+    """
+
+    def __len__(self) -> int: ...
+
+    def batch(self, step: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+LossFn = Callable[..., torch.Tensor]
+"""``loss_fn(forward, diffusion, x, t, y, noise) -> scalar loss``, in place of the hybrid diffusion loss."""
+
+Data = tuple[torch.Tensor, torch.Tensor] | Dataset | StepData
+
+
+def _is_step_data(data) -> bool:
+    return not isinstance(data, (Dataset, tuple, list)) and callable(getattr(data, "batch", None))
+
+
+def diffusion_loss(forward, diffusion, x, t, y, noise) -> torch.Tensor:
+    """The default objective: DiT's hybrid loss (MSE on ε + the VB term), batch mean."""
+    return diffusion.training_losses(forward, x, t, model_kwargs={"y": y}, noise=noise)["loss"].mean()
 
 
 def fit(
@@ -135,12 +164,15 @@ def fit(
     progress: bool = False,
     state_extra: dict | None = None,
     strategy: str = "ddp",
+    loss_fn: LossFn | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` (images or latents, with labels) for ``cfg.steps`` steps.
 
-    ``data`` is ``(images, labels)`` tensors (moved to ``device`` whole) or a
+    ``data`` is ``(images, labels)`` tensors (moved to ``device`` whole), a
     Dataset of ``(image, label)`` items, read by a DataLoader with
-    ``num_workers`` workers. A Dataset with ``epoch_keys = True`` is indexed
+    ``num_workers`` workers, or a :class:`StepData`. ``loss_fn`` replaces the
+    hybrid diffusion loss (:func:`diffusion_loss`); it runs under the
+    precision's autocast. A Dataset with ``epoch_keys = True`` is indexed
     with the sampler's keys (``epoch * len + index``, for per-epoch
     augmentation); any other with plain indices. With a ``store``, the training state is saved
     every ``save_every`` steps (0: only at the end) and at the end; with
@@ -184,8 +216,11 @@ def fit(
     # The global RNG serves only what a model draws itself (not the noise, see the module doc).
     torch.manual_seed(cfg.seed + rank)
 
-    in_memory = not isinstance(data, Dataset)
-    if in_memory:
+    stepwise = _is_step_data(data)
+    in_memory = not stepwise and not isinstance(data, Dataset)
+    if stepwise:
+        num_items = len(data)
+    elif in_memory:
         images, labels = data
         if len(images) != len(labels) or len(images) == 0:
             raise DitqError(f"need as many labels as images (got {len(images)} images, {len(labels)} labels)")
@@ -217,6 +252,7 @@ def fit(
     noise_gen = _StepNoise(cfg.seed, device)
     run = _Run(model, ema, opt, sampler, scaler, device, fsdp, state_extra)
     run.forward, run.diffusion, run.noise, run.label_drop = forward, diffusion, noise_gen, label_drop
+    run.loss_fn = loss_fn or diffusion_loss
 
     result = FitResult(model, ema)
     try:
@@ -261,12 +297,13 @@ def _steps(
     main, rank, world_size = is_main_process(), get_rank(), get_world_size()
     lo, hi = rank * sampler.batch_size, (rank + 1) * sampler.batch_size  # this process's slice
     start = result.start_step
-    in_memory = not isinstance(data, Dataset)
+    stepwise = _is_step_data(data)
+    in_memory = not stepwise and not isinstance(data, Dataset)
     batches = None
     if in_memory:
         images, labels = data
         num_items = len(images)
-    else:
+    elif not stepwise:  # a Dataset (StepData makes each step's batch itself)
         loader = DataLoader(
             data if getattr(data, "epoch_keys", False) else _ModuloKeys(data),
             batch_sampler=sampler,
@@ -290,7 +327,9 @@ def _steps(
         for step in range(start, cfg.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            if in_memory:
+            if stepwise:
+                x, y = data.batch(step, sampler.next_keys())
+            elif in_memory:
                 idx = (sampler.next_keys() % num_items).to(device)
                 x, y = images[idx], labels[idx]
             else:
@@ -304,8 +343,7 @@ def _steps(
             if label_drop is not None:
                 y = label_drop.apply(y, coins)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                losses = diffusion.training_losses(forward, x, t, model_kwargs={"y": y}, noise=noise)
-                loss = losses["loss"].mean()
+                loss = run.loss_fn(forward, diffusion, x, t, y, noise)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -680,6 +718,21 @@ def _check_same_model(state: dict, extra: dict | None, path) -> None:
             f"training state {path} is of another model ({diff}); resume with the config it was saved "
             "with, or train into a new output folder"
         )
+    # Quantization-aware runs record their quantization config; a changed one (other act_bits, say)
+    # could load without a shape error and silently train something else.
+    if saved is not None and mine is not None:
+        saved_q, mine_q = state["config"].get("quant_config"), (extra or {}).get("quant_config")
+        if saved_q != mine_q:
+            raise CheckpointError(
+                f"training state {path} was trained with quantization {_quant_words(saved_q)}, this run asks "
+                f"for {_quant_words(mine_q)}; resume with the config it was saved with"
+            )
+
+
+def _quant_words(q: dict | None) -> str:
+    if q is None:
+        return "none (full precision)"
+    return ", ".join(f"{k}={v}" for k, v in q.items() if k not in ("step", "include", "exclude"))
 
 
 class _ModuloKeys(Dataset):

@@ -2,10 +2,23 @@
 
     packing  pack/unpack functions for int8, int4 (2 per byte) and 2-bit/ternary weights
              (the official TerDiT layout and ditq's kernel layout), documented bit by bit
+    ops      the low-bit operators (torch.ops.ditq.*), each with a plain-PyTorch reference
+    cpu      their CPU implementations (C++ kernels built on first use, with fallbacks)
 
 ``kernels`` imports nothing from the rest of ditq.
 """
 
+from ditq.kernels import cpu, ops
+from ditq.kernels.ops import (
+    KernelError,
+    int4_linear,
+    quantize_per_token_int8,
+    register_impl,
+    ternary_linear,
+    w4a8_linear,
+    w8a8_linear,
+    w158a8_linear,
+)
 from ditq.kernels.packing import (
     LAYOUTS_2BIT,
     PackingError,
@@ -21,15 +34,25 @@ from ditq.kernels.packing import (
 )
 
 __all__ = [
+    "KernelError",
     "LAYOUTS_2BIT",
     "PackingError",
     "check_codes",
+    "cpu",
+    "int4_linear",
+    "ops",
     "pack_2bit",
     "pack_int4",
     "pack_ternary",
     "packed_2bit_shape",
+    "quantize_per_token_int8",
+    "register_impl",
     "repack_2bit",
+    "ternary_linear",
     "unpack_2bit",
     "unpack_int4",
     "unpack_ternary",
+    "w4a8_linear",
+    "w8a8_linear",
+    "w158a8_linear",
 ]

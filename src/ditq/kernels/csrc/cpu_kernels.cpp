@@ -1,0 +1,656 @@
+// ditq CPU kernels: per-token int8 activation quantization, W8A8 and W1.58A8 integer GEMMs.
+//
+// Built on first use by ditq/kernels/cpu.py (torch.utils.cpp_extension.load, no Python module:
+// a plain C interface called through ctypes, so only <ATen/Parallel.h> is compiled and the build
+// takes seconds) and checked against the plain-PyTorch references in ditq/kernels/ops.py. No
+// -march flag: every SIMD path is a function with its own target attribute and the best one the
+// CPU has is chosen at run time, so a cached build stays valid on another x86 machine.
+//
+// Every GEMM computes, exactly in int32,
+//     acc[m, n] = sum_k x[m, k] * w[n, k]            (x: int8 activations, w: int8 or ternary)
+// then the float epilogue of the reference, in the same order (no FMA contraction):
+//     out[m, n] = float(acc) * xs[m] * ws[n or 0] + bias[n]
+//
+// The AVX-512 VNNI instruction vpdpbusd multiplies *unsigned* by *signed* bytes, so the weight
+// is made unsigned: u = w + offset (offset 128 for int8 weights, 1 for ternary codes, which are
+// stored as w + 1 already), and sum_k u*x = acc + offset * sum_k x[m, k] is corrected with the
+// per-token sum of the activations (bitnet.cpp's I2_S trick).
+//
+// AVX-512 VNNI path: weights are prepacked once (cached by the caller) into panels of 64 output
+// columns, 4 inputs of 16 columns per 64-byte vector, which is what vpdpbusd consumes against a
+// broadcast dword of x; a micro-tile keeps 6 tokens x 64 columns in 24 accumulator registers, so
+// no horizontal sums are needed. Ternary weights stay at 2 bits each in the prepacked layout too
+// (4 codes per byte, one byte per 4 inputs of a column, in 4 bit planes) and are unpacked in
+// registers with one shift and one AND per 4 inputs: no lookup table, no int8 copy.
+//
+// AVX2 path (no prepacking): dot products along K, 2 tokens x 4 weight rows per micro-tile,
+// horizontal sums at the end. Ternary "k4" bytes (inputs 4j..4j+3, lowest bits first) are read as
+// stored: shifting a vector of them right by 2s and masking with 3 gives the codes of inputs 4j+s,
+// a strided subset of K, so the activations are first re-laid out into "phases" (per block of 128
+// inputs: the 32 inputs 4j+0, then the 32 inputs 4j+1, ...).
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define DITQ_X86 1
+#else
+#define DITQ_X86 0
+#endif
+
+// Full unrolling of the small tile loops lets GCC keep the accumulator arrays in registers.
+#define DITQ_UNROLL _Pragma("GCC unroll 16")
+
+namespace {
+
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+
+int64_t detect_isa() {
+#if DITQ_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return kAvx512Vnni;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kScalar;
+}
+
+constexpr int kPanel = 64;     // AVX-512: output columns per prepacked panel (4 vectors of 16)
+constexpr int kMR512 = 6;      // AVX-512: tokens per micro-tile (24 accumulators of 32 registers)
+constexpr int kNR = 4;         // AVX2: weight rows (output columns) per micro-tile
+constexpr int kMR256 = 2;      // AVX2: tokens per micro-tile (8 accumulators of 16 registers)
+constexpr int64_t kMB = 96;    // tokens per parallel work item (a multiple of both MRs)
+constexpr int64_t kNB = 64;    // output columns per parallel work item
+
+// Everything a micro-tile needs. x: int8 activations, natural [M, K] (int8 weights) or in the
+// phase layout [M, Kp] (ternary); w: weight bytes, int8 [N, K] or packed k4 [N, K/4].
+struct Gemm {
+  const int8_t* x;
+  int64_t ldx;
+  const uint8_t* w;
+  int64_t ldw;
+  int64_t M, N, K;
+  const int32_t* xsum;  // sum_k x[m, k], for the offset correction (offset != 0 only)
+  int32_t offset;       // the SIMD path's weight offset (see the top of this file)
+  const float* xs;
+  const float* ws;
+  bool ws_per_row;
+  const float* bias;  // nullptr: no bias
+  float* out;
+  int64_t ldo;
+};
+
+inline void store(const Gemm& g, int64_t m, int64_t n, int32_t raw) {
+  const int32_t acc = g.offset ? raw - g.offset * g.xsum[m] : raw;
+  float v = static_cast<float>(acc) * g.xs[m] * g.ws[g.ws_per_row ? n : 0];
+  if (g.bias) v += g.bias[n];
+  g.out[m * g.ldo + n] = v;
+}
+
+#if DITQ_X86
+// ---------------------------------------------------------------------------------------------
+// Epilogue of four outputs at once (SSE, part of every x86-64 target)
+// ---------------------------------------------------------------------------------------------
+
+// tot: the four raw sums of token m, columns n0..n0+3 (nr of them valid).
+inline void store4(const Gemm& g, int64_t m, int64_t n0, int64_t nr, __m128i tot) {
+  if (nr < 4) {
+    alignas(16) int32_t t[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(t), tot);
+    for (int64_t j = 0; j < nr; ++j) store(g, m, n0 + j, t[j]);
+    return;
+  }
+  if (g.offset) tot = _mm_sub_epi32(tot, _mm_set1_epi32(g.offset * g.xsum[m]));
+  __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(tot), _mm_set1_ps(g.xs[m]));
+  v = _mm_mul_ps(v, g.ws_per_row ? _mm_loadu_ps(g.ws + n0) : _mm_set1_ps(g.ws[0]));
+  if (g.bias) v = _mm_add_ps(v, _mm_loadu_ps(g.bias + n0));
+  _mm_storeu_ps(g.out + m * g.ldo + n0, v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI
+// ---------------------------------------------------------------------------------------------
+#define DITQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// acc += u8 x s8 dot products of 4 bytes (vpdpbusd). Inline asm: GCC 12 compiles the intrinsic
+// with a register copy and a stack spill around every use, at a third of the speed.
+#define DITQ_DPBUSD(acc, u, s) asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s))
+
+// Epilogue of 16 outputs (columns n..n+15 of token m, the ones < N).
+DITQ_AVX512 inline void store16(const Gemm& g, int64_t m, int64_t n, __m512i acc) {
+  const int64_t left = g.N - n;
+  if (left <= 0) return;
+  const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+  if (g.offset) acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(g.offset * g.xsum[m]));
+  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(g.xs[m]));
+  v = _mm512_mul_ps(v, g.ws_per_row ? _mm512_maskz_loadu_ps(mask, g.ws + n) : _mm512_set1_ps(g.ws[0]));
+  if (g.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g.bias + n));
+  _mm512_mask_storeu_ps(g.out + m * g.ldo + n, mask, v);
+}
+
+// int8 weights, prepacked (see prepack_w8): one micro-tile is MR tokens x one panel of 64 columns,
+// 24 accumulators holding the outputs themselves (no horizontal sums). Per 4 inputs: 4 weight
+// vectors, one broadcast dword of x per token, 4*MR vpdpbusd.
+template <int MR>
+DITQ_AVX512 void tile_w8_vnni(const Gemm& g, int64_t m0, int64_t n0) {
+  const uint8_t* panel = g.w + (n0 / kPanel) * g.ldw;
+  const int8_t* xp[MR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) xp[i] = g.x + (m0 + i) * g.ldx;
+  __m512i acc[MR][4];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+  }
+  const int64_t steps = (g.K + 3) / 4;
+  for (int64_t t = 0; t < steps; ++t) {
+    const uint8_t* pw = panel + t * 256;
+    __m512i wv[4];
+    DITQ_UNROLL
+    for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_si512(pw + j * 64);
+    DITQ_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      int32_t x4;
+      std::memcpy(&x4, xp[i] + 4 * t, 4);
+      const __m512i xb = _mm512_set1_epi32(x4);
+      DITQ_UNROLL
+      for (int j = 0; j < 4; ++j) DITQ_DPBUSD(acc[i][j], wv[j], xb);
+    }
+  }
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int j = 0; j < 4; ++j) store16(g, m0 + i, n0 + 16 * j, acc[i][j]);
+  }
+}
+
+// Ternary weights, prepacked 2-bit (see prepack_w2): per 16 inputs, 4 vectors of packed codes;
+// shifting them right by 2s and masking with 3 gives, for each column, the codes of inputs
+// 16g + 4s .. 16g + 4s + 3 as 4 bytes, which is what vpdpbusd multiplies with a broadcast dword
+// of x. Codes are w + 1 (offset 1); padding codes are 0, so padded inputs add nothing.
+template <int MR>
+DITQ_AVX512 void tile_w2_vnni(const Gemm& g, int64_t m0, int64_t n0) {
+  const uint8_t* panel = g.w + (n0 / kPanel) * g.ldw;
+  const int8_t* xp[MR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) xp[i] = g.x + (m0 + i) * g.ldx;
+  __m512i acc[MR][4];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+  }
+  const __m512i three = _mm512_set1_epi8(3);
+  const int64_t groups = (g.K + 15) / 16;
+  for (int64_t t = 0; t < groups; ++t) {
+    const uint8_t* pw = panel + t * 256;
+    DITQ_UNROLL
+    for (int s = 0; s < 4; ++s) {
+      const __m128i count = _mm_cvtsi32_si128(2 * s);
+      __m512i wv[4];
+      DITQ_UNROLL
+      for (int j = 0; j < 4; ++j) wv[j] = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512(pw + j * 64), count), three);
+      DITQ_UNROLL
+      for (int i = 0; i < MR; ++i) {
+        int32_t x4;
+        std::memcpy(&x4, xp[i] + 16 * t + 4 * s, 4);
+        const __m512i xb = _mm512_set1_epi32(x4);
+        DITQ_UNROLL
+        for (int j = 0; j < 4; ++j) DITQ_DPBUSD(acc[i][j], wv[j], xb);
+      }
+    }
+  }
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int j = 0; j < 4; ++j) store16(g, m0 + i, n0 + 16 * j, acc[i][j]);
+  }
+}
+
+// Per-token absmax int8 quantization of one row (see quantize_per_token below for the rule).
+DITQ_AVX512 void quantize_row_512(const float* x, int64_t n, int8_t* q, float* s) {
+  __m512 vmax = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float amax = _mm512_reduce_max_ps(vmax);
+  for (; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
+  amax = std::max(amax, 1e-5f);
+  const float inv = (1.0f / amax) * 127.0f;  // what `127.0 / a` computes in PyTorch
+  *s = amax / 127.0f;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+  for (k = 0; k + 16 <= n; k += 16) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + k), vinv);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // half to even
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  for (; k < n; ++k) q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, std::nearbyint(x[k] * inv))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2
+// ---------------------------------------------------------------------------------------------
+#define DITQ_AVX2 __attribute__((target("avx2,fma")))
+
+DITQ_AVX2 inline __m128i reduce4_256(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+  return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));  // [a0 a1 a2 a3]
+}
+
+// int8 weights: both operands sign-extended to int16, vpmaddwd (exact, no saturation); offset 0.
+template <int MR>
+DITQ_AVX2 void tile_w8_avx2(const Gemm& g, int64_t m0, int64_t n0, int64_t nr) {
+  const int8_t* xp[MR];
+  const int8_t* wp[kNR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) xp[i] = g.x + (m0 + i) * g.ldx;
+  DITQ_UNROLL
+  for (int j = 0; j < kNR; ++j)
+    wp[j] = reinterpret_cast<const int8_t*>(g.w) + (n0 + std::min<int64_t>(j, nr - 1)) * g.ldw;
+  __m256i acc[MR][kNR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int j = 0; j < kNR; ++j) acc[i][j] = _mm256_setzero_si256();
+  }
+  int64_t k = 0;
+  for (; k + 16 <= g.K; k += 16) {
+    __m256i wv[kNR];
+    DITQ_UNROLL
+    for (int j = 0; j < kNR; ++j)
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp[j] + k)));
+    DITQ_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xp[i] + k)));
+      DITQ_UNROLL
+      for (int j = 0; j < kNR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(wv[j], xv));
+    }
+  }
+  int32_t tail[MR][kNR] = {};
+  for (; k < g.K; ++k)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < kNR; ++j) tail[i][j] += int32_t(xp[i][k]) * int32_t(wp[j][k]);
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tail[i]));
+    store4(g, m0 + i, n0, nr, _mm_add_epi32(reduce4_256(acc[i][0], acc[i][1], acc[i][2], acc[i][3]), t));
+  }
+}
+
+// Ternary k4 weights, x in the phase layout of 128-input blocks (4 phases x 32 bytes).
+// vpmaddubsw(codes u8, x s8): a pair of products is at most 2*2*128, no saturation.
+template <int MR>
+DITQ_AVX2 void tile_w2_avx2(const Gemm& g, int64_t m0, int64_t n0, int64_t nr) {
+  const int8_t* xp[MR];
+  const uint8_t* wp[kNR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) xp[i] = g.x + (m0 + i) * g.ldx;
+  DITQ_UNROLL
+  for (int j = 0; j < kNR; ++j) wp[j] = g.w + (n0 + std::min<int64_t>(j, nr - 1)) * g.ldw;
+  __m256i acc[MR][kNR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int j = 0; j < kNR; ++j) acc[i][j] = _mm256_setzero_si256();
+  }
+  const __m256i three = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t row_bytes = g.K / 4;
+  alignas(32) uint8_t pad[kNR][32];
+  for (int64_t off = 0; off < row_bytes; off += 32) {
+    const int64_t left = row_bytes - off;
+    __m256i cur[kNR];
+    DITQ_UNROLL
+    for (int j = 0; j < kNR; ++j) {
+      if (left >= 32) {
+        cur[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[j] + off));
+      } else {  // AVX2 has no masked byte loads: copy the row's tail into a zeroed buffer
+        std::memset(pad[j], 0, 32);
+        std::memcpy(pad[j], wp[j] + off, left);
+        cur[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(pad[j]));
+      }
+    }
+    const int64_t xo = off * 4;
+    DITQ_UNROLL
+    for (int s = 0; s < 4; ++s) {
+      DITQ_UNROLL
+      for (int j = 0; j < kNR; ++j) {
+        const __m256i wv = _mm256_and_si256(cur[j], three);
+        cur[j] = _mm256_srli_epi16(cur[j], 2);
+        DITQ_UNROLL
+        for (int i = 0; i < MR; ++i) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp[i] + xo + s * 32));
+          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
+        }
+      }
+    }
+  }
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) store4(g, m0 + i, n0, nr, reduce4_256(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+}
+#endif  // DITQ_X86
+
+// ---------------------------------------------------------------------------------------------
+// Drivers
+// ---------------------------------------------------------------------------------------------
+
+using TileFn = void (*)(const Gemm&, int64_t, int64_t, int64_t);
+using PanelFn = void (*)(const Gemm&, int64_t, int64_t);
+
+// AVX2: work items of kMB tokens x kNB columns, split over threads; inside an item, micro-tiles
+// of MR tokens (fns[mr] for the last, shorter one) x kNR columns.
+template <int MR>
+void run_tiles(const Gemm& g, const TileFn (&fns)[MR + 1]) {
+  const int64_t mb = (g.M + kMB - 1) / kMB, nb = (g.N + kNB - 1) / kNB;
+  at::parallel_for(0, mb * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      // token blocks inner: a thread keeps one block of weight rows in cache while tokens pass
+      const int64_t bm = item % mb, bn = item / mb;
+      const int64_t m_end = std::min(g.M, (bm + 1) * kMB), n_end = std::min(g.N, (bn + 1) * kNB);
+      for (int64_t m0 = bm * kMB; m0 < m_end; m0 += MR) {
+        const int64_t mr = std::min<int64_t>(MR, m_end - m0);
+        for (int64_t n0 = bn * kNB; n0 < n_end; n0 += kNR) fns[mr](g, m0, n0, std::min<int64_t>(kNR, n_end - n0));
+      }
+    }
+  });
+}
+
+// AVX-512: work items of kMB tokens x one prepacked panel; token blocks inner, so a thread keeps
+// its panel (64 columns x K) in L2 while the activations stream past.
+template <int MR>
+void run_panels(const Gemm& g, const PanelFn (&fns)[MR + 1]) {
+  const int64_t mb = (g.M + kMB - 1) / kMB, np = (g.N + kPanel - 1) / kPanel;
+  at::parallel_for(0, mb * np, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bm = item % mb, n0 = item / mb * kPanel;
+      const int64_t m_end = std::min(g.M, (bm + 1) * kMB);
+      for (int64_t m0 = bm * kMB; m0 < m_end; m0 += MR) fns[std::min<int64_t>(MR, m_end - m0)](g, m0, n0);
+    }
+  });
+}
+
+std::vector<int32_t> row_sums(const int8_t* x, int64_t M, int64_t K) {
+  std::vector<int32_t> s(M);
+  at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      int32_t t = 0;
+      for (int64_t k = 0; k < K; ++k) t += x[m * K + k];
+      s[m] = t;
+    }
+  });
+  return s;
+}
+
+// int8 [M, K] -> the phase layout [M, Kp] of blocks of `block` inputs (4 phases of block/4 bytes;
+// phase s of block b holds x[b*block + 4j + s]); Kp = K rounded up to the block, zero padded.
+std::vector<int8_t> to_phases(const int8_t* x, int64_t M, int64_t K, int64_t block, int64_t* Kp_out) {
+  const int64_t Kp = (K + block - 1) / block * block, V = block / 4;
+  std::vector<int8_t> p(M * Kp, 0);
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const int8_t* xr = x + m * K;
+      int8_t* pr = p.data() + m * Kp;
+      for (int64_t k0 = 0; k0 < K; k0 += block) {
+        const int64_t n = std::min(block, K - k0) / 4;  // whole groups of 4 (K % 4 == 0)
+        for (int s = 0; s < 4; ++s)
+          for (int64_t j = 0; j < n; ++j) pr[k0 + s * V + j] = xr[k0 + 4 * j + s];
+      }
+    }
+  });
+  *Kp_out = Kp;
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prepacked weights (AVX-512 path). Both layouts are panels of 64 output columns, one after the
+// other, each a sequence of 256-byte steps; inside a step, byte 4c + p belongs to column c of the
+// panel (so 16 consecutive dwords are 16 columns: one vector of vpdpbusd's unsigned operand).
+//   w8: step t covers inputs 4t..4t+3; byte p = w[n, 4t + p] ^ 0x80 (= w + 128), padding 0.
+//   w2: step t covers inputs 16t..16t+15; byte p = sum_s code[n, 16t + 4s + p] << 2s (2 bits per
+//       weight, codes w + 1, padding code 0).
+// ---------------------------------------------------------------------------------------------
+
+int64_t prepacked_bytes(int64_t N, int64_t K, int64_t inputs_per_step) {
+  return (N + kPanel - 1) / kPanel * ((K + inputs_per_step - 1) / inputs_per_step) * 256;
+}
+
+void prepack_w8(const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
+  const int64_t steps = (K + 3) / 4, np = (N + kPanel - 1) / kPanel;
+  at::parallel_for(0, np, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      uint8_t* dst = out + p * steps * 256;
+      std::memset(dst, 0, steps * 256);
+      for (int64_t c = 0; c < kPanel && p * kPanel + c < N; ++c) {
+        const int8_t* row = w + (p * kPanel + c) * K;
+        int64_t k = 0;
+        for (; k + 4 <= K; k += 4) {  // four inputs = one dword, flipped to unsigned at once
+          uint32_t d;
+          std::memcpy(&d, row + k, 4);
+          d ^= 0x80808080u;
+          std::memcpy(dst + (k / 4) * 256 + c * 4, &d, 4);
+        }
+        for (; k < K; ++k) dst[(k / 4) * 256 + c * 4 + (k % 4)] = static_cast<uint8_t>(row[k]) ^ 0x80;
+      }
+    }
+  });
+}
+
+void prepack_w2(const uint8_t* wk4, int64_t N, int64_t K, uint8_t* out) {
+  const int64_t steps = (K + 15) / 16, np = (N + kPanel - 1) / kPanel, row_bytes = K / 4;
+  at::parallel_for(0, np, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      uint8_t* dst = out + p * steps * 256;
+      std::memset(dst, 0, steps * 256);
+      for (int64_t c = 0; c < kPanel && p * kPanel + c < N; ++c) {
+        const uint8_t* row = wk4 + (p * kPanel + c) * row_bytes;
+        // k4 byte j holds the codes of inputs 4j..4j+3: they go to bytes 0..3 of the column's
+        // dword in step j/4, at bit 2*(j%4). spread[b] puts b's four 2-bit fields in four bytes.
+        for (int64_t j = 0; j < row_bytes; ++j) {
+          const uint32_t b = row[j];
+          const uint32_t spread = (b & 3) | ((b >> 2) & 3) << 8 | ((b >> 4) & 3) << 16 | ((b >> 6) & 3) << 24;
+          uint32_t d;
+          uint8_t* at = dst + (j / 4) * 256 + c * 4;
+          std::memcpy(&d, at, 4);
+          d |= spread << (2 * (j % 4));
+          std::memcpy(at, &d, 4);
+        }
+      }
+    }
+  });
+}
+
+// Activations with rows padded to a multiple of `multiple` (zeros), when K is not one already:
+// the AVX-512 tiles read whole dwords (w8) or whole 16-input groups (w2).
+const int8_t* padded_rows(const int8_t* x, int64_t M, int64_t K, int64_t multiple, std::vector<int8_t>& buf,
+                          int64_t* ld) {
+  const int64_t Kp = (K + multiple - 1) / multiple * multiple;
+  *ld = Kp;
+  if (Kp == K) return x;
+  buf.assign(M * Kp, 0);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(buf.data() + m * Kp, x + m * K, K);
+  return buf.data();
+}
+
+Gemm make_gemm(const int8_t* x, const float* xs, const void* w, int64_t ldw, const float* ws, int64_t ws_per_row,
+               const float* bias, float* out, int64_t M, int64_t N, int64_t K) {
+  Gemm g;
+  g.x = x;
+  g.ldx = K;
+  g.w = static_cast<const uint8_t*>(w);
+  g.ldw = ldw;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.xsum = nullptr;
+  g.offset = 0;
+  g.xs = xs;
+  g.ws = ws;
+  g.ws_per_row = ws_per_row != 0;
+  g.bias = bias;
+  g.out = out;
+  g.ldo = N;
+  return g;
+}
+
+// `wpre`: the prepacked weight (AVX-512 path); the plain one is in g.w (other paths).
+void w8a8_gemm(Gemm g, const uint8_t* wpre, int64_t isa) {
+#if DITQ_X86
+  if (isa == kAvx512Vnni) {
+    const std::vector<int32_t> xsum = row_sums(g.x, g.M, g.K);
+    std::vector<int8_t> buf;
+    g.x = padded_rows(g.x, g.M, g.K, 4, buf, &g.ldx);
+    g.xsum = xsum.data();
+    g.offset = 128;
+    g.w = wpre;
+    g.ldw = prepacked_bytes(kPanel, g.K, 4);  // bytes per panel
+    static const PanelFn fns[kMR512 + 1] = {nullptr,          tile_w8_vnni<1>, tile_w8_vnni<2>, tile_w8_vnni<3>,
+                                            tile_w8_vnni<4>, tile_w8_vnni<5>, tile_w8_vnni<6>};
+    run_panels<kMR512>(g, fns);
+    return;
+  }
+  if (isa == kAvx2) {
+    static const TileFn fns[kMR256 + 1] = {nullptr, tile_w8_avx2<1>, tile_w8_avx2<2>};
+    run_tiles<kMR256>(g, fns);
+    return;
+  }
+#endif
+  throw std::runtime_error("the int8 GEMM needs AVX2 or AVX-512 VNNI");
+}
+
+void w2a8_gemm(Gemm g, const uint8_t* wpre, int64_t isa) {
+  const std::vector<int32_t> xsum = row_sums(g.x, g.M, g.K);
+  g.xsum = xsum.data();
+  g.offset = 1;  // codes are w + 1
+#if DITQ_X86
+  if (isa == kAvx512Vnni) {
+    std::vector<int8_t> buf;
+    g.x = padded_rows(g.x, g.M, g.K, 16, buf, &g.ldx);
+    g.w = wpre;
+    g.ldw = prepacked_bytes(kPanel, g.K, 16);
+    static const PanelFn fns[kMR512 + 1] = {nullptr,          tile_w2_vnni<1>, tile_w2_vnni<2>, tile_w2_vnni<3>,
+                                            tile_w2_vnni<4>, tile_w2_vnni<5>, tile_w2_vnni<6>};
+    run_panels<kMR512>(g, fns);
+    return;
+  }
+  if (isa == kAvx2) {
+    int64_t Kp = 0;
+    const std::vector<int8_t> xp = to_phases(g.x, g.M, g.K, 128, &Kp);
+    g.x = xp.data();
+    g.ldx = Kp;
+    static const TileFn fns[kMR256 + 1] = {nullptr, tile_w2_avx2<1>, tile_w2_avx2<2>};
+    run_tiles<kMR256>(g, fns);
+    return;
+  }
+#endif
+  throw std::runtime_error("the ternary GEMM needs AVX2 or AVX-512 VNNI");
+}
+
+// Per-token (per row of `group` values) absmax int8 quantization, BitNet b1.58's rule in float32:
+// a = max(max|x|, 1e-5), q = clamp(round_half_even(x * ((1 / a) * 127)), -128, 127), s = a / 127.
+void quantize_per_token(const float* xp, int8_t* qp, float* sp, int64_t rows, int64_t group, int64_t isa) {
+  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+#if DITQ_X86
+      if (isa == kAvx512Vnni) {
+        quantize_row_512(xp + r * group, group, qp + r * group, sp + r);
+        continue;
+      }
+#endif
+      const float* xr = xp + r * group;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      amax = std::max(amax, 1e-5f);
+      const float inv = (1.0f / amax) * 127.0f;  // what `127.0 / a` computes in PyTorch
+      sp[r] = amax / 127.0f;
+      for (int64_t k = 0; k < group; ++k)
+        qp[r * group + k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, std::nearbyint(xr[k] * inv))));
+    }
+  });
+}
+
+bool isa_ok(int64_t isa) { return isa >= kScalar && isa <= detect_isa(); }
+
+thread_local std::string last_error;
+
+template <typename F>
+int guarded(int64_t isa, F&& f) {
+  if (!isa_ok(isa)) {
+    last_error = "instruction set " + std::to_string(isa) + " is not available on this CPU";
+    return 1;
+  }
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return 2;
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// C interface, called through ctypes. ditq/kernels/cpu.py validates shapes, dtypes and layout
+// (contiguous rows) and allocates every output. Returns 0 on success, 1 for an instruction set
+// this CPU lacks, 2 for an exception (message in ditq_last_error()).
+// ---------------------------------------------------------------------------------------------
+
+extern "C" {
+
+int64_t ditq_best_isa() { return detect_isa(); }
+
+const char* ditq_last_error() { return last_error.c_str(); }
+
+// Bytes of the prepacked weights (AVX-512 path) of an [N, K] weight: w8 (bits 8) or w2 (bits 2).
+int64_t ditq_prepacked_bytes(int64_t N, int64_t K, int64_t bits) { return prepacked_bytes(N, K, bits == 8 ? 4 : 16); }
+
+// int8 [N, K] -> prepacked (ditq_prepacked_bytes(N, K, 8) bytes)
+int ditq_prepack_w8(const int8_t* w, int64_t N, int64_t K, uint8_t* out) {
+  return guarded(kScalar, [&] { prepack_w8(w, N, K, out); });
+}
+
+// ternary k4-packed uint8 [N, K/4] -> prepacked (ditq_prepacked_bytes(N, K, 2) bytes)
+int ditq_prepack_w2(const uint8_t* wk4, int64_t N, int64_t K, uint8_t* out) {
+  return guarded(kScalar, [&] { prepack_w2(wk4, N, K, out); });
+}
+
+// xq int8 [M, K], xs f32 [M], wq int8 [N, K], ws f32 [N] (ws_per_row) or [1], bias f32 [N] or
+// null -> out f32 [M, N]. The AVX-512 path reads `wpre` (ditq_prepack_w8 of wq), the others wq.
+int ditq_w8a8_gemm(const int8_t* xq, const float* xs, const int8_t* wq, const uint8_t* wpre, const float* ws,
+                   int64_t ws_per_row, const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t isa) {
+  if (isa == kAvx512Vnni && !wpre) {
+    last_error = "the AVX-512 path needs the prepacked weight";
+    return 2;
+  }
+  return guarded(isa, [&] { w8a8_gemm(make_gemm(xq, xs, wq, K, ws, ws_per_row, bias, out, M, N, K), wpre, isa); });
+}
+
+// as above with ternary weights packed k4, uint8 [N, K/4] (K divisible by 4); `wpre` from
+// ditq_prepack_w2
+int ditq_w2a8_gemm(const int8_t* xq, const float* xs, const uint8_t* wpk, const uint8_t* wpre, const float* ws,
+                   int64_t ws_per_row, const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t isa) {
+  if (isa == kAvx512Vnni && !wpre) {
+    last_error = "the AVX-512 path needs the prepacked weight";
+    return 2;
+  }
+  return guarded(isa, [&] { w2a8_gemm(make_gemm(xq, xs, wpk, K / 4, ws, ws_per_row, bias, out, M, N, K), wpre, isa); });
+}
+
+// x f32 [rows * group] -> q int8 [rows * group], s f32 [rows]: one absmax scale per `group` values
+int ditq_quantize_per_token(const float* x, int8_t* q, float* s, int64_t rows, int64_t group, int64_t isa) {
+  return guarded(isa, [&] { quantize_per_token(x, q, s, rows, group, isa); });
+}
+
+}  // extern "C"

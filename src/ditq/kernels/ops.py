@@ -1,0 +1,604 @@
+"""Low-bit operators: ``torch.library`` custom ops (namespace ``ditq``), each with a plain-PyTorch reference.
+
+Every op here is one operator with three parts:
+
+* a **reference implementation** in plain PyTorch (the ``ref_*`` functions), the
+  definition of what the op computes. Integer parts are exact: products of
+  integer codes are summed exactly (in float64, which holds every integer below
+  2^53; the sums here stay below 2^31) and converted to int32, as an int32
+  accumulator would hold them; then a float32 epilogue applies the scales;
+* a **fake (meta) implementation**, so the ops trace under ``torch.compile`` and
+  ``torch.export``;
+* a **dispatch point**: fast implementations register per device type with
+  :func:`register_impl` (``ditq.kernels.cpu`` for CPUs now; CUDA/Triton later)
+  and are tested against the reference. An implementation may decline a call
+  (return ``NotImplemented``: a shape or dtype it does not handle); the
+  reference runs then.
+
+Ops (call them as ``torch.ops.ditq.<name>`` or through the Python functions of
+the same name below; arguments are checked, with a one-line :class:`KernelError`)::
+
+    quantize_per_token_int8(x, group=0)              -> (q int8, scale float32)
+    w8a8_linear(xq, xs, wq, ws, bias, out_dtype)     int8 activations x int8 weights
+    w158a8_linear(xq, xs, w_packed, w_scale, bias, out_dtype)
+                                                     int8 activations x ternary (2-bit "k4") weights
+    w4a8_linear(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype)
+                                                     Q-DiT group-wise: int4 weights, 8-bit activations
+    ternary_linear(x, w_packed, scale, bias)         weight-only ternary, float activations
+    int4_linear(x, w_packed, w_scale, w_zero, bias)  weight-only group-wise int4, float activations
+
+Shapes: activations are ``[..., K]`` (any leading axes, M = their product),
+weights ``[N, K]`` before packing (N output features), outputs ``[..., N]``.
+Packed layouts are those of :mod:`ditq.kernels.packing` (int4: two codes per
+byte along K; ternary: ``"k4"``, codes ``w + 1``). The ops are for inference:
+they have no autograd formula.
+
+Accumulation is int32, so K is at most :data:`MAX_K` for the integer ops.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ditq.kernels.packing import unpack_2bit, unpack_int4
+
+NAMESPACE = "ditq"
+
+MAX_K = 65536
+"""Most inputs an integer op takes: |int8 x int8| <= 2^14 per product, so int32 sums fit up to 2^17."""
+
+ACT_EPS = 1e-5
+"""Floor on a token's max |x| in :func:`quantize_per_token_int8` (BitNet b1.58's; keeps scales finite)."""
+
+OPS = (
+    "quantize_per_token_int8",
+    "w8a8_linear",
+    "w158a8_linear",
+    "w4a8_linear",
+    "ternary_linear",
+    "int4_linear",
+)
+
+
+class KernelError(ValueError):
+    """Arguments an op cannot take: wrong dtype, shape or layout (one-line message)."""
+
+
+# ----------------------------------------------------------------------------
+# Dispatch point
+# ----------------------------------------------------------------------------
+
+_IMPLS: dict[str, dict[str, Callable]] = {name: {} for name in OPS}
+_BACKEND_MODULES = ("ditq.kernels.cpu",)
+_backends_loaded = False
+
+
+def register_impl(op: str, device_type: str, fn: Callable | None) -> None:
+    """Make ``fn`` the fast implementation of ``ditq::op`` on ``device_type`` ("cpu", "cuda"); None: remove.
+
+    ``fn`` takes the op's arguments (already checked) and returns its result,
+    or ``NotImplemented`` to let the reference handle the call.
+    """
+    if op not in _IMPLS:
+        raise KernelError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+    if fn is None:
+        _IMPLS[op].pop(device_type, None)
+    else:
+        _IMPLS[op][device_type] = fn
+
+
+def registered_impl(op: str, device_type: str) -> Callable | None:
+    """The fast implementation registered for ``op`` on ``device_type``, if any."""
+    _load_backends()
+    return _IMPLS[op].get(device_type)
+
+
+def _load_backends() -> None:
+    """Import the backend modules once (they register themselves; importing never compiles anything)."""
+    global _backends_loaded
+    if not _backends_loaded:
+        _backends_loaded = True
+        for name in _BACKEND_MODULES:
+            importlib.import_module(name)
+
+
+def _dispatch(op: str, device: torch.device, *args):
+    _load_backends()
+    fn = _IMPLS[op].get(device.type)
+    if fn is not None:
+        out = fn(*args)
+        if out is not NotImplemented:
+            return out
+    return REFERENCE[op](*args)
+
+
+# ----------------------------------------------------------------------------
+# Argument checks (shapes and dtypes only: they run on fake tensors too)
+# ----------------------------------------------------------------------------
+
+
+def _fail(op: str, msg: str):
+    raise KernelError(f"{op}: {msg}")
+
+
+def _check_tensor(op: str, name: str, t, dtypes=None, dim: int | None = None) -> None:
+    if not isinstance(t, Tensor):
+        _fail(op, f"{name} must be a tensor, got {type(t).__name__}")
+    if dtypes == "float":
+        if not t.is_floating_point():
+            _fail(op, f"{name} must be a floating-point tensor, got {t.dtype}")
+    elif dtypes is not None and t.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dtypes)
+        _fail(op, f"{name} must be {want}, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        _fail(op, f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_acts(op: str, x: Tensor, name: str, dtypes, max_k: bool = True) -> int:
+    """K of activations ``x [..., K]``."""
+    _check_tensor(op, name, x, dtypes)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        _fail(op, f"{name} must be [..., K] with K >= 1, got shape {tuple(x.shape)}")
+    k = x.shape[-1]
+    if max_k and k > MAX_K:
+        _fail(op, f"K = {k} exceeds {MAX_K} (int32 accumulation); split the layer's inputs")
+    return k
+
+
+def _check_token_params(op: str, name: str, p: Tensor, x: Tensor) -> int:
+    """Number of groups G of per-token parameters ``p [..., G]`` for activations ``x [..., K]``."""
+    _check_tensor(op, name, p, "float")
+    lead = tuple(x.shape[:-1])
+    if tuple(p.shape) == lead:  # one per token, without the group axis
+        return 1
+    if p.dim() != x.dim() or tuple(p.shape[:-1]) != lead or p.shape[-1] == 0 or x.shape[-1] % p.shape[-1]:
+        _fail(
+            op,
+            f"{name} must be [..., G] with the leading shape {lead} of the activations and G dividing "
+            f"K = {x.shape[-1]}, got {tuple(p.shape)}",
+        )
+    return p.shape[-1]
+
+
+def _check_out_scale(op: str, name: str, s: Tensor, n: int) -> None:
+    """A per-tensor (1 element) or per-output-channel (N elements) scale."""
+    _check_tensor(op, name, s, "float")
+    if s.numel() not in (1, n):
+        _fail(
+            op, f"{name} must hold 1 value (per tensor) or N = {n} (per output channel), got {tuple(s.shape)}"
+        )
+
+
+def _check_bias(op: str, bias: Tensor | None, n: int) -> None:
+    if bias is not None:
+        _check_tensor(op, "bias", bias, "float")
+        if tuple(bias.shape) != (n,):
+            _fail(op, f"bias must be [N] = [{n}], got {tuple(bias.shape)}")
+
+
+def _check_out_dtype(op: str, out_dtype) -> None:
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        _fail(op, f"out_dtype must be a floating-point dtype, got {out_dtype}")
+
+
+def _check_group_params(op: str, scale: Tensor, zero: Tensor, n: int, k: int) -> int:
+    """Group size of weight parameters ``[N, K/g]`` (Q-DiT's ``w_scale``/``w_zero``)."""
+    _check_tensor(op, "w_scale", scale, "float", dim=2)
+    _check_tensor(op, "w_zero", zero, "float", dim=2)
+    if scale.shape != zero.shape or scale.shape[0] != n or scale.shape[1] == 0 or k % scale.shape[1]:
+        _fail(
+            op,
+            f"w_scale and w_zero must both be [N, K/g] = [{n}, K/g] with g dividing K = {k}, got "
+            f"{tuple(scale.shape)} and {tuple(zero.shape)}",
+        )
+    return k // scale.shape[1]
+
+
+def _check_int4_weight(op: str, w_packed: Tensor, k: int) -> int:
+    """N of int4 weights packed two per byte: uint8 ``[N, K/2]``."""
+    _check_tensor(op, "w_packed", w_packed, (torch.uint8,), dim=2)
+    if k % 2 or w_packed.shape[1] * 2 != k:
+        _fail(
+            op,
+            f"w_packed must be uint8 [N, K/2] (int4, two per byte) for K = {k}, got {tuple(w_packed.shape)}",
+        )
+    return w_packed.shape[0]
+
+
+def _check_ternary_weight(op: str, w_packed: Tensor, k: int) -> int:
+    """N of ternary weights packed "k4": uint8 ``[N, K/4]``."""
+    _check_tensor(op, "w_packed", w_packed, (torch.uint8,), dim=2)
+    if k % 4 or w_packed.shape[1] * 4 != k:
+        _fail(
+            op,
+            f"w_packed must be uint8 [N, K/4] (ternary, 'k4' layout) for K = {k}; K must be a multiple "
+            f"of 4, got {tuple(w_packed.shape)}",
+        )
+    return w_packed.shape[0]
+
+
+# ----------------------------------------------------------------------------
+# Reference helpers
+# ----------------------------------------------------------------------------
+
+
+def _int_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Exact ``a @ b.T`` of integer-valued tensors ``a [M, K]``, ``b [N, K]`` as int32 ``[M, N]``.
+
+    Summed in float64, exact for every integer below 2^53 (the sums here are below 2^31): the
+    int32 accumulator of a kernel holds the same numbers.
+    """
+    return (a.to(torch.float64) @ b.to(torch.float64).T).to(torch.int32)
+
+
+def _per_token(xs: Tensor, m: int) -> Tensor:
+    return xs.reshape(m, 1).float()
+
+
+def _per_out(s: Tensor, n: int) -> Tensor:
+    return s.reshape(1, -1).float().expand(1, n)
+
+
+def _epilogue(acc: Tensor, xs: Tensor, ws: Tensor, bias: Tensor | None) -> Tensor:
+    """``float(acc) * xs * ws + bias`` in float32, in this order (the kernels' order too)."""
+    y = acc.float() * xs * ws
+    return y + bias.float() if bias is not None else y
+
+
+# ----------------------------------------------------------------------------
+# Reference implementations
+# ----------------------------------------------------------------------------
+
+
+def ref_quantize_per_token_int8(x: Tensor, group: int = 0) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`quantize_per_token_int8`."""
+    k = x.shape[-1]
+    g = k if group == 0 else group
+    rows = x.float().reshape(*x.shape[:-1], k // g, g)
+    amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+    inv = amax.reciprocal() * 127.0  # = `127.0 / amax` in PyTorch, BitNet's (and ditq.quant.ternary's) scale
+    q = torch.clamp(torch.round(rows * inv), -128, 127).to(torch.int8).reshape(x.shape)
+    return q, (amax / 127.0).squeeze(-1)
+
+
+def ref_w8a8_linear(
+    xq: Tensor, xs: Tensor, wq: Tensor, ws: Tensor, bias: Tensor | None = None, out_dtype=torch.float32
+) -> Tensor:
+    """Reference of :func:`w8a8_linear`."""
+    k, n = xq.shape[-1], wq.shape[0]
+    x2 = xq.reshape(-1, k)
+    acc = _int_matmul(x2, wq)
+    y = _epilogue(acc, _per_token(xs, x2.shape[0]), _per_out(ws, n), bias)
+    return y.to(out_dtype).reshape(*xq.shape[:-1], n)
+
+
+def ref_w158a8_linear(
+    xq: Tensor,
+    xs: Tensor,
+    w_packed: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    out_dtype=torch.float32,
+) -> Tensor:
+    """Reference of :func:`w158a8_linear`."""
+    k, n = xq.shape[-1], w_packed.shape[0]
+    x2 = xq.reshape(-1, k)
+    w = unpack_2bit(w_packed, "k4").to(torch.int8) - 1  # codes w + 1 -> {-1, 0, +1}
+    acc = _int_matmul(x2, w)
+    y = _epilogue(acc, _per_token(xs, x2.shape[0]), _per_out(w_scale, n), bias)
+    return y.to(out_dtype).reshape(*xq.shape[:-1], n)
+
+
+def ref_w4a8_linear(
+    xq: Tensor,
+    xs: Tensor,
+    x_zero: Tensor | None,
+    w_packed: Tensor,
+    w_scale: Tensor,
+    w_zero: Tensor,
+    bias: Tensor | None = None,
+    out_dtype=torch.float32,
+) -> Tensor:
+    """Reference of :func:`w4a8_linear`."""
+    k, n = xq.shape[-1], w_packed.shape[0]
+    x2 = xq.reshape(-1, k).to(torch.int32)
+    m = x2.shape[0]
+    ga = k // (1 if tuple(xs.shape) == tuple(xq.shape[:-1]) else xs.shape[-1])  # activation group
+    gw = k // w_scale.shape[1]  # weight group
+    sx = xs.reshape(m, -1).float()
+    zx = (
+        x_zero.reshape(m, -1).to(torch.int32)
+        if x_zero is not None
+        else torch.zeros_like(sx, dtype=torch.int32)
+    )
+    qw = unpack_int4(w_packed).to(torch.int32)
+    zw = w_zero.to(torch.int32)
+    # Exact integer codes minus zero points (zero points are integers), then one exact integer
+    # dot product per segment of L = gcd(ga, gw) inputs, where both scales are constant.
+    a = x2 - zx.repeat_interleave(ga, dim=1)  # [M, K]
+    b = qw - zw.repeat_interleave(gw, dim=1)  # [N, K]
+    seg = math.gcd(ga, gw)
+    y = torch.zeros(m, n, dtype=torch.float32, device=xq.device)
+    for s in range(k // seg):
+        lo = s * seg
+        acc = _int_matmul(a[:, lo : lo + seg], b[:, lo : lo + seg])
+        y += acc.float() * sx[:, lo // ga, None] * w_scale[None, :, lo // gw].float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*xq.shape[:-1], n)
+
+
+def ref_ternary_linear(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Reference of :func:`ternary_linear` (the numbers of :class:`ditq.quant.TernaryLinear`, bit for bit)."""
+    s = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(1)
+    w = s * (unpack_2bit(w_packed, "k4").to(s.dtype) - 1)  # [N, K] in the scale's dtype
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def ref_int4_linear(
+    x: Tensor, w_packed: Tensor, w_scale: Tensor, w_zero: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """Reference of :func:`int4_linear` (the numbers of Q-DiT's dequantized weight)."""
+    n, ng = w_scale.shape
+    codes = unpack_int4(w_packed).reshape(n, ng, -1)
+    w = ((codes.to(w_scale.dtype) - w_zero.unsqueeze(-1)) * w_scale.unsqueeze(-1)).reshape(n, -1)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+REFERENCE: dict[str, Callable] = {
+    "quantize_per_token_int8": ref_quantize_per_token_int8,
+    "w8a8_linear": ref_w8a8_linear,
+    "w158a8_linear": ref_w158a8_linear,
+    "w4a8_linear": ref_w4a8_linear,
+    "ternary_linear": ref_ternary_linear,
+    "int4_linear": ref_int4_linear,
+}
+"""Op name -> its plain-PyTorch reference implementation."""
+
+
+# ----------------------------------------------------------------------------
+# The ops
+# ----------------------------------------------------------------------------
+
+
+def _check_quantize(x: Tensor, group: int) -> int:
+    op = "quantize_per_token_int8"
+    k = _check_acts(op, x, "x", "float", max_k=False)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 0 or (group and k % group):
+        _fail(op, f"group must be 0 (per token) or a size dividing K = {k}, got {group!r}")
+    return k
+
+
+@torch.library.custom_op(f"{NAMESPACE}::quantize_per_token_int8", mutates_args=())
+def quantize_per_token_int8(x: Tensor, group: int = 0) -> tuple[Tensor, Tensor]:
+    """Symmetric absmax int8 quantization per token (``group=0``) or per token and group of ``group`` inputs.
+
+    ``x``: float ``[..., K]`` (any float dtype; computed in float32). Returns
+    ``q`` int8 ``[..., K]`` and ``scale`` float32 ``[..., G]`` (G = 1 per token,
+    else K / group), with ``x ≈ q * scale`` group by group. The rule is BitNet
+    b1.58's: ``a = max(max|x|, 1e-5)``, ``q = clamp(round(x * (127 / a)), -128, 127)``,
+    ``scale = a / 127``, where ``127 / a`` is computed as ``(1 / a) * 127`` (what
+    ``127.0 / a`` does in PyTorch) and ``round`` is round-half-to-even (as
+    ``torch.round``): the codes equal ``ditq.quant.ternary``'s activation fake
+    quantization bit for bit. Codes stay in [-127, 127] (|x * 127 / a| <= 127).
+    """
+    _check_quantize(x, group)
+    return _dispatch("quantize_per_token_int8", x.device, x, group)
+
+
+@quantize_per_token_int8.register_fake
+def _(x, group=0):
+    k = _check_quantize(x, group)
+    g = k if group == 0 else group
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], k // g), dtype=torch.float32)
+
+
+def _check_w8a8(xq, xs, wq, ws, bias, out_dtype) -> int:
+    op = "w8a8_linear"
+    k = _check_acts(op, xq, "xq", (torch.int8,))
+    if _check_token_params(op, "xs", xs, xq) != 1:
+        _fail(op, "xs must hold one scale per token ([..., 1]); per-group activations need w4a8_linear")
+    _check_tensor(op, "wq", wq, (torch.int8,), dim=2)
+    if wq.shape[1] != k:
+        _fail(op, f"wq must be int8 [N, K] with K = {k} (the inputs' last axis), got {tuple(wq.shape)}")
+    n = wq.shape[0]
+    _check_out_scale(op, "ws", ws, n)
+    _check_bias(op, bias, n)
+    _check_out_dtype(op, out_dtype)
+    return n
+
+
+@torch.library.custom_op(f"{NAMESPACE}::w8a8_linear", mutates_args=())
+def w8a8_linear(
+    xq: Tensor,
+    xs: Tensor,
+    wq: Tensor,
+    ws: Tensor,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``y = (xq @ wq.T) * xs * ws + bias``: int8 x int8 with int32 accumulation, then a float32 epilogue.
+
+    ``xq`` int8 ``[..., K]`` with ``xs`` float ``[..., 1]`` (one scale per token,
+    e.g. from :func:`quantize_per_token_int8`); ``wq`` int8 ``[N, K]`` (symmetric
+    codes) with ``ws`` float, 1 value (per tensor) or N (per output channel, any
+    shape holding N such as ``[N]`` or ``[N, 1]``); ``bias`` float ``[N]`` or None.
+    Returns ``out_dtype [..., N]``; the epilogue is ``float(acc) * xs * ws + bias``
+    in float32, in that order.
+    """
+    _check_w8a8(xq, xs, wq, ws, bias, out_dtype)
+    return _dispatch("w8a8_linear", xq.device, xq, xs, wq, ws, bias, out_dtype)
+
+
+@w8a8_linear.register_fake
+def _(xq, xs, wq, ws, bias=None, out_dtype=torch.float32):
+    n = _check_w8a8(xq, xs, wq, ws, bias, out_dtype)
+    return xq.new_empty((*xq.shape[:-1], n), dtype=out_dtype)
+
+
+def _check_w158a8(xq, xs, w_packed, w_scale, bias, out_dtype) -> int:
+    op = "w158a8_linear"
+    k = _check_acts(op, xq, "xq", (torch.int8,))
+    if _check_token_params(op, "xs", xs, xq) != 1:
+        _fail(op, "xs must hold one scale per token ([..., 1])")
+    n = _check_ternary_weight(op, w_packed, k)
+    _check_out_scale(op, "w_scale", w_scale, n)
+    _check_bias(op, bias, n)
+    _check_out_dtype(op, out_dtype)
+    return n
+
+
+@torch.library.custom_op(f"{NAMESPACE}::w158a8_linear", mutates_args=())
+def w158a8_linear(
+    xq: Tensor,
+    xs: Tensor,
+    w_packed: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """W1.58A8: ``y = (xq @ W̃.T) * xs * w_scale + bias`` with ternary ``W̃`` packed 2 bits per weight.
+
+    ``xq`` int8 ``[..., K]``, ``xs`` float ``[..., 1]`` (per token); ``w_packed``
+    uint8 ``[N, K/4]`` in the ``"k4"`` layout (codes ``W̃ + 1``; K a multiple of
+    4); ``w_scale`` float, 1 value (TerDiT's α or BitNet's γ) or N (per output
+    channel); ``bias`` float ``[N]`` or None. Returns ``out_dtype [..., N]``;
+    exact int32 accumulation, then ``float(acc) * xs * w_scale + bias``.
+    """
+    _check_w158a8(xq, xs, w_packed, w_scale, bias, out_dtype)
+    return _dispatch("w158a8_linear", xq.device, xq, xs, w_packed, w_scale, bias, out_dtype)
+
+
+@w158a8_linear.register_fake
+def _(xq, xs, w_packed, w_scale, bias=None, out_dtype=torch.float32):
+    n = _check_w158a8(xq, xs, w_packed, w_scale, bias, out_dtype)
+    return xq.new_empty((*xq.shape[:-1], n), dtype=out_dtype)
+
+
+def _check_w4a8(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype) -> int:
+    op = "w4a8_linear"
+    k = _check_acts(op, xq, "xq", (torch.int8, torch.uint8))
+    if (xq.dtype == torch.uint8) != (x_zero is not None):
+        _fail(
+            op,
+            "activations are int8 codes without x_zero (symmetric) or uint8 codes with x_zero "
+            f"(asymmetric); got {xq.dtype} with x_zero {'given' if x_zero is not None else 'None'}",
+        )
+    _check_token_params(op, "xs", xs, xq)
+    if x_zero is not None:
+        _check_token_params(op, "x_zero", x_zero, xq)
+        if x_zero.shape != xs.shape:
+            _fail(op, f"x_zero must have the shape of xs {tuple(xs.shape)}, got {tuple(x_zero.shape)}")
+    n = _check_int4_weight(op, w_packed, k)
+    _check_group_params(op, w_scale, w_zero, n, k)
+    _check_bias(op, bias, n)
+    _check_out_dtype(op, out_dtype)
+    return n
+
+
+@torch.library.custom_op(f"{NAMESPACE}::w4a8_linear", mutates_args=())
+def w4a8_linear(
+    xq: Tensor,
+    xs: Tensor,
+    x_zero: Tensor | None,
+    w_packed: Tensor,
+    w_scale: Tensor,
+    w_zero: Tensor,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Q-DiT's group-wise W4A8 linear: ``y = Σ_k (q_w − z_w)·s_w · (q_x − z_x)·s_x + bias``.
+
+    Weights: ``w_packed`` uint8 ``[N, K/2]``, int4 codes two per byte
+    (:func:`ditq.kernels.packing.pack_int4` of :class:`ditq.quant.QuantLinear`'s
+    ``qweight``), ``w_scale`` and ``w_zero`` float ``[N, K/gw]``: one (scale,
+    integer zero point) per output row and group of ``gw`` inputs (symmetric
+    4-bit codes are stored as ``q + 8`` with zero point 8).
+
+    Activations: ``xq [..., K]`` with ``xs [..., K/ga]`` (one scale per token,
+    or per token and group of ``ga`` inputs) and either int8 codes with
+    ``x_zero=None`` (symmetric, e.g. :func:`quantize_per_token_int8`) or uint8
+    codes with integer zero points ``x_zero`` shaped like ``xs`` (Q-DiT's
+    asymmetric dynamic quantizer).
+
+    Zero points are handled exactly: within each segment of ``gcd(ga, gw)``
+    inputs both scales are constant, and the integer sum
+    ``Σ (q_w − z_w)(q_x − z_x) = Σ q_w q_x − z_w Σ q_x − z_x Σ q_w + L z_w z_x``
+    is exact in int32; segments are then scaled and summed in float32.
+    Returns ``out_dtype [..., N]``.
+    """
+    _check_w4a8(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype)
+    return _dispatch("w4a8_linear", xq.device, xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype)
+
+
+@w4a8_linear.register_fake
+def _(xq, xs, x_zero, w_packed, w_scale, w_zero, bias=None, out_dtype=torch.float32):
+    n = _check_w4a8(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype)
+    return xq.new_empty((*xq.shape[:-1], n), dtype=out_dtype)
+
+
+def _check_ternary(x, w_packed, scale, bias) -> int:
+    op = "ternary_linear"
+    k = _check_acts(op, x, "x", "float", max_k=False)
+    n = _check_ternary_weight(op, w_packed, k)
+    _check_out_scale(op, "scale", scale, n)
+    _check_bias(op, bias, n)
+    return n
+
+
+@torch.library.custom_op(f"{NAMESPACE}::ternary_linear", mutates_args=())
+def ternary_linear(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Weight-only ternary linear: ``y = x @ (scale · W̃).T + bias`` with float activations.
+
+    ``x`` float ``[..., K]``; ``w_packed`` uint8 ``[N, K/4]`` ("k4", codes
+    ``W̃ + 1``); ``scale`` float, 1 value or N (per output channel); ``bias``
+    ``[N]`` or None. The weight ``scale · W̃`` is formed in the scale's dtype and
+    cast to ``x.dtype``; returns ``x.dtype [..., N]`` — the numbers of
+    :class:`ditq.quant.TernaryLinear` with ``act_bits=None``. For small batches,
+    where reading the weights dominates.
+    """
+    _check_ternary(x, w_packed, scale, bias)
+    return _dispatch("ternary_linear", x.device, x, w_packed, scale, bias)
+
+
+@ternary_linear.register_fake
+def _(x, w_packed, scale, bias=None):
+    n = _check_ternary(x, w_packed, scale, bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _check_int4(x, w_packed, w_scale, w_zero, bias) -> int:
+    op = "int4_linear"
+    k = _check_acts(op, x, "x", "float", max_k=False)
+    n = _check_int4_weight(op, w_packed, k)
+    _check_group_params(op, w_scale, w_zero, n, k)
+    _check_bias(op, bias, n)
+    return n
+
+
+@torch.library.custom_op(f"{NAMESPACE}::int4_linear", mutates_args=())
+def int4_linear(
+    x: Tensor, w_packed: Tensor, w_scale: Tensor, w_zero: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """Weight-only group-wise int4 linear: ``y = x @ ((q − z) · s).T + bias`` with float activations.
+
+    ``x`` float ``[..., K]``; ``w_packed`` uint8 ``[N, K/2]`` (int4, two per
+    byte); ``w_scale``, ``w_zero`` float ``[N, K/g]`` (the group size g is
+    ``K / w_scale.shape[1]``). The weight is dequantized in the scale's dtype
+    (as :func:`ditq.quant.primitives.dequantize`) and cast to ``x.dtype``;
+    returns ``x.dtype [..., N]``. For small batches.
+    """
+    _check_int4(x, w_packed, w_scale, w_zero, bias)
+    return _dispatch("int4_linear", x.device, x, w_packed, w_scale, w_zero, bias)
+
+
+@int4_linear.register_fake
+def _(x, w_packed, w_scale, w_zero, bias=None):
+    n = _check_int4(x, w_packed, w_scale, w_zero, bias)
+    return x.new_empty((*x.shape[:-1], n))

@@ -1,0 +1,243 @@
+"""The CPU implementations against the references: fresh random inputs, poisoned outputs, odd shapes,
+every instruction-set path this machine has, the prepack cache, and the fallback when the build fails.
+
+The C++ kernels are built once per session (seconds; cached on disk by torch across sessions).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from ditq.kernels import cpu, ops, pack_ternary
+
+
+@pytest.fixture(scope="session")
+def built():
+    if not cpu.build():
+        pytest.skip(f"the C++ CPU kernels could not be built here: {cpu.available_backends()['extension']}")
+    return cpu._state.best_isa
+
+
+def _paths(best: int) -> list[str]:
+    return [name for name in cpu.ISAS if cpu.ISAS.index(name) <= best]
+
+
+@pytest.fixture(params=["avx512_vnni", "avx2", "scalar"])
+def isa(request, built):
+    """Each instruction-set level the CPU has (scalar = the torch._int_mm / reference routes)."""
+    if request.param not in _paths(built):
+        pytest.skip(f"this CPU has no {request.param}")
+    cpu.set_isa(request.param)
+    yield request.param
+    cpu.set_isa(None)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Kernel output buffers filled with values no kernel writes: NaN (floats), -128 (int8 codes)."""
+
+    def alloc(shape, dtype):
+        if dtype.is_floating_point:
+            return torch.full(shape, float("nan"), dtype=dtype)
+        return torch.full(shape, -128, dtype=dtype)
+
+    monkeypatch.setattr(cpu, "_alloc", alloc)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _int8(shape, seed, lo=-128, hi=128):
+    return torch.randint(lo, hi, shape, generator=_gen(seed), dtype=torch.int8)
+
+
+ODD = [(1, 4, 1), (3, 36, 5), (17, 260, 70), (6, 1152, 130), (13, 1000, 64), (100, 68, 3)]
+
+
+# ----------------------------------------------------------------------------
+# quantize_per_token_int8
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape,group", [((1, 1), 0), ((3, 17), 0), ((2, 5, 1152), 0), ((7, 96), 32), ((4, 40), 8)]
+)
+def test_quantize_fast_equals_reference(isa, poisoned, shape, group):
+    for seed in range(2):
+        x = torch.randn(shape, generator=_gen(seed)) * torch.rand(shape[:-1] + (1,), generator=_gen(9)) * 10
+        q, s = ops.quantize_per_token_int8(x, group)
+        qr, sr = ops.ref_quantize_per_token_int8(x, group)
+        assert torch.equal(q, qr) and torch.equal(s, sr)
+    x16 = torch.randn(3, 64, generator=_gen(3)).to(torch.bfloat16)
+    assert all(map(torch.equal, ops.quantize_per_token_int8(x16), ops.ref_quantize_per_token_int8(x16)))
+
+
+# ----------------------------------------------------------------------------
+# W8A8 and W1.58A8
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,k,n", ODD + [(5, 1, 9), (2, 33, 7), (3, 1001, 65)])
+def test_w8a8_fast_equals_reference(isa, poisoned, m, k, n):
+    xq, wq = _int8((m, k), 1), _int8((n, k), 2)
+    # integer part: unit scales and no bias give the int32 sums themselves (|acc| < 2^24 here)
+    out = ops.w8a8_linear(xq, torch.ones(m, 1), wq, torch.ones(1))
+    assert torch.equal(out, ops.ref_w8a8_linear(xq, torch.ones(m, 1), wq, torch.ones(1)))
+    xs, ws = torch.rand(m, 1, generator=_gen(3)) + 0.01, torch.rand(n, generator=_gen(4)) + 0.01
+    bias = torch.randn(n, generator=_gen(5))
+    for scale, b in ((ws, bias), (ws[:1], None)):
+        out, ref = ops.w8a8_linear(xq, xs, wq, scale, b), ops.ref_w8a8_linear(xq, xs, wq, scale, b)
+        assert not out.isnan().any()
+        assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-6
+
+
+@pytest.mark.parametrize("m,k,n", ODD + [(2, 16, 1), (9, 20, 200)])
+def test_w158a8_fast_equals_reference(isa, poisoned, m, k, n):
+    xq = _int8((m, k), 11)
+    wp = pack_ternary(torch.randint(-1, 2, (n, k), generator=_gen(12)))
+    out = ops.w158a8_linear(xq, torch.ones(m, 1), wp, torch.ones(1))
+    assert torch.equal(out, ops.ref_w158a8_linear(xq, torch.ones(m, 1), wp, torch.ones(1)))
+    xs, ws = torch.rand(m, 1, generator=_gen(13)) + 0.01, torch.rand(n, generator=_gen(14)) + 0.01
+    bias = torch.randn(n, generator=_gen(15))
+    for scale, b, dtype in ((ws, bias, torch.float32), (ws[:1], None, torch.bfloat16)):
+        out = ops.w158a8_linear(xq, xs, wp, scale, b, dtype)
+        ref = ops.ref_w158a8_linear(xq, xs, wp, scale, b, dtype)
+        assert out.dtype == dtype and not out.isnan().any()
+        assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item() <= 1e-3
+
+
+def test_extreme_codes_and_leading_axes(isa, poisoned):
+    k = 4096  # all -128: sums of 2^26, exact in int32 (the AVX-512 offset trick must not overflow)
+    xq = torch.full((2, 3, k), -128, dtype=torch.int8)
+    wq = torch.full((5, k), -128, dtype=torch.int8)
+    out = ops.w8a8_linear(xq, torch.ones(2, 3, 1), wq, torch.ones(5))
+    assert out.shape == (2, 3, 5) and (out == 2.0**26).all()
+    wp = pack_ternary(-torch.ones(5, k))
+    out = ops.w158a8_linear(xq, torch.ones(2, 3, 1), wp, torch.ones(1))
+    assert (out == 128.0 * k).all()
+
+
+def test_two_threads_split_the_work_the_same(built, poisoned):
+    # the test session runs single-threaded (conftest); the kernels parallelize over tokens x columns
+    xq, wq = _int8((200, 520), 21), _int8((300, 520), 22)
+    wp = pack_ternary(torch.randint(-1, 2, (300, 520), generator=_gen(23)))
+    xs, ws = torch.rand(200, 1) + 0.1, torch.rand(300) + 0.1
+    torch.set_num_threads(2)
+    try:
+        a, b = ops.w8a8_linear(xq, xs, wq, ws), ops.w158a8_linear(xq, xs, wp, ws)
+        q, s = ops.quantize_per_token_int8(torch.randn(300, 64, generator=_gen(24)))
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(a, ops.ref_w8a8_linear(xq, xs, wq, ws))
+    assert torch.equal(b, ops.ref_w158a8_linear(xq, xs, wp, ws))
+    assert torch.equal(q, ops.ref_quantize_per_token_int8(torch.randn(300, 64, generator=_gen(24)))[0])
+
+
+# ----------------------------------------------------------------------------
+# Prepacked weights
+# ----------------------------------------------------------------------------
+
+
+def test_prepack_cache_hits_follows_inplace_writes_and_forgets_freed_weights(built, monkeypatch):
+    if built < cpu.AVX512_VNNI:
+        pytest.skip("weights are prepacked on the AVX-512 VNNI path only")
+    calls = []
+    real = cpu._prepack
+    monkeypatch.setattr(cpu, "_prepack", lambda w, bits: calls.append(bits) or real(w, bits))
+    cpu.clear_prepack_cache()
+    xq, xs = _int8((4, 64), 31), torch.ones(4, 1)
+    wq = _int8((8, 64), 32, lo=-127)  # negating keeps every code in range
+    first = ops.w8a8_linear(xq, xs, wq, torch.ones(1))
+    ops.w8a8_linear(xq, xs, wq, torch.ones(1))
+    assert calls == [8] and len(cpu._prepacked) == 1
+    wq.mul_(-1)  # an in-place write bumps the version: the next call re-prepacks
+    second = ops.w8a8_linear(xq, xs, wq, torch.ones(1))
+    assert calls == [8, 8] and torch.equal(second, -first)
+    del wq
+    assert len(cpu._prepacked) == 0
+    with torch.inference_mode():  # inference tensors have no version counter: keyed by pointer
+        wi = _int8((8, 64), 33)
+        ops.w8a8_linear(xq, xs, wi, torch.ones(1))
+        ops.w8a8_linear(xq, xs, wi, torch.ones(1))
+    assert calls == [8, 8, 8]
+
+
+# ----------------------------------------------------------------------------
+# Backends: reporting, build failure, disabling, lazy build
+# ----------------------------------------------------------------------------
+
+
+def test_available_backends_names_each_op(built):
+    backends = cpu.available_backends()
+    assert backends["extension"].startswith(f"built ({cpu.ISAS[built]})")
+    assert set(ops.OPS) <= set(backends)
+    if built == cpu.AVX512_VNNI:
+        assert backends["w8a8_linear"] == backends["w158a8_linear"] == "cpp-avx512_vnni"
+
+
+@pytest.fixture
+def fresh_state():
+    """Run with a fresh build state; afterwards forget it again (the cached library reloads fast)."""
+    cpu._reset_for_tests()
+    yield
+    cpu._reset_for_tests()
+
+
+def test_build_failure_warns_once_and_falls_back(fresh_state, monkeypatch, poisoned):
+    def broken(verbose):
+        raise RuntimeError("Error building extension 'ditq_cpu_kernels': g++: not found")
+
+    monkeypatch.setattr(cpu, "_compile", broken)
+    xq, wq = _int8((3, 36), 41), _int8((5, 36), 42)
+    wp = pack_ternary(torch.randint(-1, 2, (5, 36), generator=_gen(43)))
+    x = torch.randn(3, 36, generator=_gen(44))
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ CPU kernels are unavailable .*g\\+\\+: not found"):
+        out = ops.w8a8_linear(xq, torch.ones(3, 1), wq, torch.ones(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only one warning per process
+        out2 = ops.w158a8_linear(xq, torch.ones(3, 1), wp, torch.ones(1))
+        q, s = ops.quantize_per_token_int8(x)
+    assert torch.equal(out, ops.ref_w8a8_linear(xq, torch.ones(3, 1), wq, torch.ones(5)))
+    assert torch.equal(out2, ops.ref_w158a8_linear(xq, torch.ones(3, 1), wp, torch.ones(1)))
+    assert all(map(torch.equal, (q, s), ops.ref_quantize_per_token_int8(x)))
+    backends = cpu.available_backends()
+    assert backends["extension"].startswith("unavailable: RuntimeError: Error building extension")
+    assert backends["w8a8_linear"] == "torch._int_mm" and backends["w158a8_linear"] == "reference"
+
+
+def test_missing_source_is_a_build_failure(fresh_state, monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "SOURCE", tmp_path / "missing.cpp")
+    with pytest.warns(RuntimeWarning, match="missing"):
+        assert cpu.build() is False
+    assert "FileNotFoundError" in cpu.available_backends()["extension"]
+
+
+def test_disabled_by_environment(fresh_state, monkeypatch):
+    monkeypatch.setenv(cpu.ENV_DISABLE, "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switching the kernels off is not worth a warning
+        assert cpu.build() is False
+    assert "disabled by DITQ_CPU_KERNELS=0" in cpu.available_backends()["extension"]
+
+
+def test_set_isa_rejects_unknown_names():
+    with pytest.raises(ops.KernelError, match="unknown instruction set"):
+        cpu.set_isa("avx1024")
+
+
+def test_importing_ditq_builds_nothing():
+    code = (
+        "import ditq, ditq.kernels, ditq.quant\n"
+        "from ditq.kernels import cpu\n"
+        "assert not cpu._state.tried, 'import triggered a build'\n"
+        "print(cpu.available_backends()['extension'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("not built yet")

@@ -190,3 +190,149 @@ def test_cli_eval_bad_files_are_one_line_errors(files, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("ditq: error: ") and err.count("\n") == 1
+
+
+#################################################################################
+#                          ditq eval --evaluator fmnist                          #
+#################################################################################
+
+
+def _textures(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, 28, 28) images of 10 classes (a periodic 4x4 texture each, noisy), and their labels."""
+    tiles = np.random.default_rng(1234).integers(0, 2, (10, 4, 4)) * 200
+    labels = np.arange(n) % 10
+    images = np.tile(tiles[labels], (1, 7, 7)) + np.random.default_rng(seed).integers(0, 50, (n, 28, 28))
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def fmnist_files(tmp_path_factory):
+    """A tiny FID-FMNIST classifier file, and sample batches of 32x32 grayscale-as-RGB images."""
+    from ditq.eval.fmnist import FMNISTClassifierConfig, FMNISTTrainConfig, build_fmnist_evaluator
+
+    d = tmp_path_factory.mktemp("fmnist")
+    x, y = _textures(200, 0)
+    xt, yt = _textures(100, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_fmnist_evaluator(
+            x, y, xt, yt, d / "clf.safetensors",
+            config=FMNISTTrainConfig(epochs=1, batch_size=32, max_shift=0),
+            model_config=FMNISTClassifierConfig(widths=(8, 16)), floor_images=150,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    samples, labels = _textures(40, 2)
+    padded = np.pad(samples, ((0, 0), (2, 2), (2, 2)))[..., None]  # (40, 32, 32, 1), as a DiT samples
+    save_npz(d / "samples.npz", padded, labels)  # written as RGB, the channel repeated
+    save_npz(d / "unlabelled.npz", padded)
+    save_npz(d / "colour.npz", np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8))
+    save_npz(d / "bad_labels.npz", padded[:4], np.array([0, 1, 2, 11]))
+    return {"dir": d, "images": padded, "labels": labels}
+
+
+def test_cli_eval_fmnist_prints_fid_and_class_accuracy(fmnist_files, capsys):
+    from ditq.eval.fmnist import evaluate_fmnist
+
+    d = fmnist_files["dir"]
+    out = d / "eval.json"
+    argv = [
+        "eval",
+        str(d / "samples.npz"),
+        "--evaluator",
+        "fmnist",
+        "--classifier",
+        str(d / "clf.safetensors"),
+    ]
+    assert main([*argv, "--device", "cpu", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    direct = evaluate_fmnist(fmnist_files["images"], fmnist_files["labels"], evaluator=d / "clf.safetensors")
+    assert result["evaluator"] == "fmnist" and result["num_images"] == 40
+    # (tiny features: FID ~1e-5 here, so allow for cancellation in tr S1 + tr S2 - 2 tr sqrt(S1 S2))
+    assert result["fid_fmnist"] == pytest.approx(direct["fid_fmnist"], rel=1e-4, abs=1e-9)
+    assert result["class_acc"] == direct["class_acc"]
+    assert result["floor_fid_fmnist_at_n"]["num_images"] == 100
+    for text in ("FID-FMNIST", "Class accuracy", f"{result['fid_fmnist']:.4f}", f"{result['class_acc']:.4f}",
+                 "floor"):  # fmt: skip
+        assert text in stdout
+    assert (
+        main([*argv[:3], "--classifier", str(d / "clf.safetensors"), "--quiet"]) == 2
+    )  # inception: no --ref
+    capsys.readouterr()
+
+
+def test_cli_eval_fmnist_without_labels_gives_no_class_accuracy(fmnist_files, capsys):
+    d = fmnist_files["dir"]
+    out = d / "unlabelled.json"
+    argv = [
+        "eval",
+        str(d / "unlabelled.npz"),
+        "--evaluator",
+        "fmnist",
+        "--classifier",
+        str(d / "clf.safetensors"),
+    ]
+    assert main([*argv, "--json", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    result = json.loads(out.read_text())
+    assert "class_acc" not in result and result["fid_fmnist"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--ref", "ref.npz"], "--ref"),
+        (["--metrics", "fid"], "--metrics"),
+        (["--compute-ref-stats"], "--compute-ref-stats"),
+    ],
+)
+def test_cli_eval_fmnist_rejects_inception_options(fmnist_files, capsys, extra, match):
+    d = fmnist_files["dir"]
+    argv = [
+        "eval",
+        str(d / "samples.npz"),
+        "--evaluator",
+        "fmnist",
+        "--classifier",
+        str(d / "clf.safetensors"),
+    ]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ditq: error: ") and err.count("\n") == 1 and match in err
+
+
+@pytest.mark.parametrize(
+    "name, classifier, match",
+    [
+        ("colour.npz", "clf.safetensors", "colour"),
+        ("bad_labels.npz", "clf.safetensors", "labels outside"),
+        ("samples.npz", "nope.safetensors", "not found"),
+        ("nope.npz", "clf.safetensors", "no such file"),
+    ],
+)
+def test_cli_eval_fmnist_bad_input_is_one_line(fmnist_files, capsys, name, classifier, match):
+    d = fmnist_files["dir"]
+    argv = ["eval", str(d / name), "--evaluator", "fmnist", "--classifier", str(d / classifier)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ditq: error: ") and err.count("\n") == 1 and match in err
+
+
+def test_cli_eval_inception_needs_ref(files, capsys):
+    assert main(["eval", str(files["dir"] / "samples.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ditq: error: ") and err.count("\n") == 1 and "--ref" in err
+
+
+def test_cli_eval_fmnist_with_the_shipped_classifier(fmnist_files, capsys):
+    from ditq.eval.fmnist import default_evaluator_path
+
+    if default_evaluator_path() is None:
+        pytest.skip("no shipped FID-FMNIST classifier in this install")
+    d = fmnist_files["dir"]
+    assert main(["eval", str(d / "samples.npz"), "--evaluator", "fmnist", "--json", str(d / "s.json")]) == 0
+    result = json.loads((d / "s.json").read_text())
+    assert result["classifier"]["test_accuracy"] >= 0.9 and result["fid_fmnist"] > result["floor_fid_fmnist"]
+    assert "FID-FMNIST" in capsys.readouterr().out

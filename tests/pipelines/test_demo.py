@@ -8,6 +8,7 @@ from PIL import Image
 
 from ditq import models
 from ditq.errors import InvalidArgumentError
+from ditq.eval.fmnist import FMNISTClassifier, FMNISTClassifierConfig, save_fmnist_evaluator
 from ditq.pipelines import demo
 from ditq.pipelines.demo import (
     DEMO_CONFIG,
@@ -37,8 +38,11 @@ def test_tiny_demo_model_is_small_and_seeded():
 def test_run_demo_with_the_random_stand_in(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "find_embedded_model", lambda: None)
     lines: list[str] = []
-    result = run_demo(tmp_path / "out", samples_per_class=1, steps=2, log=lines.append, train=False)
+    result = run_demo(
+        tmp_path / "out", samples_per_class=1, steps=2, log=lines.append, train=False, eval_samples=0
+    )
     assert not result.trained and result.num_samples == 10 and result.training is None
+    assert result.evaluation is None and not (tmp_path / "out" / "eval_samples.npz").exists()
     assert any("randomly initialized" in line for line in lines)
     assert any(str(result.grid_path) in line for line in lines)
     with np.load(result.npz_path) as data:
@@ -53,7 +57,9 @@ def test_run_demo_loads_the_embedded_model(tmp_path, monkeypatch):
     models.save(tiny_demo_model(seed=1), path)
     monkeypatch.setattr(demo, "find_embedded_model", lambda: path)
     lines: list[str] = []
-    result = run_demo(tmp_path / "out", samples_per_class=1, steps=2, log=lines.append, train=False)
+    result = run_demo(
+        tmp_path / "out", samples_per_class=1, steps=2, log=lines.append, train=False, eval_samples=0
+    )
     assert result.trained and result.model_path == path
     assert any("embedded" in line for line in lines)
     assert not any("randomly" in line for line in lines)
@@ -62,13 +68,18 @@ def test_run_demo_loads_the_embedded_model(tmp_path, monkeypatch):
 def test_run_demo_rejects_nonpositive_counts(tmp_path):
     with pytest.raises(InvalidArgumentError, match="samples_per_class"):
         run_demo(tmp_path, samples_per_class=0, log=lambda _: None)
+    with pytest.raises(InvalidArgumentError, match="eval_samples") as e:
+        run_demo(tmp_path, eval_samples=1, log=lambda _: None)
+    assert "\n" not in str(e.value)
 
 
 def test_run_demo_trains_a_tiny_model_and_can_run_again(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "find_embedded_model", lambda: None)
     for _ in range(2):  # a second demo replaces the first one's training run
         lines: list[str] = []
-        result = run_demo(tmp_path, samples_per_class=1, steps=2, train_steps=3, log=lines.append)
+        result = run_demo(
+            tmp_path, samples_per_class=1, steps=2, train_steps=3, log=lines.append, eval_samples=0
+        )
     training = result.training
     assert training is not None and training.steps == 3
     assert training.model_path.is_file() and training.log_path.is_file()
@@ -76,3 +87,75 @@ def test_run_demo_trains_a_tiny_model_and_can_run_again(tmp_path, monkeypatch):
     assert any(line.startswith("loss ") for line in lines)
     assert any(str(training.model_path) in line for line in lines)
     assert models.load(training.model_path).config.input_size == 16
+
+
+#################################################################################
+#                            Scoring with FID-FMNIST                            #
+#################################################################################
+
+
+@pytest.fixture
+def tiny_classifier(tmp_path, monkeypatch):
+    """An untrained tiny FID-FMNIST classifier file standing in for the shipped one."""
+    path = tmp_path / "clf.safetensors"
+    model = FMNISTClassifier(FMNISTClassifierConfig(widths=(8, 16))).eval()
+    floors = {"100": 3.0, "1000": 1.0}
+    meta = {"floor_fid_fmnist": 1.0, "floor_num_images": 1000, "floor_fid_fmnist_by_n": floors}
+    save_fmnist_evaluator(path, model, np.zeros(16), np.eye(16), meta)
+    monkeypatch.setattr(demo, "default_evaluator_path", lambda: path)
+    monkeypatch.setattr(demo, "find_embedded_model", lambda: None)
+    return path
+
+
+def test_run_demo_scores_a_balanced_batch_whose_first_rows_are_the_grid(tmp_path, tiny_classifier):
+    lines: list[str] = []
+    kwargs = dict(samples_per_class=1, steps=2, train=False, seed=4)
+    result = run_demo(tmp_path / "a", eval_samples=30, log=lines.append, **kwargs)
+    evaluation = result.evaluation
+    assert evaluation is not None and evaluation["num_images"] == 30
+    assert evaluation["fid_fmnist"] > 0 and 0 <= evaluation["class_acc"] <= 1
+    assert evaluation["floor_fid_fmnist_at_n"] == {"num_images": 100, "value": 3.0}
+    assert any(line.startswith("FID-FMNIST ") and "on 30 samples" in line for line in lines)
+    assert any("floor" in line and "3 at 100 images (1 at 1000)" in line for line in lines)
+    assert any("ditq eval" in line and "--evaluator fmnist" in line for line in lines)
+    with np.load(tmp_path / "a" / "eval_samples.npz") as data:
+        scored, labels = data["arr_0"], data["arr_1"]
+    assert scored.shape == (30, 32, 32, 3) and np.bincount(labels).tolist() == [3] * 10
+    with np.load(result.npz_path) as data:
+        grid = data["arr_0"]
+    assert grid.shape == (10, 32, 32, 3) and (grid == scored[:10]).all()
+    # the grid is the same images as without scoring: the extra samples come after it
+    plain = run_demo(tmp_path / "b", eval_samples=0, log=lambda _: None, **kwargs)
+    with np.load(plain.npz_path) as data:
+        assert (data["arr_0"] == grid).all()
+
+
+def test_run_demo_names_the_published_evaluation_for_the_embedded_model(
+    tmp_path, tiny_classifier, monkeypatch
+):
+    path = tmp_path / "ditq-fmnist.safetensors"
+    models.save(tiny_demo_model(seed=1), path)
+    monkeypatch.setattr(demo, "find_embedded_model", lambda: path)
+    published = {"fid_fmnist": 12.5, "class_acc": 0.875, "samples": 1000, "steps": 50, "cfg_scale": 3.0}
+    monkeypatch.setattr(demo, "published_evaluation", lambda: published)
+    lines: list[str] = []
+    run_demo(tmp_path / "out", samples_per_class=1, steps=2, train=False, eval_samples=10, log=lines.append)
+    assert any("FID-FMNIST 12.50, class accuracy 87.5% on 1000 samples, DDIM-50" in line for line in lines)
+
+
+def test_run_demo_without_a_classifier_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "default_evaluator_path", lambda: None)
+    monkeypatch.setattr(demo, "find_embedded_model", lambda: None)
+    lines: list[str] = []
+    result = run_demo(tmp_path, samples_per_class=1, steps=2, train=False, eval_samples=50, log=lines.append)
+    assert result.evaluation is None and any("no FID-FMNIST classifier" in line for line in lines)
+    with np.load(result.npz_path) as data:
+        assert len(data["arr_0"]) == 10  # nothing more was sampled
+
+
+def test_published_evaluation_is_none_or_has_the_documented_keys():
+    published = demo.published_evaluation()
+    if published is None:
+        pytest.skip("docs/results/embedded_eval.json is not beside this checkout")
+    for key in ("fid_fmnist", "class_acc", "floor_fid_fmnist", "samples", "steps"):
+        assert key in published

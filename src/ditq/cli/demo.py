@@ -1,4 +1,5 @@
-"""``ditq demo``: a labelled grid from a tiny embedded Fashion-MNIST DiT, then a tiny training run."""
+"""``ditq demo``: a labelled grid from a tiny embedded Fashion-MNIST DiT, scored by FID-FMNIST, then a tiny
+training run."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--samples-per-class", type=int, default=2, help="grid rows (default 2)")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=100,
+        help="images scored by FID-FMNIST and class accuracy, the grid's among them (default 100; 0: none)",
+    )
     p.add_argument("--skip-train", action="store_true", help="skip the short training run (synthetic shapes)")
     p.add_argument("--train-steps", type=int, default=80, help="steps of the short training run (default 80)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
@@ -41,5 +48,6 @@ def run(args: argparse.Namespace) -> int:
         log=(lambda _: None) if args.quiet else print,
         train=not args.skip_train,
         train_steps=args.train_steps,
+        eval_samples=args.eval_samples,
     )
     return 0

@@ -13,11 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from ditq import __version__
-from ditq.cli import demo, eval, export, extract, info, ptq, sample, train
+from ditq.cli import demo, eval, export, extract, info, ptq, sample, train, train_evaluator
 from ditq.errors import DitqError
 
 # One module per subcommand, in the order `ditq --help` lists them.
-SUBCOMMANDS = (train, export, extract, sample, ptq, eval, info, demo)
+SUBCOMMANDS = (train, export, extract, sample, ptq, eval, train_evaluator, info, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

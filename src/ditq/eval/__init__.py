@@ -13,12 +13,15 @@ Modules:
     npz        ADM sample and reference batches
     features   batched feature extraction
     evaluator  the whole workflow, :func:`evaluate` (``ditq eval``)
+    fmnist     FID-FMNIST and class accuracy for 28-32 px grayscale models
+               (:func:`evaluate_fmnist`, ``ditq eval --evaluator fmnist``)
 
 ``eval`` takes images, arrays and callables; it imports neither
 ``ditq.models`` nor ``ditq.quant``.
 """
 
 from ditq.eval.evaluator import METRICS, evaluate, parse_metrics
+from ditq.eval.fmnist import FMNISTClassifier, FMNISTEvaluator, evaluate_fmnist, load_fmnist_evaluator
 from ditq.eval.inception import FIDInceptionV3, load_inception, resize_bilinear_tf1
 from ditq.eval.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from ditq.eval.npz import read_reference, read_samples, write_reference
@@ -26,10 +29,14 @@ from ditq.eval.npz import read_reference, read_samples, write_reference
 __all__ = [
     "METRICS",
     "FIDInceptionV3",
+    "FMNISTClassifier",
+    "FMNISTEvaluator",
     "evaluate",
+    "evaluate_fmnist",
     "feature_statistics",
     "frechet_distance",
     "inception_score",
+    "load_fmnist_evaluator",
     "load_inception",
     "parse_metrics",
     "precision_recall",

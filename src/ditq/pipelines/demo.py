@@ -6,6 +6,12 @@ The model is the one embedded in the package (``ditq/assets/ditq-fmnist.safetens
 when it is there; otherwise a randomly initialized tiny DiT stands in, and the
 demo says plainly that its images are noise.
 
+Then it judges the samples with the small-domain evaluator shipped beside the
+model (:mod:`ditq.eval.fmnist`): FID-FMNIST and class accuracy of a modest
+balanced batch (the grid is its first rows), next to the floor (real
+Fashion-MNIST images at the same count) and, from a source checkout, the
+1000-sample figures of ``docs/results/embedded_eval.json``.
+
 Then it trains a fresh, very small DiT on the embedded synthetic shapes for a
 few dozen steps (``ditq train`` in miniature: log, checkpoint, EMA model),
 showing the loss fall.
@@ -13,18 +19,21 @@ showing the loss fall.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ditq import models
 from ditq.data import FASHION_MNIST_CLASSES
-from ditq.errors import InvalidArgumentError
+from ditq.errors import DitqError, InvalidArgumentError
+from ditq.eval.fmnist import default_evaluator_path, evaluate_fmnist
 from ditq.images import save_grid, save_npz
 from ditq.models import DiT, DiTConfig
 from ditq.pipelines.sample import sample
@@ -48,6 +57,13 @@ DEMO_CONFIG = DiTConfig(
 # The training part: 16x16 grey shapes, 16 tokens, a 2-block DiT of 0.18M parameters,
 # so each step takes tens of milliseconds on one CPU core.
 DEMO_TRAIN_STEPS = 80
+
+# Images scored by FID-FMNIST: FID on the 20 grid images means nothing, and each
+# further 80 (beyond the grid) cost 29 s at DDIM-20 with guidance on a busy 2-core CPU.
+DEMO_EVAL_SAMPLES = 100
+
+# The embedded model's reference evaluation (scripts/eval_embedded.py), found in a source checkout.
+EMBEDDED_EVAL_JSON = Path("docs") / "results" / "embedded_eval.json"
 
 
 def demo_train_run(out_dir: str | Path, steps: int = DEMO_TRAIN_STEPS, seed: int = 0) -> TrainRun:
@@ -94,6 +110,7 @@ class DemoResult:
     num_samples: int
     seconds: float
     training: TrainResult | None = None  # None when the training part was skipped
+    evaluation: dict | None = None  # evaluate_fmnist's result; None when skipped
 
     @property
     def trained(self) -> bool:
@@ -111,11 +128,15 @@ def run_demo(
     log: Callable[[str], None] = print,
     train: bool = True,
     train_steps: int = DEMO_TRAIN_STEPS,
+    eval_samples: int = DEMO_EVAL_SAMPLES,
 ) -> DemoResult:
     """Sample each class with DDIM-``steps``; write ``grid.png`` and ``samples.npz`` into ``out_dir``.
 
     Draws ``samples_per_class`` images of each class; the grid has one column
-    per class, captioned with its name. Then, with ``train``, trains a fresh
+    per class, captioned with its name. With ``eval_samples`` (0 skips it),
+    that many images, classes in turn (the grid's first, then a second draw
+    from ``seed + 1``), are scored by FID-FMNIST and class accuracy and
+    written to ``eval_samples.npz``. Then, with ``train``, trains a fresh
     tiny DiT on synthetic shapes for ``train_steps`` steps into ``out_dir/train``
     (log, checkpoint, EMA model). ``log`` receives one line per thing done
     (pass ``lambda _: None`` for silence).
@@ -124,6 +145,10 @@ def run_demo(
         raise InvalidArgumentError(f"samples_per_class must be positive, got {samples_per_class}")
     if train and train_steps < 1:
         raise InvalidArgumentError(f"train_steps must be positive, got {train_steps}")
+    if eval_samples < 0 or eval_samples == 1:
+        raise InvalidArgumentError(
+            f"eval_samples must be 0 (no evaluation) or at least 2, got {eval_samples}"
+        )
     out_dir = Path(out_dir)
     started = time.perf_counter()
     model_path = find_embedded_model()
@@ -159,10 +184,96 @@ def run_demo(
     grid_path = save_grid(out_dir / "grid.png", images, labels, class_names, nrow=num_classes)
     npz_path = save_npz(out_dir / "samples.npz", images, labels)
     log(f"wrote {grid_path} (one column per class) and {npz_path} (ADM format: arr_0 images, arr_1 labels)")
+    evaluation = None
+    if eval_samples:
+        options = {"steps": steps, "cfg_scale": cfg_scale, "seed": seed, "progress": progress}
+        evaluation = _eval_part(model, images, labels, eval_samples, options, model_path, out_dir, log)
     training = _train_part(out_dir / "train", train_steps, seed, log) if train else None
     seconds = time.perf_counter() - started
     log(f"done in {seconds:.1f} s")
-    return DemoResult(grid_path, npz_path, model_path, len(labels), seconds, training)
+    return DemoResult(grid_path, npz_path, model_path, len(labels), seconds, training, evaluation)
+
+
+def published_evaluation() -> dict | None:
+    """The embedded model's reference evaluation, ``docs/results/embedded_eval.json``, if this is a checkout.
+
+    Installed packages carry no docs: then None, as for a file that does not parse.
+    """
+    path = Path(__file__).resolve().parents[3] / EMBEDDED_EVAL_JSON  # src/ditq/pipelines -> the root
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("fid_fmnist", "class_acc", "samples", "steps")
+    return result if isinstance(result, dict) and all(k in result for k in keys) else None
+
+
+def _eval_part(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    count: int,
+    options: dict,
+    model_path: Path | None,
+    out_dir: Path,
+    log: Callable[[str], None],
+) -> dict | None:
+    """FID-FMNIST and class accuracy of ``count`` samples (the grid's first), with numbers for scale."""
+    evaluator_path = default_evaluator_path()
+    if evaluator_path is None:
+        log(
+            "no FID-FMNIST classifier in this install (ditq/assets/fmnist-classifier.safetensors): not scored"
+        )
+        return None
+    started = time.perf_counter()
+    more = count - len(images)
+    if more > 0:
+        # A second draw (seed + 1), in large batches (faster than the grid's), classes in turn again.
+        log(f"sampling {more} more images (seed {options['seed'] + 1}) so that FID-FMNIST sees {count} ...")
+        extra, extra_labels = sample(
+            model,
+            num_samples=more,
+            batch_size=min(more, 100),
+            sampler="ddim",
+            steps=options["steps"],
+            cfg_scale=options["cfg_scale"],
+            class_labels=list(range(model.config.num_classes)),
+            seed=options["seed"] + 1,
+            device="cpu",
+            progress=options["progress"],
+        )
+        images, labels = np.concatenate([images, extra]), np.concatenate([labels, extra_labels])
+    images, labels = images[:count], labels[:count]
+    sampled = time.perf_counter()
+    eval_npz = save_npz(out_dir / "eval_samples.npz", images, labels)
+    try:
+        result = evaluate_fmnist(images, labels, evaluator=evaluator_path)
+    except DitqError as e:  # a damaged classifier file must not end the demo
+        log(f"FID-FMNIST not computed: {e}")
+        return None
+    log(
+        f"FID-FMNIST {result['fid_fmnist']:.2f} and class accuracy {result['class_acc']:.1%} on "
+        f"{result['num_images']} samples (DDIM-{options['steps']}, cfg scale {options['cfg_scale']}; "
+        f"sampled in {sampled - started:.1f} s, scored in {time.perf_counter() - sampled:.1f} s); "
+        "lower FID is better"
+    )
+    at_n = result.get("floor_fid_fmnist_at_n")
+    if at_n is not None:
+        log(
+            f"  floor: real Fashion-MNIST training images score {at_n['value']:.3g} at {at_n['num_images']} "
+            f"images ({result['floor_fid_fmnist']:.3g} at {result['floor_num_images']}); "
+            "FID falls as the sample count grows"
+        )
+    published = published_evaluation() if model_path is not None else None
+    if published is not None:
+        log(
+            f"  the embedded model's reference evaluation ({EMBEDDED_EVAL_JSON}): FID-FMNIST "
+            f"{published['fid_fmnist']:.2f}, class accuracy {published['class_acc']:.1%} on "
+            f"{published['samples']} samples, DDIM-{published['steps']}, "
+            f"cfg scale {published.get('cfg_scale')}"
+        )
+    log(f"  score them again: ditq eval {eval_npz} --evaluator fmnist")
+    return result
 
 
 def _train_part(out_dir: Path, steps: int, seed: int, log: Callable[[str], None]) -> TrainResult:

@@ -52,7 +52,12 @@ def _write(path: Path, payload: dict) -> None:
 
 def merge(paths: list[str], out: Path, md: Path | None) -> None:
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [r for p in parts for r in p["rows"]]
+    rows, seen = [], set()
+    for r in (r for p in parts for r in p["rows"]):  # FP rows of one seed may come from several parts
+        key = (r["method"], r["w_bits"], r.get("seed"))
+        if key not in seen:
+            seen.add(key)
+            rows.append(r)
     order = {"fp": -1, **{r: i for i, r in enumerate(ladder.RUNGS)}}
     rows.sort(
         key=lambda r: (r["w_bits"] is not None, -(r["w_bits"] or 0), order[r["method"]], r.get("seed", 0))

@@ -10,7 +10,19 @@ from ditq.eval.fmnist import default_evaluator_path
 
 def test_demo_writes_grid_and_npz(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--steps", "2", "--samples-per-class", "1", "--seed", "1"]
+    argv = [
+        "demo",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--samples-per-class",
+        "1",
+        "--seed",
+        "1",
+        "--ptq-samples",
+        "0",
+    ]
     assert main([*argv, "--train-steps", "2", "--eval-samples", "20"]) == 0
     stdout = capsys.readouterr().out
     assert str(out / "grid.png") in stdout and str(out / "samples.npz") in stdout
@@ -26,7 +38,19 @@ def test_demo_writes_grid_and_npz(tmp_path, capsys):
 
 def test_demo_quiet_prints_nothing(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--steps", "2", "--samples-per-class", "1", "--quiet", "--skip-train"]
+    argv = [
+        "demo",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--samples-per-class",
+        "1",
+        "--quiet",
+        "--skip-train",
+        "--ptq-samples",
+        "0",
+    ]
     argv += ["--eval-samples", "10"]
     assert main(argv) == 0
     captured = capsys.readouterr()

@@ -39,7 +39,13 @@ def test_run_demo_with_the_random_stand_in(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "find_embedded_model", lambda: None)
     lines: list[str] = []
     result = run_demo(
-        tmp_path / "out", samples_per_class=1, steps=2, log=lines.append, train=False, eval_samples=0
+        tmp_path / "out",
+        ptq_samples=0,
+        samples_per_class=1,
+        steps=2,
+        log=lines.append,
+        train=False,
+        eval_samples=0,
     )
     assert not result.trained and result.num_samples == 10 and result.training is None
     assert result.evaluation is None and not (tmp_path / "out" / "eval_samples.npz").exists()
@@ -58,7 +64,13 @@ def test_run_demo_loads_the_embedded_model(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "find_embedded_model", lambda: path)
     lines: list[str] = []
     result = run_demo(
-        tmp_path / "out", samples_per_class=1, steps=2, log=lines.append, train=False, eval_samples=0
+        tmp_path / "out",
+        ptq_samples=0,
+        samples_per_class=1,
+        steps=2,
+        log=lines.append,
+        train=False,
+        eval_samples=0,
     )
     assert result.trained and result.model_path == path
     assert any("embedded" in line for line in lines)
@@ -67,9 +79,9 @@ def test_run_demo_loads_the_embedded_model(tmp_path, monkeypatch):
 
 def test_run_demo_rejects_nonpositive_counts(tmp_path):
     with pytest.raises(InvalidArgumentError, match="samples_per_class"):
-        run_demo(tmp_path, samples_per_class=0, log=lambda _: None)
+        run_demo(tmp_path, ptq_samples=0, samples_per_class=0, log=lambda _: None)
     with pytest.raises(InvalidArgumentError, match="eval_samples") as e:
-        run_demo(tmp_path, eval_samples=1, log=lambda _: None)
+        run_demo(tmp_path, ptq_samples=0, eval_samples=1, log=lambda _: None)
     assert "\n" not in str(e.value)
 
 
@@ -78,7 +90,13 @@ def test_run_demo_trains_a_tiny_model_and_can_run_again(tmp_path, monkeypatch):
     for _ in range(2):  # a second demo replaces the first one's training run
         lines: list[str] = []
         result = run_demo(
-            tmp_path, samples_per_class=1, steps=2, train_steps=3, log=lines.append, eval_samples=0
+            tmp_path,
+            ptq_samples=0,
+            samples_per_class=1,
+            steps=2,
+            train_steps=3,
+            log=lines.append,
+            eval_samples=0,
         )
     training = result.training
     assert training is not None and training.steps == 3
@@ -110,7 +128,7 @@ def tiny_classifier(tmp_path, monkeypatch):
 def test_run_demo_scores_a_balanced_batch_whose_first_rows_are_the_grid(tmp_path, tiny_classifier):
     lines: list[str] = []
     kwargs = dict(samples_per_class=1, steps=2, train=False, seed=4)
-    result = run_demo(tmp_path / "a", eval_samples=30, log=lines.append, **kwargs)
+    result = run_demo(tmp_path / "a", ptq_samples=0, eval_samples=30, log=lines.append, **kwargs)
     evaluation = result.evaluation
     assert evaluation is not None and evaluation["num_images"] == 30
     assert evaluation["fid_fmnist"] > 0 and 0 <= evaluation["class_acc"] <= 1
@@ -125,7 +143,7 @@ def test_run_demo_scores_a_balanced_batch_whose_first_rows_are_the_grid(tmp_path
         grid = data["arr_0"]
     assert grid.shape == (10, 32, 32, 3) and (grid == scored[:10]).all()
     # the grid is the same images as without scoring: the extra samples come after it
-    plain = run_demo(tmp_path / "b", eval_samples=0, log=lambda _: None, **kwargs)
+    plain = run_demo(tmp_path / "b", ptq_samples=0, eval_samples=0, log=lambda _: None, **kwargs)
     with np.load(plain.npz_path) as data:
         assert (data["arr_0"] == grid).all()
 
@@ -139,7 +157,15 @@ def test_run_demo_names_the_published_evaluation_for_the_embedded_model(
     published = {"fid_fmnist": 12.5, "class_acc": 0.875, "samples": 1000, "steps": 50, "cfg_scale": 3.0}
     monkeypatch.setattr(demo, "published_evaluation", lambda: published)
     lines: list[str] = []
-    run_demo(tmp_path / "out", samples_per_class=1, steps=2, train=False, eval_samples=10, log=lines.append)
+    run_demo(
+        tmp_path / "out",
+        ptq_samples=0,
+        samples_per_class=1,
+        steps=2,
+        train=False,
+        eval_samples=10,
+        log=lines.append,
+    )
     assert any("FID-FMNIST 12.50, class accuracy 87.5% on 1000 samples, DDIM-50" in line for line in lines)
 
 
@@ -147,7 +173,9 @@ def test_run_demo_without_a_classifier_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "default_evaluator_path", lambda: None)
     monkeypatch.setattr(demo, "find_embedded_model", lambda: None)
     lines: list[str] = []
-    result = run_demo(tmp_path, samples_per_class=1, steps=2, train=False, eval_samples=50, log=lines.append)
+    result = run_demo(
+        tmp_path, ptq_samples=0, samples_per_class=1, steps=2, train=False, eval_samples=50, log=lines.append
+    )
     assert result.evaluation is None and any("no FID-FMNIST classifier" in line for line in lines)
     with np.load(result.npz_path) as data:
         assert len(data["arr_0"]) == 10  # nothing more was sampled
@@ -159,3 +187,21 @@ def test_published_evaluation_is_none_or_has_the_documented_keys():
         pytest.skip("docs/results/embedded_eval.json is not beside this checkout")
     for key in ("fid_fmnist", "class_acc", "floor_fid_fmnist", "samples", "steps"):
         assert key in published
+
+
+def test_the_fast_ptq_ladder_scores_every_rung_on_the_same_samples(tmp_path):
+    if find_embedded_model() is None:
+        pytest.skip("no embedded model in this install")
+    lines: list[str] = []
+    result = run_demo(
+        tmp_path, samples_per_class=1, steps=2, train=False, eval_samples=0, ptq_samples=4, log=lines.append
+    )
+    rows = result.ptq
+    assert [(r["method"], r["w_bits"]) for r in rows] == [
+        ("fp", None), ("+dynamic", 8), ("rtn", 4), ("+dynamic", 4), ("+gptq", 4)
+    ]  # fmt: skip
+    assert all(r["samples"] == 4 and r["steps"] == 10 for r in rows)
+    assert rows[2]["size_mb"] < rows[1]["size_mb"] < rows[0]["size_mb"]
+    assert sum("FID-FMNIST" in line for line in lines) == 5
+    with pytest.raises(InvalidArgumentError, match="ptq_samples"):
+        run_demo(tmp_path, ptq_samples=1, log=lambda _: None)

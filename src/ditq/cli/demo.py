@@ -27,6 +27,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=100,
         help="images scored by FID-FMNIST and class accuracy, the grid's among them (default 100; 0: none)",
     )
+    p.add_argument(
+        "--ptq-samples",
+        type=int,
+        default=100,
+        help="images per row of the fast PTQ ladder (FP, W8A8, W4A8 three ways; default 100; 0: none)",
+    )
     p.add_argument("--skip-train", action="store_true", help="skip the short training run (synthetic shapes)")
     p.add_argument("--train-steps", type=int, default=80, help="steps of the short training run (default 80)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
@@ -49,5 +55,6 @@ def run(args: argparse.Namespace) -> int:
         train=not args.skip_train,
         train_steps=args.train_steps,
         eval_samples=args.eval_samples,
+        ptq_samples=args.ptq_samples,
     )
     return 0

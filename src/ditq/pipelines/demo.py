@@ -58,6 +58,9 @@ DEMO_CONFIG = DiTConfig(
 # so each step takes tens of milliseconds on one CPU core.
 DEMO_TRAIN_STEPS = 80
 
+# Images scored per row of the demo's fast PTQ ladder (DDIM-10, no guidance).
+DEMO_PTQ_SAMPLES = 100
+
 # Images scored by FID-FMNIST: FID on the 20 grid images means nothing, and each
 # further 80 (beyond the grid) cost 29 s at DDIM-20 with guidance on a busy 2-core CPU.
 DEMO_EVAL_SAMPLES = 100
@@ -111,6 +114,7 @@ class DemoResult:
     seconds: float
     training: TrainResult | None = None  # None when the training part was skipped
     evaluation: dict | None = None  # evaluate_fmnist's result; None when skipped
+    ptq: list[dict] | None = None  # the fast PTQ ladder's rows; None when skipped
 
     @property
     def trained(self) -> bool:
@@ -129,6 +133,7 @@ def run_demo(
     train: bool = True,
     train_steps: int = DEMO_TRAIN_STEPS,
     eval_samples: int = DEMO_EVAL_SAMPLES,
+    ptq_samples: int = DEMO_PTQ_SAMPLES,
 ) -> DemoResult:
     """Sample each class with DDIM-``steps``; write ``grid.png`` and ``samples.npz`` into ``out_dir``.
 
@@ -136,7 +141,10 @@ def run_demo(
     per class, captioned with its name. With ``eval_samples`` (0 skips it),
     that many images, classes in turn (the grid's first, then a second draw
     from ``seed + 1``), are scored by FID-FMNIST and class accuracy and
-    written to ``eval_samples.npz``. Then, with ``train``, trains a fresh
+    written to ``eval_samples.npz``. With ``ptq_samples`` (0 skips it), a fast
+    Q-DiT ladder: the model quantized W8A8 and W4A8 a few ways, each scored on
+    the same ``ptq_samples`` images (DDIM-10, no guidance) next to full
+    precision, with its size. Then, with ``train``, trains a fresh
     tiny DiT on synthetic shapes for ``train_steps`` steps into ``out_dir/train``
     (log, checkpoint, EMA model). ``log`` receives one line per thing done
     (pass ``lambda _: None`` for silence).
@@ -145,6 +153,8 @@ def run_demo(
         raise InvalidArgumentError(f"samples_per_class must be positive, got {samples_per_class}")
     if train and train_steps < 1:
         raise InvalidArgumentError(f"train_steps must be positive, got {train_steps}")
+    if ptq_samples < 0 or ptq_samples == 1:
+        raise InvalidArgumentError(f"ptq_samples must be 0 (no PTQ part) or at least 2, got {ptq_samples}")
     if eval_samples < 0 or eval_samples == 1:
         raise InvalidArgumentError(
             f"eval_samples must be 0 (no evaluation) or at least 2, got {eval_samples}"
@@ -188,10 +198,13 @@ def run_demo(
     if eval_samples:
         options = {"steps": steps, "cfg_scale": cfg_scale, "seed": seed, "progress": progress}
         evaluation = _eval_part(model, images, labels, eval_samples, options, model_path, out_dir, log)
+    ladder_rows = _ptq_part(model, ptq_samples, seed, log) if ptq_samples else None
     training = _train_part(out_dir / "train", train_steps, seed, log) if train else None
     seconds = time.perf_counter() - started
     log(f"done in {seconds:.1f} s")
-    return DemoResult(grid_path, npz_path, model_path, len(labels), seconds, training, evaluation)
+    return DemoResult(
+        grid_path, npz_path, model_path, len(labels), seconds, training, evaluation, ladder_rows
+    )
 
 
 def published_evaluation() -> dict | None:
@@ -274,6 +287,50 @@ def _eval_part(
         )
     log(f"  score them again: ditq eval {eval_npz} --evaluator fmnist")
     return result
+
+
+# The fast ladder: each rung adds one ingredient; all score the same images.
+DEMO_PTQ_RUNGS = (
+    ("W8A8", 8, "+dynamic", "RTN, groups of 128, dynamic per-token activations"),
+    ("W4A8", 4, "rtn", "RTN, per-channel weights, static per-tensor activations"),
+    ("W4A8", 4, "+dynamic", "+ groups of 128, dynamic activations"),
+    ("W4A8", 4, "+gptq", "+ GPTQ weights (uniform groups; the full ladder also searches them)"),
+)
+
+
+def _ptq_part(model: nn.Module, num_samples: int, seed: int, log: Callable[[str], None]) -> list[dict] | None:
+    """Quantize the model a few ways (Q-DiT's ladder, fast) and score each on the same samples."""
+    from ditq.pipelines import ladder, ptq
+
+    try:
+        quality = ptq.quality_function(model)
+    except DitqError as e:
+        log(f"PTQ ladder skipped: {e}")
+        return None
+    spec = ptq.EvalSpec(num_samples=num_samples, steps=10, cfg_scale=1.0, batch_size=num_samples, seed=seed)
+    log(
+        f"post-training quantization (Q-DiT), fast: {num_samples} images per row, DDIM-{spec.steps}, "
+        "no guidance, the same seed and labels in every row ..."
+    )
+    started = time.perf_counter()
+    with _threads(1):
+        calib = ptq.record_calibration(model, ptq.CalibSpec(num_samples=32, steps=10), cache=False)
+        rows = ladder.fp_rows(model, spec, quality, seeds=(seed,))
+        for _, bits, rung, _ in DEMO_PTQ_RUNGS:
+            rows += ladder.ladder_rows(model, bits, spec, quality, calib, rungs=(rung,), search_layers={})
+    fp = rows[0]
+    lines = [("FP32", "full precision", fp)] + [
+        (name, text, row) for (name, _, _, text), row in zip(DEMO_PTQ_RUNGS, rows[1:], strict=True)
+    ]
+    for name, text, row in lines:
+        acc = "" if row.class_acc is None else f", class acc {100 * row.class_acc:4.1f}%"
+        ratio = f"x{row.fid / fp.fid:.2f}"
+        log(f"  {name:5s} FID-FMNIST {row.fid:6.2f} ({ratio}){acc}, {row.size_mb:5.2f} MB  {text}")
+    log(
+        f"  ({time.perf_counter() - started:.0f} s; FID on {num_samples} images is noisy: compare rows, not "
+        "with the 1000-sample figures; the full ladder: scripts/ptq_ladder.py, README)"
+    )
+    return [r.to_dict() for r in rows]
 
 
 def _train_part(out_dir: Path, steps: int, seed: int, log: Callable[[str], None]) -> TrainResult:

@@ -216,11 +216,13 @@ def _line(row: LadderRow) -> str:
     return f"{bits:7s} {row.method:10s} FID {row.fid:8.3f}{acc}, {row.size_mb:.3f} MB ({row.seconds:.0f} s)"
 
 
-def markdown_table(rows: Sequence[LadderRow | dict], fid_name: str = "FID-FMNIST") -> str:
-    """The ladder as a markdown table (ratio to the mean FP FID in its own column)."""
+def markdown_table(rows: Sequence[LadderRow | dict], fid_name: str = "FID-FMNIST", seed: int = 0) -> str:
+    """The ladder as a markdown table; "× FP" divides by the FP row drawn with the same samples
+    (``seed``, the quantized rows' seed), since paired rows differ far less than seeds do."""
     rows = [r.to_dict() if isinstance(r, LadderRow) else r for r in rows]
-    fp = [r["fid"] for r in rows if r["method"] == "fp"]
-    fp_mean = float(np.mean(fp)) if fp else None
+    fp = [r for r in rows if r["method"] == "fp"]
+    paired = next((r for r in fp if r.get("seed", seed) == seed), fp[0] if fp else None)
+    fp_mean = paired["fid"] if paired else None
     lines = [
         f"| bits | method | {fid_name} | × FP | class acc | size (MB) |",
         "|---|---|---|---|---|---|",

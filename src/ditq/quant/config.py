@@ -122,6 +122,31 @@ def check_pattern(pattern: str) -> str:
 # ----------------------------------------------------------------------------
 
 
+class JSONConfig:
+    """JSON round trip for config dataclasses: unknown fields and bad JSON are one-line errors."""
+
+    @classmethod
+    def _from_fields(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(map(str, set(d) - names))
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        return cls(**d)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            d = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise InvalidArgumentError(f"{cls.__name__} JSON does not parse: {e}") from None
+        return cls.from_dict(d)
+
+
 @dataclass(frozen=True)
 class LayerQuant:
     """The resolved settings of one layer: global ones with that layer's overrides applied."""
@@ -137,7 +162,7 @@ class LayerQuant:
 
 
 @dataclass
-class QDiTConfig:
+class QDiTConfig(JSONConfig):
     """Q-DiT post-training quantization: bits, group sizes, clipping, activation mode, layer selection.
 
     ``include``/``exclude``: layer-name patterns (fnmatch, or ``re:`` + regex,
@@ -239,22 +264,4 @@ class QDiTConfig:
     def from_dict(cls, d: dict) -> QDiTConfig:
         if not isinstance(d, dict):
             raise InvalidArgumentError(f"a QDiTConfig is read from a dict, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown QDiTConfig field(s): {', '.join(map(str, unknown))}; "
-                f"known: {', '.join(sorted(names))}"
-            )
-        return cls(**d)
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_json(cls, text: str) -> QDiTConfig:
-        try:
-            d = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as e:
-            raise InvalidArgumentError(f"QDiTConfig JSON does not parse: {e}") from None
-        return cls.from_dict(d)
+        return cls._from_fields(d)

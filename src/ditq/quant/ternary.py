@@ -58,10 +58,9 @@ for bit. It also loads official TerDiT tensors (``weight`` uint8
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +68,7 @@ from torch import nn
 
 from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.kernels.packing import PackingError, pack_ternary, packed_2bit_shape, unpack_2bit, unpack_ternary
-from ditq.quant.config import check_pattern
+from ditq.quant.config import JSONConfig, check_pattern
 from ditq.quant.presets import get_preset, linear_names, match_any, preset_for
 
 EPS = 1e-6
@@ -384,7 +383,7 @@ def _pattern_list(v, name: str) -> list[str] | None:
 
 
 @dataclass
-class TernaryQATConfig:
+class TernaryQATConfig(JSONConfig):
     """Ternary QAT: ``step="prepare"`` swaps float linears for :class:`TernaryQATLinear`,
     ``step="convert"`` swaps those for packed :class:`TernaryLinear`.
 
@@ -441,24 +440,7 @@ class TernaryQATConfig:
         method = d.pop("method", cls.method)
         if method != cls.method:
             raise InvalidArgumentError(f"not a ternary config: method is {method!r}, expected 'ternary'")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(map(str, set(d) - names))
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown TernaryQATConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
-            )
-        return cls(**d)
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_json(cls, text: str) -> TernaryQATConfig:
-        try:
-            d = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as e:
-            raise InvalidArgumentError(f"TernaryQATConfig JSON does not parse: {e}") from None
-        return cls.from_dict(d)
+        return cls._from_fields(d)
 
 
 # ----------------------------------------------------------------------------

@@ -35,7 +35,9 @@ from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.quant.config import LayerQuant, QDiTConfig, _patterns
 from ditq.quant.granularity import num_groups, weight_granularity
 from ditq.quant.nn import ActQuantizer, QuantLinear
-from ditq.quant.presets import get_preset, linear_names, match_any, preset_for
+from ditq.quant.presets import few_names as _few
+from ditq.quant.presets import get_preset, linear_names, match_any, nothing_selected, preset_for
+from ditq.quant.presets import set_module as _set_module
 from ditq.quant.ternary import TernaryQATConfig, quantize_ternary_
 
 SCALE_BYTES = 2
@@ -45,12 +47,6 @@ SCALE_BYTES = 2
 # ----------------------------------------------------------------------------
 # Layer selection
 # ----------------------------------------------------------------------------
-
-
-def _few(names, k: int = 5) -> str:
-    names = list(names)
-    shown = ", ".join(names[:k]) or "(none)"
-    return shown + (f", ... ({len(names)} in all)" if len(names) > k else "")
 
 
 def _check_config(config) -> QDiTConfig:
@@ -111,12 +107,6 @@ def _check_named(kind: str, names, selected: list[str], model: nn.Module) -> Non
         )
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 # ----------------------------------------------------------------------------
 # Quantize, calibrate, inspect
 # ----------------------------------------------------------------------------
@@ -154,14 +144,7 @@ def quantize_(
     weight_overrides = dict(weight_overrides or {})
     selected = select_layers(model, config, include=include, exclude=exclude)
     if not selected:
-        inc, exc = _rules(model, config, include, exclude)
-        floats = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
-        already = len(quantized_layers(model))
-        hint = f" ({already} layers are already quantized)" if already else ""
-        raise InvalidArgumentError(
-            f"no nn.Linear layer matches include {inc} minus exclude {exc}{hint}; the model's linear layers "
-            f"are e.g. {_few(floats)}"
-        )
+        raise nothing_selected(model, *_rules(model, config, include, exclude), len(quantized_layers(model)))
     _check_named("QDiTConfig.layers", list(config.layers), selected, model)
     _check_named("weight_overrides", list(weight_overrides), selected, model)
 

@@ -127,3 +127,29 @@ def preset_for(model: nn.Module | Iterable[str]) -> Preset | None:
         if preset.matches(names):
             return preset
     return None
+
+
+def few_names(names, k: int = 5) -> str:
+    """``"a, b, c, ... (12 in all)"``: the first ``k`` names, for one-line error messages."""
+    names = list(names)
+    shown = ", ".join(names[:k]) or "(none)"
+    return shown + (f", ... ({len(names)} in all)" if len(names) > k else "")
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule ``name`` (dotted) of ``model`` by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def nothing_selected(
+    model: nn.Module, inc: list[str], exc: list[str], already: int, done: str = "quantized"
+) -> InvalidArgumentError:
+    """The one-line error for include/exclude patterns that select no float linear layer."""
+    floats = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+    hint = f" ({already} layers are already {done})" if already else ""
+    return InvalidArgumentError(
+        f"no nn.Linear layer matches include {inc} minus exclude {exc}{hint}; the model's linear layers "
+        f"are e.g. {few_names(floats)}"
+    )

@@ -69,7 +69,8 @@ from torch import nn
 from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.kernels.packing import PackingError, pack_ternary, packed_2bit_shape, unpack_2bit, unpack_ternary
 from ditq.quant.config import JSONConfig, check_pattern
-from ditq.quant.presets import get_preset, linear_names, match_any, preset_for
+from ditq.quant.presets import get_preset, linear_names, match_any, nothing_selected, preset_for
+from ditq.quant.presets import set_module as _set_module
 
 EPS = 1e-6
 """ε in ``W / (γ + ε)``: keeps an all-zero weight from dividing by zero."""
@@ -448,18 +449,6 @@ class TernaryQATConfig(JSONConfig):
 # ----------------------------------------------------------------------------
 
 
-def _few(names, k: int = 5) -> str:
-    names = list(names)
-    shown = ", ".join(names[:k]) or "(none)"
-    return shown + (f", ... ({len(names)} in all)" if len(names) > k else "")
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def _rules(model: nn.Module, config: TernaryQATConfig, include, exclude) -> tuple[list[str], list[str]]:
     """(include, exclude) in force: arguments win over the config, the config over the preset."""
     if include is not None:
@@ -500,13 +489,7 @@ def _selected_or_error(model: nn.Module, config: TernaryQATConfig, include, excl
     selected = select_ternary_layers(model, config, include=include, exclude=exclude)
     if not selected:
         inc, exc = _rules(model, config, include, exclude)
-        floats = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
-        already = len(ternary_layers(model))
-        hint = f" ({already} layers are already ternary)" if already else ""
-        raise InvalidArgumentError(
-            f"no nn.Linear layer matches include {inc} minus exclude {exc}{hint}; the model's linear layers "
-            f"are e.g. {_few(floats)}"
-        )
+        raise nothing_selected(model, inc, exc, len(ternary_layers(model)), done="ternary")
     return selected
 
 

@@ -1,0 +1,498 @@
+"""Triton device code of the ditq ops: the ``@triton.jit`` kernels and their autotuning configs.
+
+Host code (argument checks, allocation, launch) is in :mod:`ditq.kernels.triton.launch`;
+the package docstring (:mod:`ditq.kernels.triton`) explains the kernels as a whole.
+
+This module imports Triton at the top: import it only when Triton is importable
+(the package does). Whether the kernels are compiled or interpreted is decided
+when this module is imported, as Triton decides it when ``@triton.jit`` runs:
+``TRITON_INTERPRET=1`` in the environment before the import selects the
+interpreter, and then each kernel gets one small autotuning config (the
+interpreter is slow and cannot time configs).
+
+No ``from __future__ import annotations`` here: Triton reads the ``tl.constexpr``
+annotations of kernel arguments as objects.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice  # Triton >= 3.0: resolved to CUDA's or HIP's when compiling
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.3 reads its environment through knobs
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+INTERPRET = _interpreting()
+"""True when the kernels below run in Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
+
+_INTERPRETER_BF16 = tl.constexpr(INTERPRET)  # see _cast
+
+MIN_BLOCK_K_INT8 = 32
+"""Smallest K tile of an int8 ``tl.dot`` (Triton's NVIDIA backend asks K >= 32 for 8-bit operands)."""
+
+
+def _cfg(bm: int, bn: int, bk: int, group_m: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
+    )
+
+
+# One config under the interpreter: tiles smaller than the test shapes, so that
+# several programs, partial tiles and several K iterations are all exercised.
+_INTERPRET_INT = [_cfg(16, 16, 32, 2, 4, 1)]
+_INTERPRET_FLOAT = [_cfg(16, 16, 16, 2, 4, 1)]
+
+# Integer GEMMs (int8 operands: a K tile of 128 is 128 bytes, like 64 fp16 inputs).
+# Large tiles for M in the thousands (DiT-XL/2 at 256 tokens x batch 32 = 8192),
+# BLOCK_M = 16/32 tiles with narrow N tiles for a few tokens, where the grid must
+# still cover the GPU's SMs and the weights' bytes dominate.
+_GPU_INT = [
+    _cfg(128, 256, 128, 8, 8, 3),
+    _cfg(256, 128, 128, 8, 8, 3),
+    _cfg(128, 128, 128, 8, 8, 4),
+    _cfg(128, 128, 64, 8, 4, 4),
+    _cfg(64, 128, 128, 8, 4, 4),
+    _cfg(128, 64, 128, 8, 4, 4),
+    _cfg(64, 64, 128, 8, 4, 4),
+    _cfg(32, 64, 256, 4, 4, 4),
+    _cfg(32, 128, 128, 4, 4, 4),
+    _cfg(16, 64, 256, 1, 4, 4),
+    _cfg(16, 32, 256, 1, 4, 4),
+    _cfg(16, 128, 128, 1, 4, 4),
+]
+# w4a8: the K tile must divide the segment where both scales are constant, so
+# every tile shape comes with K tiles of 32, 64 and 128 (pruned per call).
+_GPU_W4A8 = [
+    _cfg(bm, bn, bk, gm, w, s)
+    for (bm, bn, gm, w, s) in [
+        (128, 128, 8, 8, 3),
+        (128, 64, 8, 4, 4),
+        (64, 128, 8, 4, 4),
+        (64, 64, 8, 4, 4),
+        (32, 64, 4, 4, 4),
+        (16, 64, 1, 4, 4),
+        (16, 32, 1, 4, 4),
+    ]
+    for bk in (32, 64, 128)
+]
+# Weight-only float kernels: made for small M (memory-bound on the packed weights).
+_GPU_FLOAT = [
+    _cfg(16, 32, 128, 1, 4, 4),
+    _cfg(16, 64, 128, 1, 4, 4),
+    _cfg(16, 64, 64, 1, 4, 4),
+    _cfg(16, 128, 64, 1, 4, 3),
+    _cfg(32, 64, 64, 4, 4, 4),
+    _cfg(64, 64, 64, 8, 4, 4),
+    _cfg(64, 128, 64, 8, 4, 3),
+    _cfg(128, 128, 32, 8, 8, 3),
+]
+
+INT_CONFIGS = _INTERPRET_INT if INTERPRET else _GPU_INT
+W4A8_CONFIGS = _INTERPRET_INT if INTERPRET else _GPU_W4A8
+FLOAT_CONFIGS = _INTERPRET_FLOAT if INTERPRET else _GPU_FLOAT
+
+
+def _prune_m(configs, named_args, **kwargs):
+    """Drop configs whose M tile is far above M (they only waste tuning time), keeping at least one."""
+    m = named_args["M"]
+    cap = max(16, triton.next_power_of_2(m))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+def _prune_w4a8(configs, named_args, **kwargs):
+    """Keep the configs whose K tile divides the constant-scale segment (then as :func:`_prune_m`)."""
+    seg = named_args["SEG"]
+    return _prune_m([c for c in configs if seg % c.kwargs["BLOCK_K"] == 0], named_args, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Shared pieces (inlined into the kernels)
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, in groups of GROUP_M row tiles so that neighbouring
+    programs share weight tiles in L2 (the ordering of Triton's matmul tutorial)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _unpack_k4(packed):
+    """uint8 ``[BN, BK/4]`` bytes in the "k4" layout -> 2-bit codes ``[BN, BK]`` in K order.
+
+    Byte j holds inputs 4j..4j+3 in bits 1-0, 3-2, 5-4, 7-6. Interleaving (c0, c2)
+    and (c1, c3), then the two results, puts code t of byte j at 4j + t. Loading
+    the packed bytes as a plain [BN, BK/4] tile keeps the loads contiguous (and
+    asynchronous-copy friendly); the unpacking is register shuffles.
+    """
+    c0 = packed & 3
+    c1 = (packed >> 2) & 3
+    c2 = (packed >> 4) & 3
+    c3 = (packed >> 6) & 3
+    return tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+
+
+@triton.jit
+def _cast(y, dtype: tl.constexpr):
+    """``y.to(dtype)``, rounding to nearest even.
+
+    Compiled, that is all. Triton 3.9's interpreter truncates float -> bfloat16
+    instead of rounding, so there the rounding to 8 significant bits is done on
+    the float32 bits first (the conversion then drops zeros only).
+    """
+    if _INTERPRETER_BF16:
+        if dtype == tl.bfloat16:
+            bits = y.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            y = bits.to(tl.float32, bitcast=True)
+    return y.to(dtype)
+
+
+@triton.jit
+def _store_tile(out_ptr, y, offs_m, offs_n, mask_m, mask_n, N):
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(ptrs, _cast(y, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------
+# quantize_per_token_int8
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def quantize_rows_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    ROWS,
+    G,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    USE_RINT: tl.constexpr,
+):
+    """Absmax int8 quantization of ``ROWS`` rows of ``G`` inputs (a row = a token or one of its groups).
+
+    Each program takes BLOCK_R rows. A row that fits one BLOCK_G chunk stays in
+    registers; a longer one is read twice (max, then quantize), the second time
+    mostly from L2.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < ROWS
+    base = rows.to(tl.int64)[:, None] * G
+    cols = tl.arange(0, BLOCK_G)
+    if ONE_CHUNK:
+        mask = row_mask[:, None] & (cols[None, :] < G)
+        x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+    else:
+        amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    amax = tl.maximum(amax, 1e-5)  # ops.ACT_EPS
+    # The reference's numbers exactly: 127 / a is (1 / a) * 127 with an IEEE-rounded
+    # division (Triton's plain "/" is an approximate one on NVIDIA GPUs).
+    inv = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), amax) * 127.0
+    tl.store(s_ptr + rows, tl.math.div_rn(amax, tl.full((BLOCK_R,), 127.0, tl.float32)), mask=row_mask)
+    if ONE_CHUNK:
+        v = x * inv[:, None]
+        if USE_RINT:
+            r = libdevice.rint(v)  # round half to even, as torch.round
+        else:
+            # The interpreter has no libdevice. Adding and removing 1.5 * 2^23 rounds
+            # half to even in float32 for |v| < 2^22 (here |v| <= 127); the launch
+            # turns FMA fusion off, so v is rounded before the addition.
+            r = (v + 12582912.0) - 12582912.0
+        q = tl.minimum(tl.maximum(r, -128.0), 127.0)
+        tl.store(q_ptr + base + cols[None, :], q.to(tl.int8), mask=mask)
+    else:
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = x * inv[:, None]
+            if USE_RINT:
+                r = libdevice.rint(v)
+            else:
+                r = (v + 12582912.0) - 12582912.0
+            q = tl.minimum(tl.maximum(r, -128.0), 127.0)
+            tl.store(q_ptr + base + c0 + cols[None, :], q.to(tl.int8), mask=mask)
+
+
+# ----------------------------------------------------------------------------
+# w8a8_linear and w158a8_linear: int8 x (int8 | ternary) -> int32, fused epilogue
+# ----------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=INT_CONFIGS, key=["M_KEY", "N", "K"], prune_configs_by={"early_config_prune": _prune_m}
+)
+@triton.jit
+def int8_gemm_kernel(
+    x_ptr,
+    xs_ptr,
+    w_ptr,
+    ws_ptr,
+    ws_stride,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_KEY,
+    W_TERNARY: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``out = float(xq @ w.T) * xs * ws + bias`` for int8 ``xq [M, K]`` and int8 ``w [N, K]``
+    (``W_TERNARY``: ternary "k4" bytes ``[N, K/4]``, codes w + 1).
+
+    The int32 accumulator is exact (|K| <= 2^16); the epilogue runs in float32 in the
+    reference's order. ``ws_stride`` is 0 for one weight scale, 1 for one per output.
+    ``M_KEY`` (M rounded up to a power of two) only keys the autotuning cache.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    if W_TERNARY:
+        offs_kb = tl.arange(0, BLOCK_K // 4)
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 4) + offs_kb[None, :]
+    else:
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        # Masked inputs read as 0 in x, so whatever the weight tile holds there adds nothing.
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0)
+        if W_TERNARY:
+            packed = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_kb[None, :] < (K - k0) // 4), other=0)
+            w = (_unpack_k4(packed).to(tl.int8) - 1).to(tl.int8)  # [BN, BK] in {-1, 0, 1}
+            w_ptrs += BLOCK_K // 4
+        else:
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K - k0), other=0)
+            w_ptrs += BLOCK_K
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        x_ptrs += BLOCK_K
+
+    xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+    ws = tl.load(ws_ptr + offs_n * ws_stride, mask=mask_n, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    _store_tile(out_ptr, y, offs_m, offs_n, mask_m, mask_n, N)
+
+
+# ----------------------------------------------------------------------------
+# w4a8_linear: Q-DiT group-wise int4 weights x 8-bit activations, exact zero points
+# ----------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=W4A8_CONFIGS,
+    key=["M_KEY", "N", "K", "SEG", "GA", "GW"],
+    prune_configs_by={"early_config_prune": _prune_w4a8},
+)
+@triton.jit
+def w4a8_gemm_kernel(
+    x_ptr,
+    xs_ptr,
+    xz_ptr,
+    w_ptr,
+    wsc_ptr,
+    wz_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_KEY,
+    SEG,
+    GA,
+    GW,
+    HAS_XZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``out = Σ_segments float(Σ (q_x − z_x)(q_w − z_w)) · s_x · s_w + bias`` (see ``ops.w4a8_linear``).
+
+    Segments are SEG = gcd(GA, GW) inputs long, so both scales are constant in
+    each; BLOCK_K divides SEG, which divides K (no K masks). Within a segment the
+    integer sum is expanded so that the dot product sees int8 operands only::
+
+        Σ (a' − z')(q_w − z_w) = Σ a' q_w − z_w Σ a' − z' Σ q_w + SEG z' z_w
+
+    with a' = q_x, z' = 0 (symmetric int8 codes) or a' = q_x − 128, z' = z_x − 128
+    (uint8 codes with zero points: shifted into int8's range). Σ a' and Σ q_w are
+    row and column sums of the tiles already in registers. At each segment's end
+    the exact int32 sum is scaled in float32 and added, in the reference's order.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kb = tl.arange(0, BLOCK_K // 2)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    n_ga = K // GA  # activation groups per token
+    n_gw = K // GW  # weight groups per output row
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + offs_kb[None, :]
+    xs_row = xs_ptr + offs_m.to(tl.int64) * n_ga
+    xz_row = xz_ptr + offs_m.to(tl.int64) * n_ga
+    w_row = offs_n.to(tl.int64) * n_gw
+
+    y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    sum_a = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    sum_w = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    blocks_per_seg = SEG // BLOCK_K
+    for kb in range(0, K // BLOCK_K):
+        a = tl.load(x_ptrs, mask=mask_m[:, None], other=0)
+        if HAS_XZERO:
+            a = (a.to(tl.int32) - 128).to(tl.int8)
+        packed = tl.load(w_ptrs, mask=mask_n[:, None], other=0)  # [BN, BK/2]
+        lo = packed & 0xF
+        hi = packed >> 4
+        w = tl.interleave(lo, hi).to(tl.int8)  # [BN, BK]: byte j holds inputs 2j (low) and 2j+1
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        sum_a += tl.sum(a.to(tl.int32), axis=1)
+        if HAS_XZERO:
+            sum_w += tl.sum(lo.to(tl.int32) + hi.to(tl.int32), axis=1)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K // 2
+
+        if (kb + 1) % blocks_per_seg == 0:  # end of a segment: scale its exact sum and add it
+            k_start = (kb + 1) * BLOCK_K - SEG
+            ga_idx = k_start // GA
+            gw_idx = k_start // GW
+            # Zero points are integers held as floats; the reference truncates them to int32 too.
+            zw = tl.load(wz_ptr + w_row + gw_idx, mask=mask_n, other=0.0).to(tl.int32)
+            sw = tl.load(wsc_ptr + w_row + gw_idx, mask=mask_n, other=0.0).to(tl.float32)
+            sx = tl.load(xs_row + ga_idx, mask=mask_m, other=0.0).to(tl.float32)
+            seg = acc - sum_a[:, None] * zw[None, :]
+            if HAS_XZERO:
+                zx = tl.load(xz_row + ga_idx, mask=mask_m, other=0.0).to(tl.int32) - 128
+                seg = seg - zx[:, None] * sum_w[None, :] + SEG * (zx[:, None] * zw[None, :])
+            y += seg.to(tl.float32) * sx[:, None] * sw[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            sum_a = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            sum_w = tl.zeros((BLOCK_N,), dtype=tl.int32)
+
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    _store_tile(out_ptr, y, offs_m, offs_n, mask_m, mask_n, N)
+
+
+# ----------------------------------------------------------------------------
+# ternary_linear and int4_linear: weight-only, float activations
+# ----------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=FLOAT_CONFIGS, key=["M_KEY", "N", "K", "GW"], prune_configs_by={"early_config_prune": _prune_m}
+)
+@triton.jit
+def weight_only_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    s_stride,
+    z_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_KEY,
+    GW,
+    W_INT4: tl.constexpr,
+    PER_BYTE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``out = x @ W.T + bias`` in x's dtype with float32 accumulation, W unpacked in registers.
+
+    ``PER_BYTE`` is 2 with ``W_INT4``, else 4. Ternary (not ``W_INT4``): "k4"
+    bytes ``[N, K/4]``; the codes − 1 are exact in any float dtype, so the dot runs
+    on them and the per-output scale (rounded to x's dtype, as the reference's
+    weight is) multiplies the float32 sums once. ``s_stride`` is 0 for one scale,
+    1 for one per output. ``UPCAST`` (interpreter only) multiplies in float32.
+
+    Int4 (``W_INT4``): bytes ``[N, K/2]`` with per-(row, group of GW) scale and
+    zero ``[N, K/GW]``; each weight is dequantized as the reference does,
+    ``(code − zero) · scale`` in the scale's dtype, then cast to x's dtype. The
+    scales are gathered per element, so any group size works.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_kb = tl.arange(0, BLOCK_K // PER_BYTE)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * (K // PER_BYTE) + offs_kb[None, :]
+    x_dtype = x_ptr.dtype.element_ty
+    n_gw = K // GW
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+        packed = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_kb[None, :] < (K - k0) // PER_BYTE), other=0)
+        if W_INT4:
+            codes = tl.interleave(packed & 0xF, packed >> 4)  # [BN, BK]
+            kmask = mask_n[:, None] & (offs_k[None, :] < K - k0)
+            g_off = offs_n.to(tl.int64)[:, None] * n_gw + ((k0 + offs_k) // GW)[None, :]
+            scale = tl.load(s_ptr + g_off, mask=kmask, other=0.0)
+            zero = tl.load(z_ptr + g_off, mask=kmask, other=0.0)
+            w = _cast((codes.to(scale.dtype) - zero) * scale, x_dtype)
+        else:
+            # Through float32 (exact for -1, 0, 1): the interpreter converts int8 -> bfloat16 wrongly.
+            w = (_unpack_k4(packed).to(tl.int8) - 1).to(tl.float32).to(x_dtype)
+        if UPCAST:  # the interpreter's bfloat16 dot is wrong; float32 products of bfloat16 are exact
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K // PER_BYTE
+
+    if not W_INT4:
+        s = _cast(tl.load(s_ptr + offs_n * s_stride, mask=mask_n, other=0.0), x_dtype).to(tl.float32)
+        acc = acc * s[None, :]
+    if HAS_BIAS:
+        bias = _cast(tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0), x_dtype).to(tl.float32)
+        acc = acc + bias[None, :]
+    _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, N)

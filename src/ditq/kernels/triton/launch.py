@@ -1,0 +1,304 @@
+"""Host side of the Triton kernels: one function per ditq op, with the op's signature.
+
+Each function takes the op's arguments (already checked by :mod:`ditq.kernels.ops`),
+allocates the output, picks launch parameters and runs a kernel of
+:mod:`ditq.kernels.triton.kernels`; or returns ``NotImplemented`` for a call the
+kernels do not handle (a dtype, a device, an empty tensor, or a w4a8 group layout
+whose constant-scale segment is not a multiple of 32 inputs), and the reference
+runs instead. Tensors must be on one CUDA device, or on the CPU when Triton's
+interpreter is on (``TRITON_INTERPRET=1`` at import; how the tests run).
+
+This module imports Triton: import it only when :func:`ditq.kernels.triton.available`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+
+from ditq.kernels.triton import kernels as K
+
+FLOAT_OUT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Output dtypes the integer GEMMs store (the float32 epilogue is cast once, at the store)."""
+
+DOT_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+"""Activation dtypes of the weight-only kernels (``tl.dot`` operand types)."""
+
+QUANT_ONE_CHUNK_MAX = 8192
+"""Longest row :func:`quantize_per_token_int8` keeps in registers; longer rows are read twice."""
+
+_QUANT_TILE = 4096  # elements per program in quantize_per_token_int8 (rows x columns)
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer; the kernels write every element (tests poison buffers through this hook)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _device_of(*tensors) -> torch.device | None:
+    """The one device of ``tensors`` (Nones skipped) if the kernels can run there, else None."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        return None
+    (device,) = devices
+    if device.type == "cuda" or (K.INTERPRET and device.type == "cpu"):
+        return device
+    return None
+
+
+def _on(device: torch.device):
+    """Launch on ``device``'s GPU (Triton launches on the current one), nothing for the interpreter."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).contiguous()
+
+
+def _m_key(m: int) -> int:
+    """M rounded up to a power of two: autotuning keys on it, so a new batch size rarely re-tunes."""
+    return triton.next_power_of_2(m)
+
+
+def _grid(m: int, n: int):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def _is_float(t: torch.Tensor | None) -> bool:
+    return t is None or t.dtype in FLOAT_OUT
+
+
+def _allow_tf32() -> bool:
+    """Whether float32 matmuls may use TF32 (PyTorch's switch, so that we round as F.linear does)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+# ----------------------------------------------------------------------------
+# quantize_per_token_int8
+# ----------------------------------------------------------------------------
+
+
+def quantize_per_token_int8(x: torch.Tensor, group: int):
+    """Triton implementation of :func:`ditq.kernels.ops.quantize_per_token_int8`: bit-exact codes, scales."""
+    device = _device_of(x)
+    k = x.shape[-1]
+    g = k if group == 0 else group
+    if device is None or x.dtype not in FLOAT_OUT or x.numel() == 0 or g <= 0 or k % g:
+        return NotImplemented
+    rows = x.numel() // g
+    xf = x.contiguous()
+    q = _alloc(x.shape, torch.int8, device)
+    s = _alloc((*x.shape[:-1], k // g), torch.float32, device)
+    one_chunk = g <= QUANT_ONE_CHUNK_MAX
+    block_g = max(16, triton.next_power_of_2(g)) if one_chunk else _QUANT_TILE
+    block_r = max(1, min(triton.next_power_of_2(rows), _QUANT_TILE // block_g))
+    with _on(device):
+        K.quantize_rows_kernel[(triton.cdiv(rows, block_r),)](
+            xf,
+            q,
+            s,
+            rows,
+            g,
+            BLOCK_R=block_r,
+            BLOCK_G=block_g,
+            ONE_CHUNK=one_chunk,
+            USE_RINT=not K.INTERPRET,
+            num_warps=8 if block_r * block_g >= _QUANT_TILE else 4,
+            enable_fp_fusion=False,  # v = x * inv must be rounded before it is rounded to an integer
+        )
+    return q, s
+
+
+# ----------------------------------------------------------------------------
+# w8a8_linear, w158a8_linear
+# ----------------------------------------------------------------------------
+
+
+def _int8_gemm(xq, xs, w, ws, bias, out_dtype, n: int, ternary: bool, device):
+    k = xq.shape[-1]
+    m = xq.numel() // k
+    if m == 0 or n == 0 or xs.numel() != m or ws.numel() not in (1, n) or out_dtype not in FLOAT_OUT:
+        return NotImplemented
+    if not (_is_float(xs) and _is_float(ws) and _is_float(bias)):
+        return NotImplemented
+    x2 = xq.reshape(m, k).contiguous()
+    xs1, ws1 = _flat(xs), _flat(ws)
+    b1 = _flat(bias) if bias is not None else xs1  # a placeholder pointer when there is no bias
+    out = _alloc((m, n), out_dtype, device)
+    with _on(device):
+        K.int8_gemm_kernel[_grid(m, n)](
+            x2,
+            xs1,
+            w.contiguous(),
+            ws1,
+            0 if ws1.numel() == 1 else 1,
+            b1,
+            out,
+            m,
+            n,
+            k,
+            _m_key(m),
+            W_TERNARY=ternary,
+            HAS_BIAS=bias is not None,
+            enable_fp_fusion=False,  # the epilogue rounds as the reference's: (acc * xs) * ws, then + bias
+        )
+    return out.reshape(*xq.shape[:-1], n)
+
+
+def w8a8_linear(xq, xs, wq, ws, bias, out_dtype):
+    """Triton implementation of :func:`ditq.kernels.ops.w8a8_linear` (int8 ``tl.dot``, fused epilogue)."""
+    device = _device_of(xq, xs, wq, ws, bias)
+    if device is None or xq.dtype != torch.int8 or wq.dtype != torch.int8 or wq.dim() != 2:
+        return NotImplemented
+    if wq.shape[1] != xq.shape[-1]:
+        return NotImplemented
+    return _int8_gemm(xq, xs, wq, ws, bias, out_dtype, wq.shape[0], False, device)
+
+
+def w158a8_linear(xq, xs, w_packed, w_scale, bias, out_dtype):
+    """Triton implementation of :func:`ditq.kernels.ops.w158a8_linear` (2-bit codes unpacked in registers)."""
+    device = _device_of(xq, xs, w_packed, w_scale, bias)
+    k = xq.shape[-1]
+    if device is None or xq.dtype != torch.int8 or w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        return NotImplemented
+    if k % 4 or w_packed.shape[1] * 4 != k:
+        return NotImplemented
+    return _int8_gemm(xq, xs, w_packed, w_scale, bias, out_dtype, w_packed.shape[0], True, device)
+
+
+# ----------------------------------------------------------------------------
+# w4a8_linear
+# ----------------------------------------------------------------------------
+
+
+def w4a8_linear(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype):
+    """Triton implementation of :func:`ditq.kernels.ops.w4a8_linear` (exact zero points, per-segment rescale).
+
+    Declines (``NotImplemented``) when ``gcd(activation group, weight group)``
+    is not a multiple of 32 inputs: an int8 dot product needs K tiles of 32 at
+    least, and a tile must not straddle two scales.
+    """
+    device = _device_of(xq, xs, x_zero, w_packed, w_scale, w_zero, bias)
+    if device is None or out_dtype not in FLOAT_OUT or w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        return NotImplemented
+    asym = x_zero is not None
+    if xq.dtype != (torch.uint8 if asym else torch.int8):
+        return NotImplemented
+    k, n = xq.shape[-1], w_packed.shape[0]
+    m = xq.numel() // k
+    if m == 0 or n == 0 or k % 2 or w_packed.shape[1] * 2 != k:
+        return NotImplemented
+    # Activation groups per token, read as the reference does ([..., G], or [...] for one per token).
+    n_ga = 1 if tuple(xs.shape) == tuple(xq.shape[:-1]) else xs.shape[-1]
+    if xs.numel() != m * n_ga or k % n_ga or (asym and x_zero.numel() != xs.numel()):
+        return NotImplemented
+    if w_scale.dim() != 2 or w_scale.shape != w_zero.shape or w_scale.shape[0] != n or k % w_scale.shape[1]:
+        return NotImplemented
+    if not all(_is_float(t) for t in (xs, x_zero, w_scale, w_zero, bias)):
+        return NotImplemented
+    ga, gw = k // n_ga, k // w_scale.shape[1]
+    seg = math.gcd(ga, gw)
+    if seg % K.MIN_BLOCK_K_INT8:
+        return NotImplemented
+    x2 = xq.reshape(m, k).contiguous()
+    xs1 = _flat(xs)
+    xz1 = _flat(x_zero) if asym else xs1  # placeholder pointer when symmetric
+    b1 = _flat(bias) if bias is not None else xs1
+    out = _alloc((m, n), out_dtype, device)
+    with _on(device):
+        K.w4a8_gemm_kernel[_grid(m, n)](
+            x2,
+            xs1,
+            xz1,
+            w_packed.contiguous(),
+            w_scale.contiguous(),
+            w_zero.contiguous(),
+            b1,
+            out,
+            m,
+            n,
+            k,
+            _m_key(m),
+            seg,
+            ga,
+            gw,
+            HAS_XZERO=asym,
+            HAS_BIAS=bias is not None,
+            enable_fp_fusion=False,  # segments are scaled and summed as the reference does
+        )
+    return out.reshape(*xq.shape[:-1], n)
+
+
+# ----------------------------------------------------------------------------
+# ternary_linear, int4_linear
+# ----------------------------------------------------------------------------
+
+
+def _weight_only(x, w_packed, scale, zero, bias, n: int, int4: bool, device):
+    k = x.shape[-1]
+    m = x.numel() // k
+    # Scales and bias are rounded to x's dtype in the kernel: 16/32-bit sources only (no float64 casts).
+    if m == 0 or n == 0 or scale.dtype not in DOT_FLOAT or (bias is not None and bias.dtype not in DOT_FLOAT):
+        return NotImplemented
+    x2 = x.reshape(m, k).contiguous()
+    out = _alloc((m, n), x.dtype, device)
+    # float32: IEEE products unless PyTorch allows TF32; 16-bit: the backend's default (None).
+    precision = ("tf32" if _allow_tf32() else "ieee") if x.dtype == torch.float32 else None
+    s = scale.contiguous() if int4 else _flat(scale)
+    b1 = _flat(bias) if bias is not None else s
+    with _on(device):
+        K.weight_only_gemm_kernel[_grid(m, n)](
+            x2,
+            w_packed.contiguous(),
+            s,
+            0 if s.numel() == 1 else 1,
+            zero.contiguous() if int4 else s,  # placeholder pointer for ternary
+            b1,
+            out,
+            m,
+            n,
+            k,
+            _m_key(m),
+            k // scale.shape[1] if int4 else k,
+            W_INT4=int4,
+            PER_BYTE=2 if int4 else 4,
+            HAS_BIAS=bias is not None,
+            INPUT_PRECISION=precision,
+            UPCAST=K.INTERPRET and x.dtype == torch.bfloat16,  # Triton 3.9's interpreter: bf16 dots are wrong
+        )
+    return out.reshape(*x.shape[:-1], n)
+
+
+def ternary_linear(x, w_packed, scale, bias):
+    """Triton implementation of :func:`ditq.kernels.ops.ternary_linear` (16- and 32-bit float activations)."""
+    device = _device_of(x, w_packed, scale, bias)
+    k = x.shape[-1]
+    if device is None or x.dtype not in DOT_FLOAT or w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        return NotImplemented
+    n = w_packed.shape[0]
+    if k % 4 or w_packed.shape[1] * 4 != k or scale.numel() not in (1, n):
+        return NotImplemented
+    return _weight_only(x, w_packed, scale, None, bias, n, False, device)
+
+
+def int4_linear(x, w_packed, w_scale, w_zero, bias):
+    """Triton implementation of :func:`ditq.kernels.ops.int4_linear` (any group size dividing K).
+
+    Scales and zero points must share one dtype among float16, bfloat16 and
+    float32 (the weight is dequantized in it, as the reference does).
+    """
+    device = _device_of(x, w_packed, w_scale, w_zero, bias)
+    k = x.shape[-1]
+    if device is None or x.dtype not in DOT_FLOAT or w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        return NotImplemented
+    n = w_packed.shape[0]
+    if k % 2 or w_packed.shape[1] * 2 != k:
+        return NotImplemented
+    if w_scale.dim() != 2 or w_scale.shape != w_zero.shape or w_scale.shape[0] != n or k % w_scale.shape[1]:
+        return NotImplemented
+    if w_scale.dtype not in DOT_FLOAT or w_zero.dtype != w_scale.dtype:
+        return NotImplemented
+    return _weight_only(x, w_packed, w_scale, w_zero, bias, n, True, device)

@@ -227,6 +227,32 @@ def test_a_grid_under_torchrun_is_a_one_line_error(tmp_path, capsys, monkeypatch
     assert_one_line_error(code, err, "is drawn by one process; run it without torchrun")
 
 
+def test_backend_chooses_the_kernels_of_a_quantized_checkpoint(tmp_path, capsys, tiny_ckpt):
+    from ditq import quant
+    from ditq.kernels import ops
+    from ditq.pipelines import ptq
+
+    config = quant.QDiTConfig(w_bits=8, a_bits=8, w_group=0, w_sym=True, a_sym=True)
+    model = quant.quantize_(models.load(tiny_ckpt), config)
+    path = ptq.save_quantized(model, tmp_path / "w8a8.safetensors", config)
+    common = ["--num-samples", "3", "--batch-size", "3", "--cfg-scale", "2", "--class-labels", "0,4"]
+    images = {}
+    for backend in ("auto", *ops.available_backends()):
+        out = tmp_path / f"{backend}.npz"
+        assert run(capsys, *sample_args(path, out, *common, "--backend", backend))[0] == 0
+        images[backend] = read(out)[0].astype(int)
+    assert all(np.abs(v - images["reference"]).max() <= 1 for v in images.values())
+    grid = ["--steps", "2", "--num-samples", "2", "--backend", "reference", "--out", tmp_path / "g.png"]
+    code, out, _ = run(capsys, "sample", "--model", path, "--sampler", "ddim", *grid)
+    assert code == 0 and "kernel backend reference on cpu: 8 layers w8a8_linear" in out
+    code, out, _ = run(capsys, "info", path)
+    assert code == 0 and "kernels" in out and "backend auto -> " in out and "8 layers" in out
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, *sample_args(path, tmp_path / "t.npz", "--backend", "triton"))
+        assert_one_line_error(code, err, "'triton' is not available here", "available: auto, reference")
+        assert not (tmp_path / "t.npz").exists()
+
+
 @pytest.mark.dist
 def test_two_processes_write_what_one_writes_and_resume(tmp_path, capsys, tiny_ckpt):
     """``torchrun --nproc_per_node=2 -m ditq.cli.main sample`` with gloo: the same .npz as one process."""

@@ -5,6 +5,11 @@
     torchrun --nproc_per_node=8 -m ditq.cli.main sample --model DiT-XL/2 --num-samples 50000 \
         --sampler ddim --cfg-scale 1.5 --out samples.npz
 
+Quantized checkpoints (``ditq ptq``, ``ditq export``) run their quantized layers
+on the integer kernels of ``ditq.kernels``; ``--backend`` chooses them: ``auto``
+(default: the fastest this device has), ``reference`` (plain PyTorch), ``cpu``
+or ``triton``. Asking for one this machine lacks is an error naming those it has.
+
 The output format follows the suffix of ``--out`` (``.npz``, ``.png``, ``.jpg``).
 An ``.npz`` is drawn in shards of ``--shard-size`` samples, written to
 ``--shard-dir`` (default ``samples.shards/`` beside ``samples.npz``) and
@@ -72,6 +77,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "reference", "cpu", "triton"),
+        default="auto",
+        help="kernels of quantized layers: auto (default: the fastest on the device), reference (plain "
+        "PyTorch), cpu (ditq's C++ kernels), triton (CUDA)",
+    )
     p.add_argument(
         "--vae", default=None, help="VAE name or folder (default: sd-vae-ft-ema for latent models)"
     )
@@ -141,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> tuple[int, torch.device]:
-    from ditq.pipelines.sample import check_sample_options, resolve_device
+    from ditq.pipelines.sample import check_kernel_backend, check_sample_options, resolve_device
 
     steps = check_sample_options(
         num_samples=args.num_samples,
@@ -151,7 +163,9 @@ def _check(args: argparse.Namespace) -> tuple[int, torch.device]:
         cfg_scale=args.cfg_scale,
         eta=args.eta,
     )
-    return steps, resolve_device(args.device)
+    device = resolve_device(args.device)
+    check_kernel_backend(getattr(args, "backend", "auto"), device)  # before loading (maybe downloading)
+    return steps, device
 
 
 # --cfg-channels as sample() takes it.
@@ -192,6 +206,7 @@ def _run_npz(args: argparse.Namespace, class_labels: list[int] | None) -> int:
         shard_dir=args.shard_dir,
         keep_shards=args.keep_shards,
         meta={"model": model_id},
+        kernel_backend=getattr(args, "backend", "auto"),
         progress=not args.quiet and sys.stderr.isatty(),
         log=say,
     )
@@ -204,9 +219,10 @@ def _run_npz(args: argparse.Namespace, class_labels: list[int] | None) -> int:
 def _run_grid(args: argparse.Namespace, class_labels: list[int] | None) -> int:
     from ditq.eval.sampling import make_eval_labels
     from ditq.images import save_grid
+    from ditq.kernels import use_backend
     from ditq.models.vae import vae_for_model
     from ditq.pipelines.ptq import load_model
-    from ditq.pipelines.sample import make_labels, sample
+    from ditq.pipelines.sample import kernel_summary, make_labels, sample
 
     steps, device = _check(args)
     say = (lambda _: None) if args.quiet else print
@@ -222,6 +238,10 @@ def _run_grid(args: argparse.Namespace, class_labels: list[int] | None) -> int:
         f"sampling {args.num_samples} images from {args.model} with {args.sampler.upper()}-{steps}, "
         f"cfg scale {args.cfg_scale}, seed {args.seed}, on {device}"
     )
+    backend = getattr(args, "backend", "auto")
+    with use_backend(backend):
+        if kernels := kernel_summary(model, device):
+            say(kernels)
     started = time.perf_counter()
     images, labels = sample(
         model,
@@ -235,6 +255,7 @@ def _run_grid(args: argparse.Namespace, class_labels: list[int] | None) -> int:
         seed=args.seed,
         eta=args.eta,
         vae=vae,
+        kernel_backend=backend,
         progress=not args.quiet and sys.stderr.isatty(),
     )
     path = save_grid(args.out, images, None if args.no_labels else labels)

@@ -2,7 +2,8 @@
 
     packing  pack/unpack functions for int8, int4 (2 per byte) and 2-bit/ternary weights
              (the official TerDiT layout and ditq's kernel layout), documented bit by bit
-    ops      the low-bit operators (torch.ops.ditq.*), each with a plain-PyTorch reference
+    ops      the low-bit operators (torch.ops.ditq.*), each with a plain-PyTorch reference, and
+             the choice of backend (auto | reference | cpu | triton: set_backend, use_backend)
     cpu      their CPU implementations (C++ kernels built on first use, with fallbacks)
 
 ``kernels`` imports nothing from the rest of ditq.
@@ -10,11 +11,19 @@
 
 from ditq.kernels import cpu, ops
 from ditq.kernels.ops import (
+    BACKENDS,
     KernelError,
+    available_backends,
+    check_backend,
+    get_backend,
+    has_fast_impl,
     int4_linear,
     quantize_per_token_int8,
     register_impl,
+    resolve_backend,
+    set_backend,
     ternary_linear,
+    use_backend,
     w4a8_linear,
     w8a8_linear,
     w158a8_linear,
@@ -34,11 +43,16 @@ from ditq.kernels.packing import (
 )
 
 __all__ = [
+    "BACKENDS",
     "KernelError",
     "LAYOUTS_2BIT",
     "PackingError",
+    "available_backends",
+    "check_backend",
     "check_codes",
     "cpu",
+    "get_backend",
+    "has_fast_impl",
     "int4_linear",
     "ops",
     "pack_2bit",
@@ -48,10 +62,13 @@ __all__ = [
     "quantize_per_token_int8",
     "register_impl",
     "repack_2bit",
+    "resolve_backend",
+    "set_backend",
     "ternary_linear",
     "unpack_2bit",
     "unpack_int4",
     "unpack_ternary",
+    "use_backend",
     "w4a8_linear",
     "w8a8_linear",
     "w158a8_linear",

@@ -10,10 +10,21 @@ Every op here is one operator with three parts:
 * a **fake (meta) implementation**, so the ops trace under ``torch.compile`` and
   ``torch.export``;
 * a **dispatch point**: fast implementations register per device type with
-  :func:`register_impl` (``ditq.kernels.cpu`` for CPUs now; CUDA/Triton later)
-  and are tested against the reference. An implementation may decline a call
-  (return ``NotImplemented``: a shape or dtype it does not handle); the
-  reference runs then.
+  :func:`register_impl` (``ditq.kernels.cpu`` for CPUs, ``ditq.kernels.triton``
+  for CUDA) and are tested against the reference. An implementation may
+  decline a call (return ``NotImplemented``: a shape or dtype it does not
+  handle); the reference runs then.
+
+**Backends.** Which implementation runs is chosen for the whole process with
+:func:`set_backend` (or for a block, ``with use_backend(...)``): ``"auto"``
+(default: the fast implementation of the tensors' device where one is
+registered, else the reference), ``"reference"`` (always the ``ref_*``
+functions), ``"cpu"`` or ``"triton"`` (that implementation, the reference
+only where it declines a call). :func:`available_backends` lists what this
+machine has; asking for anything else is a one-line :class:`KernelError`.
+:func:`has_fast_impl` tells layers (``ditq.quant``) whether an op would run a
+fast implementation, so that they can keep their float path where only an
+emulating reference exists.
 
 Ops (call them as ``torch.ops.ditq.<name>`` or through the Python functions of
 the same name below; arguments are checked, with a one-line :class:`KernelError`)::
@@ -38,9 +49,13 @@ Accumulation is int32, so K is at most :data:`MAX_K` for the integer ops.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import math
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +86,19 @@ class KernelError(ValueError):
 
 
 # ----------------------------------------------------------------------------
-# Dispatch point
+# Dispatch point and backend selection
 # ----------------------------------------------------------------------------
 
+BACKENDS = ("auto", "reference", "cpu", "triton")
+"""Kernel backends one can ask for (see :func:`set_backend`)."""
+
+_BACKEND_DEVICE = {"cpu": "cpu", "triton": "cuda"}  # backend -> device type its impls register under
 _IMPLS: dict[str, dict[str, Callable]] = {name: {} for name in OPS}
 _BACKEND_MODULES = ("ditq.kernels.cpu",)
+_TRITON_MODULE = "ditq.kernels.triton"  # registers CUDA impls when imported; loaded only with CUDA
 _backends_loaded = False
+_triton_error: str | None = None  # why the Triton module did not import, if it did not
+_backend = "auto"
 
 
 def register_impl(op: str, device_type: str, fn: Callable | None) -> None:
@@ -100,16 +122,191 @@ def registered_impl(op: str, device_type: str) -> Callable | None:
 
 
 def _load_backends() -> None:
-    """Import the backend modules once (they register themselves; importing never compiles anything)."""
-    global _backends_loaded
+    """Import the backend modules once (they register themselves; importing never compiles anything,
+    and the Triton module imports Triton itself only where it can run: a CUDA device, or its
+    interpreter)."""
+    global _backends_loaded, _triton_error
     if not _backends_loaded:
         _backends_loaded = True
         for name in _BACKEND_MODULES:
             importlib.import_module(name)
+        if _spec_exists(_TRITON_MODULE):
+            try:
+                importlib.import_module(_TRITON_MODULE)
+            except Exception as exc:  # a broken Triton install must not break the CPU paths
+                _triton_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _spec_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _cpu_unavailable() -> str | None:
+    """Why ditq's C++ CPU kernels cannot run here (None: built, or buildable on first use)."""
+    from ditq.kernels import cpu
+
+    ext = cpu.available_backends()["extension"]
+    if ext.startswith("built"):
+        return None
+    if ext.startswith("unavailable"):
+        return "the C++ CPU kernels are " + ext
+    if os.environ.get(cpu.ENV_DISABLE, "1").strip().lower() in ("0", "off", "false", "no"):
+        return f"the C++ CPU kernels are disabled by {cpu.ENV_DISABLE}={os.environ[cpu.ENV_DISABLE]}"
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) to build the CPU kernels"
+    if shutil.which("ninja") is None and not _spec_exists("ninja"):
+        return "no ninja to build the CPU kernels (pip install ninja)"
+    return None
+
+
+def _triton_unavailable() -> str | None:
+    """Why the Triton backend cannot run here (None: it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not _spec_exists("triton"):
+        return "triton is not installed"
+    if not _spec_exists(_TRITON_MODULE):
+        return f"{_TRITON_MODULE} is missing from this installation"
+    _load_backends()
+    if _triton_error is not None:
+        return f"{_TRITON_MODULE} does not import ({_triton_error})"
+    if not any("cuda" in impls for impls in _IMPLS.values()):
+        module = importlib.import_module(_TRITON_MODULE)
+        why = getattr(module, "unavailable_reason", lambda: None)()
+        return why or f"{_TRITON_MODULE} registered no CUDA implementation"
+    return None
+
+
+def _unavailable(name: str) -> str | None:
+    if name == "cpu":
+        return _cpu_unavailable()
+    if name == "triton":
+        return _triton_unavailable()
+    return None
+
+
+def available_backends() -> list[str]:
+    """The concrete backends this machine has: ``"reference"`` always, ``"cpu"`` when ditq's C++ CPU
+    kernels are built or can be built (a C++ compiler and ninja, not switched off by
+    ``DITQ_CPU_KERNELS=0``), ``"triton"`` when Triton imports and a CUDA device is present.
+    ``"auto"`` (always accepted) picks among them per device; nothing is built by asking."""
+    return ["reference"] + [name for name in ("cpu", "triton") if _unavailable(name) is None]
+
+
+def check_backend(name: str) -> str:
+    """``name`` if it is a backend this machine can run, else a one-line :class:`KernelError` naming
+    the available ones."""
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise KernelError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    why = _unavailable(name)
+    if why is not None:
+        have = ", ".join(["auto", *available_backends()])
+        raise KernelError(f"kernel backend {name!r} is not available here ({why}); available: {have}")
+    return name
+
+
+def get_backend() -> str:
+    """The kernel backend in force: ``"auto"`` (default), ``"reference"``, ``"cpu"`` or ``"triton"``."""
+    return _backend
+
+
+def set_backend(name: str) -> str:
+    """Choose the implementation every ``torch.ops.ditq.*`` call runs, for the whole process; returns
+    the previous choice.
+
+    * ``"auto"``: the fast implementation registered for the tensors' device
+      (C++ on CPU, Triton on CUDA) where there is one, the reference elsewhere;
+      quantized layers then take their float path for an integer op that has
+      only a reference on that device (see :func:`has_fast_impl`);
+    * ``"reference"``: the plain-PyTorch ``ref_*`` functions, always;
+    * ``"cpu"`` / ``"triton"``: that implementation (CPU / CUDA tensors only),
+      the reference only where it declines a call (a shape it does not handle).
+
+    An unknown or unavailable backend is a one-line :class:`KernelError`. See
+    :func:`use_backend` for a scoped choice.
+    """
+    global _backend
+    previous, _backend = _backend, check_backend(name)
+    return previous
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[str]:
+    """``with use_backend("reference"): ...``: :func:`set_backend` for the block, restored after.
+
+    ``None`` leaves the current choice as it is (handy for optional arguments).
+    """
+    if name is None:
+        yield _backend
+        return
+    previous = set_backend(name)
+    try:
+        yield name
+    finally:
+        set_backend(previous)
+
+
+def resolve_backend(device: torch.device | str = "cpu", name: str | None = None) -> str:
+    """The concrete backend ops on ``device``'s tensors run under ``name`` (default: the one in force):
+    ``"cpu"``, ``"triton"`` or ``"reference"``. A forced backend on the other device type is a
+    one-line :class:`KernelError`."""
+    name = check_backend(_backend if name is None else name)
+    dev = torch.device(device).type
+    if name == "auto":
+        if dev == "cpu" and _unavailable("cpu") is None:
+            return "cpu"
+        if dev == "cuda" and _unavailable("triton") is None:
+            return "triton"
+        return "reference"
+    want = _BACKEND_DEVICE.get(name)
+    if want is not None and want != dev:
+        raise KernelError(
+            f"kernel backend {name!r} runs on {want} tensors, not {dev} ones; use --device {want}, or "
+            "backend 'auto' or 'reference'"
+        )
+    return name
+
+
+def has_fast_impl(
+    op: str, device: torch.device | str, backend: str | None = None, *, build: bool = True
+) -> bool:
+    """Whether a call of ``op`` on ``device`` runs a fast implementation (not the reference) under
+    ``backend`` (default: the one in force). On CPU this asks :mod:`ditq.kernels.cpu` what it runs,
+    building its kernels on first use; ``build=False`` builds nothing and counts kernels that are
+    not built yet, but buildable, as there."""
+    if op not in _IMPLS:
+        raise KernelError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+    name = _backend if backend is None else backend
+    dev = torch.device(device).type
+    if name == "reference" or (name != "auto" and _BACKEND_DEVICE.get(name) != dev):
+        return False
+    _load_backends()
+    if _IMPLS[op].get(dev) is None:
+        return False
+    if dev == "cpu":
+        from ditq.kernels import cpu
+
+        report = cpu.available_backends(build_now=build)
+        if op not in report:  # not built yet (build=False): buildable means there on first use
+            return _cpu_unavailable() is None
+        return report[op] != "reference"
+    return True
 
 
 def _dispatch(op: str, device: torch.device, *args):
     _load_backends()
+    name = _backend
+    if name == "reference":
+        return REFERENCE[op](*args)
+    if name != "auto" and _BACKEND_DEVICE[name] != device.type:
+        raise KernelError(
+            f"{op}: kernel backend {name!r} runs on {_BACKEND_DEVICE[name]} tensors, got {device.type} "
+            "ones; move the model, or choose backend 'auto' or 'reference'"
+        )
     fn = _IMPLS[op].get(device.type)
     if fn is not None:
         out = fn(*args)

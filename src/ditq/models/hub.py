@@ -180,11 +180,13 @@ def save(
     *,
     command: str | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``model`` (its ``config`` and state dict) as a ditq checkpoint, atomically.
 
     ``command`` records what made the file (the CLI passes its command line);
-    ``extra_metadata`` adds JSON-serializable entries (``quant_config``, ...).
+    ``extra_metadata`` adds JSON-serializable entries (``quant_config``, ...);
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. with packed codes).
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -198,7 +200,7 @@ def save(
         if k in ("format_version", "model_config"):
             raise ValueError(f"extra_metadata cannot set '{k}'; ditq writes it")
         metadata[k] = v
-    ckpt.save_checkpoint(path, model.state_dict(), metadata)
+    ckpt.save_checkpoint(path, model.state_dict() if state_dict is None else state_dict, metadata)
 
 
 def describe(path: PathLike, *, num_heads: int | None = None) -> dict[str, Any]:

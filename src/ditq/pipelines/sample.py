@@ -13,6 +13,12 @@ over the processes of a ``torchrun`` launch, kept on disk so that a killed run
 resumes, and merged into one ADM ``.npz`` by rank 0. Its images depend on
 ``(seed, shard_size, batch_size, labels, device type)``, not on the number of
 processes.
+
+Quantized models (``ditq ptq`` and ``ditq export`` checkpoints) run the integer
+ops of :mod:`ditq.kernels` in their quantized layers; ``kernel_backend``
+(``ditq sample --backend``) chooses the implementation for the run: ``"auto"``
+(the fastest this device has), ``"reference"``, ``"cpu"`` or ``"triton"`` (see
+:func:`ditq.kernels.set_backend`); ``None`` keeps the process-wide choice.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from ditq.eval.sampling import (
     sample_shards,
 )
 from ditq.images import to_uint8
+from ditq.kernels import KernelError
+from ditq.kernels import ops as kernel_ops
 from ditq.models.large_dit import map_class_labels
 from ditq.models.vae import VAE, vae_for_model
 from ditq.train.distributed import agree, init_distributed
@@ -110,6 +118,41 @@ def make_labels(
     return np.resize(labels, num_samples)
 
 
+def check_kernel_backend(name: str | None, device: torch.device | str | None = None) -> str | None:
+    """``name`` if this machine can run that kernel backend (for ``device``'s tensors, when given);
+    else a one-line :class:`InvalidArgumentError` naming the available ones. ``None`` passes."""
+    if name is None:
+        return None
+    try:
+        kernel_ops.check_backend(name)
+        if device is not None:
+            kernel_ops.resolve_backend(resolve_device(device), name)
+    except KernelError as e:
+        raise InvalidArgumentError(str(e)) from None
+    return name
+
+
+def kernel_summary(model: nn.Module, device: torch.device | str | None = None) -> str | None:
+    """One line on what the quantized layers of ``model`` run on ``device`` under the kernel backend in
+    force (e.g. ``"kernel backend auto -> cpu: 24 layers w8a8_linear"``); None for a float model."""
+    from ditq.quant import kernel_plan
+
+    plan = kernel_plan(model, device)
+    if not plan:
+        return None
+    if device is None:
+        device = next(model.parameters()).device
+    counts: dict[str, int] = {}
+    for what in plan.values():
+        counts[what] = counts.get(what, 0) + 1
+    backend = kernel_ops.get_backend()
+    resolved = kernel_ops.resolve_backend(device)
+    head = f"kernel backend {backend}" + (f" -> {resolved}" if backend == "auto" else "")
+    return (
+        head + f" on {torch.device(device).type}: " + ", ".join(f"{n} layers {w}" for w, n in counts.items())
+    )
+
+
 def _config(model: nn.Module) -> Any:
     config = getattr(model, "config", None)
     needed = ("in_channels", "input_size", "num_classes", "learn_sigma")
@@ -162,6 +205,7 @@ def sample(
     device: torch.device | str | None = None,
     vae: VAE | None = None,
     clip_denoised: bool | None = None,
+    kernel_backend: str | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``num_samples`` class-conditional images from a DiT.
@@ -188,6 +232,9 @@ def sample(
         vae: the decoder; ``None`` = :func:`ditq.models.vae.vae_for_model`.
         clip_denoised: clip x_0 predictions to [-1, 1]; ``None`` = only in
             pixel space (latent DiT never clips).
+        kernel_backend: the :mod:`ditq.kernels` backend the quantized layers
+            use during this call (``"auto"``, ``"reference"``, ``"cpu"``,
+            ``"triton"``); ``None`` keeps the current one.
         progress: show progress bars.
 
     Returns:
@@ -196,8 +243,10 @@ def sample(
 
     Raises:
         InvalidArgumentError: a non-positive count, a label outside
-            ``[0, num_classes)``, ``cfg_scale < 1``, an unknown sampler...
+            ``[0, num_classes)``, ``cfg_scale < 1``, an unknown sampler, a
+            kernel backend this machine or device does not have...
     """
+    check_kernel_backend(kernel_backend)
     steps = check_sample_options(
         num_samples=num_samples,
         batch_size=batch_size,
@@ -213,6 +262,7 @@ def sample(
         model.to(resolve_device(device))
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
+    check_kernel_backend(kernel_backend, device)
     if vae is None:
         vae = vae_for_model(config, device=device)
     if vae.latent_channels != config.in_channels:
@@ -237,36 +287,37 @@ def sample(
     was_training = model.training
     model.eval()  # the label embedder drops labels in training mode
     images = []
-    try:
-        starts = range(0, num_samples, batch_size)
-        for start in tqdm(
-            starts, desc="batches", disable=not progress or len(starts) < 2, dynamic_ncols=True
-        ):
-            y = torch.from_numpy(labels[start : start + batch_size]).to(device)
-            # Class ids -> the labels the model was trained with (official TerDiT: ImageFolder order).
-            y = map_class_labels(model, y)
-            n = len(y)
-            z = torch.randn((n, *shape), generator=generator, device=device)
-            if use_cfg:
-                z = torch.cat([z, z], dim=0)
-                y = torch.cat([y, torch.full_like(y, config.num_classes)], dim=0)
-            out = sample_loop(
-                diffusion,
-                model_fn,
-                tuple(z.shape),
-                sampler=sampler,
-                noise=z,
-                clip_denoised=clip_denoised,
-                model_kwargs={"y": y},
-                eta=eta,
-                device=device,
-                generator=generator,
-                progress=progress,
-            )
-            latents = out[:n]  # the null-label half is only there for guidance
-            images.append(to_uint8(vae.decode(latents, batch_size=batch_size)))
-    finally:
-        model.train(was_training)
+    with kernel_ops.use_backend(kernel_backend):
+        try:
+            starts = range(0, num_samples, batch_size)
+            for start in tqdm(
+                starts, desc="batches", disable=not progress or len(starts) < 2, dynamic_ncols=True
+            ):
+                y = torch.from_numpy(labels[start : start + batch_size]).to(device)
+                # Class ids -> the labels the model was trained with (official TerDiT: ImageFolder order).
+                y = map_class_labels(model, y)
+                n = len(y)
+                z = torch.randn((n, *shape), generator=generator, device=device)
+                if use_cfg:
+                    z = torch.cat([z, z], dim=0)
+                    y = torch.cat([y, torch.full_like(y, config.num_classes)], dim=0)
+                out = sample_loop(
+                    diffusion,
+                    model_fn,
+                    tuple(z.shape),
+                    sampler=sampler,
+                    noise=z,
+                    clip_denoised=clip_denoised,
+                    model_kwargs={"y": y},
+                    eta=eta,
+                    device=device,
+                    generator=generator,
+                    progress=progress,
+                )
+                latents = out[:n]  # the null-label half is only there for guidance
+                images.append(to_uint8(vae.decode(latents, batch_size=batch_size)))
+        finally:
+            model.train(was_training)
     return np.concatenate(images), labels
 
 
@@ -336,6 +387,7 @@ def sample_to_npz(
     keep_shards: bool = False,
     meta: Mapping[str, Any] | None = None,
     backend: str = "auto",
+    kernel_backend: str | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> ShardedSampleResult:
@@ -371,6 +423,9 @@ def sample_to_npz(
         meta: more settings to record and check on resume, e.g.
             ``{"model": "DiT-XL/2"}`` (the model's config is recorded already).
         backend: ``"auto"``, ``"gloo"`` or ``"nccl"`` for the process group.
+        kernel_backend: the :mod:`ditq.kernels` backend of quantized layers
+            (as for :func:`sample`; not recorded in the manifest: backends
+            differ by float rounding only).
         progress: a bar with images/s and time left on rank 0 (``None``: when
             stderr is a terminal).
         log: receives a few lines of what is being done, on rank 0 only.
@@ -388,6 +443,7 @@ def sample_to_npz(
         cfg_scale=cfg_scale,
         eta=eta,
     )
+    check_kernel_backend(kernel_backend)
     shard_size = default_shard_size(batch_size) if shard_size is None else shard_size
     if not isinstance(shard_size, (int, np.integer)) or isinstance(shard_size, bool) or shard_size < 1:
         raise InvalidArgumentError(f"shard_size must be a positive integer, got {shard_size!r}")
@@ -417,6 +473,7 @@ def sample_to_npz(
     )
     try:
         model.to(ctx.device)
+        check_kernel_backend(kernel_backend, ctx.device)
         if vae is None or isinstance(vae, str):
             vae = vae_for_model(config, vae, device=ctx.device)
         run_meta = {
@@ -450,6 +507,7 @@ def sample_to_npz(
                 eta=eta,
                 vae=vae,
                 clip_denoised=clip_denoised,
+                kernel_backend=kernel_backend,
             )
             return images
 
@@ -463,6 +521,9 @@ def sample_to_npz(
                 f"{sampler.upper()}-{steps}, cfg scale {cfg_scale:g}, seed {seed}, "
                 f"in {num_shards} shard{'s' * (num_shards > 1)} of {shard_size} in {shard_dir}, on {where}"
             )
+            with kernel_ops.use_backend(kernel_backend):
+                if kernels := kernel_summary(model, ctx.device):
+                    log(kernels)
             if existing := list_shards(shard_dir):
                 log(
                     f"resuming: {len(existing)} of {num_shards} shards are already there (kept when complete)"

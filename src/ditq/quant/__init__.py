@@ -10,15 +10,18 @@ GPTQ), and the primitives it is built from.
                  models block by block (gptq_model)
     config       QDiTConfig: bits, group sizes, clipping, dynamic/static activations, per-layer
                  overrides, layer selection; round-trips to JSON
-    nn           QuantLinear (integer codes + group scales, fake-quantized inputs), ActQuantizer
+    nn           QuantLinear (integer codes, optionally int4-packed, + group scales; integer kernels
+                 in eval mode where its settings fit one, else fake-quantized inputs), ActQuantizer
     api          quantize_(model, config), calibrate, quantized_layers, model_size_bytes,
-                 load_quantized_state_dict
+                 load_quantized_state_dict; deployment: pack_, packed_state_dict, kernel_plan,
+                 set_kernels
     presets      which linears Q-DiT quantizes in DiT, diffusers and Large-DiT/TerDiT naming
     search       evolutionary search of per-layer weight and activation group sizes under a cost
                  constraint; applying candidates in place; layer-config files
     ternary      TerDiT / BitNet b1.58 ternary weights: TernaryQATConfig (prepare -> train ->
                  convert through quantize_), TernaryQATLinear (latent weights, STE, learnable
-                 alpha or absmean gamma, optional int8 activations), TernaryLinear (packed 2-bit)
+                 alpha or absmean gamma, optional int8 activations), TernaryLinear (packed 2-bit,
+                 integer kernels in eval mode)
     export       ternary checkpoints: the file layout (packed "k4" codes, per-layer scales, float
                  rest), save_ternary, load_ternary_into (meta-device loading), checkpoint_sizes
 
@@ -27,11 +30,15 @@ GPTQ), and the primitives it is built from.
 
 from ditq.quant.api import (
     calibrate,
+    kernel_plan,
     load_quantized_state_dict,
     model_size_bytes,
+    pack_,
+    packed_state_dict,
     quantize_,
     quantized_layers,
     select_layers,
+    set_kernels,
 )
 from ditq.quant.calibration import CalibrationData, CalibrationRecorder, run_calibration
 from ditq.quant.config import PER_TENSOR, LayerQuant, QDiTConfig
@@ -52,7 +59,7 @@ from ditq.quant.granularity import (
     valid_group_sizes,
     weight_granularity,
 )
-from ditq.quant.nn import ActQuantizer, QuantLinear
+from ditq.quant.nn import ActQuantizer, QuantLinear, kernel_op_for
 from ditq.quant.presets import PRESETS, Preset, get_preset, preset_for
 from ditq.quant.primitives import (
     MSE,
@@ -110,12 +117,17 @@ __all__ = [
     "QuantLinear",
     "calibrate",
     "get_preset",
+    "kernel_op_for",
+    "kernel_plan",
     "load_quantized_state_dict",
     "model_size_bytes",
+    "pack_",
+    "packed_state_dict",
     "preset_for",
     "quantize_",
     "quantized_layers",
     "select_layers",
+    "set_kernels",
     "MSE",
     "Clip",
     "GPTQResult",

@@ -14,6 +14,11 @@
     # reload: a fresh float model, the saved state dict and config
     quant.load_quantized_state_dict(fresh_model, state_dict, QDiTConfig.from_json(text))
 
+    # deployment: codes two per byte, integer kernels in eval mode (see ditq.quant.nn)
+    quant.pack_(model)                                                 # <= 4-bit codes packed
+    quant.kernel_plan(model)                                           # {name: op it runs}
+    quant.set_kernels(model, False)                                    # fake quant everywhere
+
 Works on any ``nn.Module`` (a diffusers transformer too). Which layers: the
 ``include`` argument, else ``config.include``, else the preset's patterns
 (:mod:`ditq.quant.presets`; ``config.preset="auto"`` recognizes DiT, diffusers
@@ -32,13 +37,15 @@ import torch
 from torch import nn
 
 from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.kernels import ops
 from ditq.quant.config import LayerQuant, QDiTConfig, _patterns
 from ditq.quant.granularity import num_groups, weight_granularity
-from ditq.quant.nn import ActQuantizer, QuantLinear
+from ditq.quant.nn import ActQuantizer, QuantLinear, packable
 from ditq.quant.presets import few_names as _few
 from ditq.quant.presets import get_preset, linear_names, match_any, nothing_selected, preset_for
 from ditq.quant.presets import set_module as _set_module
-from ditq.quant.ternary import TernaryQATConfig, quantize_ternary_
+from ditq.quant.primitives import code_dtype
+from ditq.quant.ternary import TernaryLinear, TernaryQATConfig, quantize_ternary_
 
 SCALE_BYTES = 2
 """Bytes per stored scale / zero point / static range end in :func:`model_size_bytes` (fp16)."""
@@ -258,25 +265,47 @@ def model_size_bytes(
 # ----------------------------------------------------------------------------
 
 
+LAYOUTS = ("auto", "codes", "int4")
+"""How a state dict stores the codes of layers of at most 4 bits (see :func:`load_quantized_state_dict`)."""
+
+
 def load_quantized_state_dict(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
     config: QDiTConfig | dict,
     *,
     strict: bool = True,
+    layout: str = "auto",
+    packed: bool = False,
+    assign: bool | None = None,
 ) -> nn.Module:
     """Rebuild the QuantLinears of a saved quantized model on a float ``model`` and load ``state_dict``.
 
     The layers to swap are the ``nn.Linear`` modules whose ``<name>.qweight``
     is in the state dict; ``config`` (the one the checkpoint was made with)
-    gives their bits and group sizes. Shapes are checked against it first;
-    every mismatch is a one-line :class:`CheckpointError`. Returns ``model``.
+    gives their bits and group sizes. ``layout`` says how the state dict holds
+    the codes of layers of at most 4 bits (and an even number of inputs):
+    ``"codes"`` one per byte ``[out, in]``, ``"int4"`` packed ``[out, in/2]``
+    (what :func:`packed_state_dict` and ``save_quantized`` write), ``"auto"``
+    either; other layers always hold codes one per byte. ``packed=True``
+    makes the rebuilt layers store packed codes (:meth:`QuantLinear.pack_`).
+    ``assign`` adopts the state dict's tensors instead of copying them
+    (default: when the model is on the meta device; nothing is then
+    allocated but what the state dict holds and the packed codes).
+
+    Shapes, dtypes and code ranges are checked against the config; every
+    mismatch is a one-line :class:`CheckpointError` naming the layer, and
+    leaves the model as it was. Returns ``model``.
     """
     config = _check_config(config)
+    if layout not in LAYOUTS:
+        raise InvalidArgumentError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(
             f"a state dict is a mapping of names to tensors, got {type(state_dict).__name__}"
         )
+    if assign is None:
+        assign = any(t.is_meta for t in model.parameters())
     names = [
         n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and f"{n}.qweight" in state_dict
     ]
@@ -292,14 +321,17 @@ def load_quantized_state_dict(
     new = {}
     for name in names:
         try:
-            q = QuantLinear.empty(model.get_submodule(name), config.for_layer(name), layer=name)
+            cfg = config.for_layer(name)
+            q = QuantLinear.empty(model.get_submodule(name), cfg, layer=name, packed=packed)
         except InvalidArgumentError as e:
             raise CheckpointError(f"cannot rebuild layer {name!r} from the config: {e}") from None
         for key, want in q.state_dict().items():
             got = state_dict.get(f"{name}.{key}")
             if got is None:
                 continue  # reported with the other missing keys
-            if tuple(got.shape) != tuple(want.shape) or (key == "qweight" and got.dtype != want.dtype):
+            if key == "qweight":
+                _check_qweight(name, got, q, config.for_layer(name), layout)
+            elif tuple(got.shape) != tuple(want.shape):
                 raise CheckpointError(
                     f"layer {name!r}: {key} is {got.dtype} {tuple(got.shape)} in the state dict but the "
                     f"config gives {want.dtype} {tuple(want.shape)} ({config.for_layer(name)}); load with "
@@ -319,7 +351,7 @@ def load_quantized_state_dict(
                 f"{_few(unexpected, 3)}"
             )
         try:
-            model.load_state_dict(state_dict, strict=False)
+            model.load_state_dict(state_dict, strict=False, assign=assign)
         except RuntimeError as e:
             lines = str(e).strip().splitlines()
             raise CheckpointError(f"state dict does not load: {' '.join(s.strip() for s in lines)}") from None
@@ -328,3 +360,87 @@ def load_quantized_state_dict(
             _set_module(model, name, linear)
         raise
     return model
+
+
+def _check_qweight(name: str, got: torch.Tensor, q: QuantLinear, cfg: LayerQuant, layout: str) -> None:
+    """One-line error unless ``got`` is ``q``'s codes in ``layout`` (one per byte, or int4-packed)."""
+    n, k = q.out_features, q.in_features
+    codes = (code_dtype(q.w_sym), (n, k))
+    int4 = (torch.uint8, q.packed_shape)
+    can_pack = packable(q.w_bits, k)
+    allowed = [codes] if not can_pack or layout == "codes" else [int4] if layout == "int4" else [codes, int4]
+    if (got.dtype, tuple(got.shape)) in allowed:
+        return
+    desc = {codes: f"{codes[0]} {codes[1]} (one code per byte)", int4: f"torch.uint8 {int4[1]} (int4-packed)"}
+    raise CheckpointError(
+        f"layer {name!r}: qweight is {got.dtype} {tuple(got.shape)} in the state dict but the config gives "
+        f"{' or '.join(desc[a] for a in allowed)} for {cfg.w_bits}-bit weights ({cfg}); the checkpoint's "
+        "tensors and metadata disagree, or load with the config the checkpoint was saved with"
+    )
+
+
+# ----------------------------------------------------------------------------
+# Deployment: packed codes, integer kernels
+# ----------------------------------------------------------------------------
+
+
+def pack_(model: nn.Module) -> nn.Module:
+    """Store the codes of every :class:`QuantLinear` of at most 4 bits two per byte (int4), in place.
+
+    Outputs do not change; the layers then hold no float weight at all (see
+    :meth:`QuantLinear.pack_`). Returns ``model``.
+    """
+    for q in quantized_layers(model).values():
+        q.pack_()
+    return model
+
+
+def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with the codes of every packable :class:`QuantLinear` (at most 4 bits, an
+    even number of inputs) int4-packed ``[out, in/2]``: what a quantized checkpoint stores."""
+    state = model.state_dict()
+    for name, q in quantized_layers(model).items():
+        if packable(q.w_bits, q.in_features) and not q.packed:
+            state[f"{name}.qweight"] = q.packed_codes()
+    return state
+
+
+_KERNEL_LAYERS = (QuantLinear, TernaryLinear)
+
+
+def set_kernels(model: nn.Module, enabled: bool) -> int:
+    """Let every :class:`QuantLinear` and :class:`TernaryLinear` run integer kernels in eval mode
+    (``enabled``, the default) or keep them on their fake-quant / float path; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, _KERNEL_LAYERS)]
+    for m in layers:
+        m.use_kernels = bool(enabled)
+    return len(layers)
+
+
+def kernel_plan(
+    model: nn.Module, device: torch.device | str | None = None, *, build: bool = True
+) -> dict[str, str]:
+    """``{layer name: what its eval-mode forward runs}`` on ``device`` (default: where the model is)
+    under the kernel backend in force: an op name such as ``"w4a8_linear"``, or ``"float: <why>"``
+    for the fake-quant / float path. Checks settings, backend and device only (a forward also
+    takes the float path when its output needs gradients). ``build=False`` builds no CPU kernels
+    to find out (see :func:`ditq.kernels.has_fast_impl`)."""
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    backend = ops.get_backend()
+    plan = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, _KERNEL_LAYERS):
+            continue
+        op = m.kernel_op
+        if op is None:
+            plan[name] = "float: the layer's settings fit no integer op"
+        elif not m.use_kernels:
+            plan[name] = "float: use_kernels is off"
+        elif backend == "auto" and not ops.has_fast_impl(op, device, build=build):
+            plan[name] = f"float: no fast {op} on {device.type} (backend auto)"
+        else:
+            plan[name] = op
+    return plan

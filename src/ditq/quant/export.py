@@ -267,7 +267,8 @@ def _check_header(path, expected: dict[str, tuple], info: dict[str, dict]) -> No
             continue
         found, found_dtype = tuple(info[k]["shape"]), _HEADER_DTYPES.get(info[k]["dtype"], (None, 0))[0]
         if found != shape:
-            bad.append(f"{k}: expected {shape}, found {found}")
+            what = " (packed 2-bit codes, 4 per byte)" if dtype == torch.uint8 else ""
+            bad.append(f"{k}: expected {shape}{what}, found {found}")
         elif dtype.is_floating_point and not (found_dtype is not None and found_dtype.is_floating_point):
             bad.append(f"{k}: expected floating point, found {info[k]['dtype']}")
         elif not dtype.is_floating_point and found_dtype != dtype:

@@ -1,22 +1,51 @@
-"""The quantized linear layer and its activation quantizer (plain-PyTorch reference path).
+"""The quantized linear layer and its activation quantizer: integer kernels in eval mode, else fake quant.
 
 A :class:`QuantLinear` stores what a low-bit kernel reads: integer weight
-codes ``qweight[out, in]`` (uint8 asymmetric / int8 symmetric, one code per
-byte; packing several codes per byte belongs to ``ditq.kernels``) and one
-``(w_scale, w_zero)`` per output row and group of ``w_group`` input channels.
-Its forward fake-quantizes the input with :class:`ActQuantizer`, dequantizes
-the weight and calls ``F.linear``; the numbers are those of
-:mod:`ditq.quant.primitives`, bit for bit. It is for inference: nothing here
-passes gradients (quantization-aware training has its own modules).
+codes ``qweight`` and one ``(w_scale, w_zero)`` per output row and group of
+``w_group`` input channels. Codes are kept one per byte (``[out, in]``, uint8
+asymmetric / int8 symmetric), or, for layers of at most 4 bits, *packed*
+two per byte (``[out, in/2]`` uint8, the ``int4`` layout of
+:mod:`ditq.kernels.packing`, symmetric codes stored as ``q + 8``): see
+:meth:`QuantLinear.pack_` and ``packed=True``. Loaded checkpoints are packed.
+
+**Forward.** In eval mode, with no gradient wanted, a layer whose settings
+fit one of the integer ops of :mod:`ditq.kernels` runs it
+(:attr:`QuantLinear.kernel_op`)::
+
+    weights                         activations                      op
+    <= 4 bits, any group, sym/asym  dynamic, <= 8 bits, any group,    w4a8_linear
+    (K even)                        sym (int8) or asym (uint8 + zero)
+    <= 4 bits (K even)              float (a_bits None)              int4_linear
+    5-8 bits, symmetric, per        dynamic, <= 8 bits, symmetric,    w8a8_linear
+    output channel                  per token (or per tensor)
+
+Everything else (static activation ranges, asymmetric or group-wise weights
+of 5-8 bits, 8-bit weights with asymmetric activations) takes the
+fake-quant path: the input is fake-quantized with :class:`ActQuantizer`, the
+weight dequantized and ``F.linear`` called; its numbers are those of
+:mod:`ditq.quant.primitives`, bit for bit. (Asymmetric 8-bit weights would
+need 9-bit ``q - z``; folding zero points into int8 works only up to 7 bits,
+and w8a8_linear takes neither per-group scales nor activation zero points.)
+So does training mode, a call whose output needs gradients (the ops have no
+autograd formula), ``layer.use_kernels = False``, and, under the ``"auto"``
+kernel backend, an op that has no fast implementation on the input's device
+(e.g. ``w4a8_linear`` on CPU, whose reference only emulates integer math in
+float64): there the float path is faster and gives the fake-quant numbers.
+The integer path computes the same quantized values with integer
+accumulation and a float32 epilogue: it matches the fake-quant path to float
+rounding (about 1e-6 relative), not bit for bit.
 
 State-dict keys, beside the layer's original ``bias``::
 
-    qweight   uint8/int8 [out, in]          integer codes
+    qweight   uint8/int8 [out, in]          integer codes (one per byte), or
+              uint8 [out, in/2]             int4-packed codes (layers of <= 4 bits)
     w_scale   float      [out, in // g]     (g = in when w_group = 0)
     w_zero    float      [out, in // g]     integer-valued; all 0 when symmetric
     act_quant.lo, act_quant.hi  float [n]   static activation ranges only
 
-Bits and group sizes are not in the state dict; they come from the
+A layer loads either form of ``qweight`` and converts it to its own storage
+(codes are checked against its bit width on the way in). Bits and group
+sizes are not in the state dict; they come from the
 :class:`~ditq.quant.config.QDiTConfig` saved beside it (see
 :func:`ditq.quant.api.load_quantized_state_dict`).
 """
@@ -27,7 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditq.errors import InvalidArgumentError
+from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.kernels import ops
+from ditq.kernels.packing import pack_int4, unpack_int4
 from ditq.quant.config import PER_TENSOR, LayerQuant, QDiTConfig, _a_bits, _a_group, _w_bits, _w_group
 from ditq.quant.granularity import (
     PerTensor,
@@ -190,14 +221,61 @@ def _weight_parts(override):
     )
 
 
+INT4_SYM_OFFSET = 8
+"""Packed symmetric codes are stored as ``q + 8`` (offset binary, 0..15); kernels get zero point 8."""
+
+KERNEL_OPS = ("w4a8_linear", "int4_linear", "w8a8_linear")
+"""The :mod:`ditq.kernels` ops a :class:`QuantLinear` may run (see :func:`kernel_op_for`)."""
+
+
+def packable(w_bits: int, in_features: int) -> bool:
+    """Whether a layer's codes can be packed two per byte (int4 layout): at most 4 bits, ``in`` even."""
+    return w_bits <= 4 and in_features % 2 == 0
+
+
+def kernel_op_for(cfg: LayerQuant, in_features: int) -> str | None:
+    """The :mod:`ditq.kernels` op a layer with settings ``cfg`` runs in eval mode, or None (fake quant).
+
+    See the module doc for the table; the integer ops accumulate in int32, so
+    layers of more than :data:`ditq.kernels.ops.MAX_K` inputs take the float path.
+    """
+    if cfg.a_bits is None:
+        return "int4_linear" if packable(cfg.w_bits, in_features) else None
+    if not cfg.dynamic or in_features > ops.MAX_K:
+        return None
+    if packable(cfg.w_bits, in_features):
+        return "w4a8_linear"
+    if cfg.w_sym and cfg.w_group in (0, in_features) and cfg.a_sym and cfg.a_group in (0, PER_TENSOR):
+        return "w8a8_linear"
+    return None
+
+
+def _to_nibbles(codes: torch.Tensor, sym: bool) -> torch.Tensor:
+    """Codes one per byte -> uint8 nibble values 0..15 (symmetric codes offset by 8)."""
+    if sym:
+        return (codes.to(torch.int16) + INT4_SYM_OFFSET).to(torch.uint8)
+    return codes.to(torch.uint8)
+
+
+def _from_nibbles(nibbles: torch.Tensor, sym: bool) -> torch.Tensor:
+    """uint8 nibble values -> codes one per byte in :func:`code_dtype` (inverse of :func:`_to_nibbles`)."""
+    if sym:
+        return (nibbles.to(torch.int16) - INT4_SYM_OFFSET).to(torch.int8)
+    return nibbles
+
+
 class QuantLinear(nn.Module):
     """A linear layer with integer weight codes, group-wise (scale, zero), and quantized inputs.
 
-    The dequantized weight is cached on first use and reused until a weight
-    buffer changes (in-place writes such as ``load_state_dict``, or ``.to()``)
-    or :meth:`invalidate_cache` is called; ``cache_weight = False`` turns the
-    cache off (it holds a float copy of the weight: the memory savings come
-    with the packed kernels, not with this reference path).
+    In eval mode it runs an integer op of :mod:`ditq.kernels` when its settings
+    fit one (:attr:`kernel_op`; see the module doc), else fake quantization.
+    ``packed=True`` stores the codes of a layer of at most 4 bits two per byte
+    (the kernels' int4 layout; no float weight is ever kept for such a layer).
+    On the fake-quant path the dequantized weight is cached on first use and
+    reused until a weight buffer changes (in-place writes such as
+    ``load_state_dict``, or ``.to()``) or :meth:`invalidate_cache` is called;
+    ``cache_weight = False`` turns the cache off (packed layers start with it
+    off). ``use_kernels = False`` forces the fake-quant path.
     """
 
     def __init__(
@@ -213,6 +291,7 @@ class QuantLinear(nn.Module):
         a_group: int = 0,
         a_sym: bool = False,
         dynamic: bool = True,
+        packed: bool = False,
         layer: str | None = None,
         device=None,
         dtype=None,
@@ -225,26 +304,39 @@ class QuantLinear(nn.Module):
         self.layer = layer
         n = num_groups(weight_granularity(w_group), in_features, layer=layer)
         dtype = dtype or torch.get_default_dtype()
-        self.register_buffer(
-            "qweight", torch.zeros(out_features, in_features, dtype=code_dtype(w_sym), device=device)
-        )
+        self.packed = bool(packed) and packable(self.w_bits, in_features)
+        if self.packed:  # code 0 everywhere, as the unpacked zeros below
+            fill = (INT4_SYM_OFFSET | INT4_SYM_OFFSET << 4) if w_sym else 0
+            qweight = torch.full((out_features, in_features // 2), fill, dtype=torch.uint8, device=device)
+        else:
+            qweight = torch.zeros(out_features, in_features, dtype=code_dtype(w_sym), device=device)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("w_scale", torch.ones(out_features, n, dtype=dtype, device=device))
         self.register_buffer("w_zero", torch.zeros(out_features, n, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.act_quant = ActQuantizer(
             a_bits, a_group, a_sym, dynamic, in_features, layer=layer, device=device
         )
-        self.cache_weight = True
+        self.use_kernels = True
+        self.cache_weight = not self.packed
         self._cache: torch.Tensor | None = None
         self._cache_key = None
+        self._kcache: tuple[torch.Tensor, torch.Tensor] | None = None  # packed codes of unpacked layers
+        self._kcache_key = None
 
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
     def empty(
-        cls, linear: nn.Linear, cfg: LayerQuant | QDiTConfig, *, layer: str | None = None
+        cls,
+        linear: nn.Linear,
+        cfg: LayerQuant | QDiTConfig,
+        *,
+        layer: str | None = None,
+        packed: bool = False,
     ) -> QuantLinear:
-        """An unfilled QuantLinear shaped for ``linear`` under ``cfg`` (a skeleton to load into)."""
+        """An unfilled QuantLinear shaped for ``linear`` under ``cfg`` (a skeleton to load into; on the
+        meta device when ``linear`` is)."""
         if isinstance(cfg, QDiTConfig):
             cfg = cfg.for_layer(layer)
         if not isinstance(cfg, LayerQuant):
@@ -256,7 +348,7 @@ class QuantLinear(nn.Module):
             linear.in_features, linear.out_features, linear.bias is not None,
             w_bits=cfg.w_bits, w_group=cfg.w_group, w_sym=cfg.w_sym,
             a_bits=cfg.a_bits, a_group=cfg.a_group, a_sym=cfg.a_sym, dynamic=cfg.dynamic,
-            layer=layer, device=w.device, dtype=w.dtype,
+            packed=packed, layer=layer, device=w.device, dtype=w.dtype,
         )  # fmt: skip
 
     @classmethod
@@ -273,7 +365,8 @@ class QuantLinear(nn.Module):
 
         ``weight_override`` replaces that with given codes and group parameters,
         e.g. a :class:`~ditq.quant.gptq.GPTQResult` or ``(codes, scale, zero)``;
-        they must fit the layer's shape, bits and group size.
+        they must fit the layer's shape, bits and group size. The codes are kept
+        one per byte (:meth:`pack_` packs them).
         """
         if not isinstance(linear, nn.Linear):
             raise InvalidArgumentError(f"from_float takes an nn.Linear, got {type(linear).__name__}")
@@ -301,9 +394,10 @@ class QuantLinear(nn.Module):
                 raise InvalidArgumentError(
                     f"weight override {name}{where} must be a tensor, got {type(t).__name__}"
                 )
-        if tuple(codes.shape) != tuple(self.qweight.shape) or codes.dtype != self.qweight.dtype:
+        shape, dtype = (self.out_features, self.in_features), code_dtype(self.w_sym)
+        if tuple(codes.shape) != shape or codes.dtype != dtype:
             raise InvalidArgumentError(
-                f"weight override codes{where} must be {self.qweight.dtype} {tuple(self.qweight.shape)} "
+                f"weight override codes{where} must be {dtype} {shape} "
                 f"(w_sym={self.w_sym}), got {codes.dtype} {tuple(codes.shape)}"
             )
         if tuple(scale.shape) != tuple(self.w_scale.shape) or tuple(zero.shape) != tuple(self.w_scale.shape):
@@ -318,6 +412,91 @@ class QuantLinear(nn.Module):
             )
         return codes, scale, zero
 
+    # -- storage: codes one per byte, or int4-packed -----------------------------------------------
+
+    @property
+    def packed_shape(self) -> tuple[int, int]:
+        """Shape of int4-packed ``qweight``: ``[out, in/2]``."""
+        return self.out_features, self.in_features // 2
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes ``[out, in]`` (uint8 asymmetric / int8 symmetric), unpacked if need be."""
+        if self.packed:
+            return _from_nibbles(unpack_int4(self.qweight), self.w_sym)
+        return self.qweight
+
+    @torch.no_grad()
+    def packed_codes(self) -> torch.Tensor:
+        """The codes int4-packed, uint8 ``[out, in/2]`` (symmetric ones as ``q + 8``): what a checkpoint
+        stores for a layer of at most 4 bits with an even number of inputs."""
+        if self.packed:
+            return self.qweight
+        if not packable(self.w_bits, self.in_features):
+            raise InvalidArgumentError(
+                f"codes of {self.w_bits} bits for {self.in_features} inputs do not pack two per byte"
+            )
+        return pack_int4(_to_nibbles(self.qweight, self.w_sym))
+
+    @torch.no_grad()
+    def pack_(self) -> QuantLinear:
+        """Store the codes two per byte (int4 layout) if the layer has at most 4 bits and an even
+        number of inputs (else nothing changes); turns the float-weight cache off. Returns ``self``."""
+        if not self.packed and packable(self.w_bits, self.in_features):
+            self.qweight = self.packed_codes()
+            self.packed, self.cache_weight = True, False
+            self.invalidate_cache()
+        return self
+
+    @torch.no_grad()
+    def unpack_(self) -> QuantLinear:
+        """Store the codes one per byte again (the inverse of :meth:`pack_`). Returns ``self``."""
+        if self.packed:
+            self.qweight = self.codes()
+            self.packed, self.cache_weight = False, True
+            self.invalidate_cache()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key = prefix + "qweight"
+        w = state_dict.get(key)
+        if isinstance(w, torch.Tensor):
+            state_dict[key] = self._as_stored(w, self.layer or prefix.rstrip(".") or "qweight")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def _as_stored(self, w: torch.Tensor, name: str) -> torch.Tensor:
+        """``qweight`` from a state dict (either layout) in this layer's storage layout, codes checked."""
+        shape = (self.out_features, self.in_features)
+        unpacked = tuple(w.shape) == shape and w.dtype == code_dtype(self.w_sym)
+        is_packed = (
+            packable(self.w_bits, self.in_features)
+            and tuple(w.shape) == self.packed_shape
+            and w.dtype == torch.uint8
+        )
+        if not (unpacked or is_packed):
+            return w  # left to load_state_dict's own shape/dtype error
+        if w.is_meta:
+            return w if is_packed == self.packed else torch.empty_like(self.qweight, device="meta")
+        if is_packed and (self.w_bits < 4 or not self.packed):
+            codes = _from_nibbles(unpack_int4(w), self.w_sym)
+            self._check_codes(codes, name)
+            return w if self.packed else codes
+        if unpacked:
+            self._check_codes(w, name)
+            return pack_int4(_to_nibbles(w, self.w_sym)) if self.packed else w
+        return w  # packed 4-bit codes into a packed layer: every nibble is a valid code
+
+    def _check_codes(self, codes: torch.Tensor, name: str) -> None:
+        q_min, q_max = qrange(self.w_bits, self.w_sym)
+        if codes.numel() == 0:
+            return
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < q_min or hi > q_max:
+            raise CheckpointError(
+                f"layer {name!r}: qweight holds codes from {lo} to {hi}, outside the {self.w_bits}-bit "
+                f"range [{q_min}, {q_max}] of its quantization config; the checkpoint's tensors and "
+                "metadata disagree"
+            )
+
     # -- weights -----------------------------------------------------------------------------------
 
     def _key(self):
@@ -330,19 +509,21 @@ class QuantLinear(nn.Module):
             return None
 
     def invalidate_cache(self) -> None:
-        """Drop the cached dequantized weight (needed only after writes that bypass the buffers' versions)."""
+        """Drop the cached dequantized (and packed) weight (needed only after writes that bypass the
+        buffers' versions)."""
         self._cache = self._cache_key = None
+        self._kcache = self._kcache_key = None
 
     def dequantized_weight(self) -> torch.Tensor:
-        """``(qweight - w_zero) * w_scale`` [out, in], in the scale's dtype (cached; see the class doc)."""
+        """``(codes - w_zero) * w_scale`` [out, in], in the scale's dtype (cached; see the class doc)."""
         key = self._key() if self.cache_weight else None
         if key is not None and self._cache is not None and key == self._cache_key:
             return self._cache
-        w = dequantize(self.qweight, self.w_scale, self.w_zero)
+        w = dequantize(self.codes(), self.w_scale, self.w_zero)
         if key is not None:
             self._cache, self._cache_key = w, key
         else:
-            self.invalidate_cache()
+            self._cache = self._cache_key = None
         return w
 
     @property
@@ -350,9 +531,51 @@ class QuantLinear(nn.Module):
         """The dequantized weight (read-only view for code that inspects ``layer.weight``)."""
         return self.dequantized_weight()
 
+    def _int4_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int4-packed codes ``[out, in/2]``, the kernels' zero points ``[out, in/g]``)."""
+        zero = self.w_zero + INT4_SYM_OFFSET if self.w_sym else self.w_zero
+        if self.packed:
+            return self.qweight, zero
+        key = self._key()  # an unpacked layer keeps a packed copy (integers, half its codes' bytes)
+        if key is not None and self._kcache is not None and key == self._kcache_key:
+            return self._kcache
+        packed = (self.packed_codes(), zero)
+        if key is not None:
+            self._kcache, self._kcache_key = packed, key
+        return packed
+
     # -- forward -----------------------------------------------------------------------------------
 
+    @property
+    def settings(self) -> LayerQuant:
+        """This layer's settings (clipping is not recorded: it shaped the codes only)."""
+        aq = self.act_quant
+        return LayerQuant(
+            w_bits=self.w_bits, w_group=self.w_group, w_sym=self.w_sym, a_bits=aq.bits,
+            a_group=aq.group, a_sym=aq.sym, dynamic=aq.dynamic,
+        )  # fmt: skip
+
+    @property
+    def kernel_op(self) -> str | None:
+        """The :mod:`ditq.kernels` op this layer's settings fit (see :func:`kernel_op_for`), or None."""
+        return kernel_op_for(self.settings, self.in_features)
+
+    def kernel_for(self, x: torch.Tensor) -> str | None:
+        """The op ``forward(x)`` runs now, or None for the fake-quant path (see the module doc)."""
+        op = self.kernel_op
+        if op is None or not self.use_kernels or self.training:
+            return None
+        wants_grad = x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if wants_grad and torch.is_grad_enabled():
+            return None
+        if ops.get_backend() == "auto" and not ops.has_fast_impl(op, x.device):
+            return None
+        return op
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = self.kernel_for(x)
+        if op is not None:
+            return self._kernel_forward(op, x)
         x = self.act_quant(x)  # [..., in], fake-quantized
         w = self.dequantized_weight()  # [out, in]
         b = self.bias
@@ -362,9 +585,34 @@ class QuantLinear(nn.Module):
             b = b.to(x.dtype)
         return F.linear(x, w, b)  # [..., out]
 
+    def _kernel_forward(self, op: str, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias.detach() if self.bias is not None else None
+        if op == "int4_linear":
+            wp, zero = self._int4_weight()
+            return ops.int4_linear(x, wp, self.w_scale, zero, b)  # [..., out], x.dtype
+        xq, xs, xz = self._quantize_input(x)  # integer codes [..., in], scales (and zeros) [..., G]
+        if op == "w8a8_linear":
+            return ops.w8a8_linear(xq, xs, self.qweight, self.w_scale, b, x.dtype)
+        wp, zero = self._int4_weight()
+        return ops.w4a8_linear(xq, xs, xz, wp, self.w_scale, zero, b, x.dtype)
+
+    def _quantize_input(self, x: torch.Tensor):
+        """The input's integer codes with its scales and zero points (None when symmetric), per token
+        or token group: the values :class:`ActQuantizer` fake-quantizes to."""
+        aq = self.act_quant
+        if aq.sym and aq.bits == 8 and aq.group == 0:
+            xq, xs = ops.quantize_per_token_int8(x)  # the same rule; a fast kernel on CPU
+            return xq, xs, None
+        scale, zero = aq.params(x)  # [..., G], or all ones for one range per tensor
+        q = quantize(x, scale, zero, aq.bits, aq.sym)
+        lead = (*x.shape[:-1], scale.shape[-1])
+        xs = scale.expand(lead).contiguous()
+        return q, xs, None if aq.sym else zero.expand(lead).contiguous()
+
     def extra_repr(self) -> str:
         group = "channel" if self.w_group == 0 else f"group{self.w_group}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, w_bits={self.w_bits}, w_{group}, w_sym={self.w_sym}"
+            + (", packed=int4" if self.packed else "")
         )

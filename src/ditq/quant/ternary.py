@@ -50,10 +50,20 @@ TerDiT itself keeps activations in floating point (``act_bits=None``).
 **Inference**: :class:`TernaryLinear` holds the ternary codes ``W̃ + 1`` packed
 four per byte in ``ditq.kernels.packing``'s ``"k4"`` layout (``weight``, uint8
 ``[out, in/4]``), the scale ``s`` as ``alphas`` (γ for BitNet-style layers),
-and the bias. Its forward unpacks and multiplies in floating point (the
-reference path); it gives the same numbers as the QAT layer in eval mode, bit
-for bit. It also loads official TerDiT tensors (``weight`` uint8
-``[out/4, in]`` in the ``"terdit"`` layout), repacking them to ``"k4"``.
+and the bias. In eval mode (no gradient wanted) it runs the integer ops of
+:mod:`ditq.kernels` on the packed weights: ``act_bits=8`` quantizes the input
+per token (``quantize_per_token_int8``, the same codes as the fake
+quantization) and calls ``w158a8_linear`` (int32 accumulation, then
+``acc · x_scale · s + b``); ``act_bits=None`` calls ``ternary_linear``
+(weight-only, bit for bit the float path). The float path (unpack, multiply
+in floating point: the same numbers as the QAT layer in eval mode, bit for
+bit) runs in training mode, with ``use_kernels = False`` (the exact
+reference), and, under the ``"auto"`` kernel backend, where the op has no fast
+implementation on the input's device. W1.58A8 through ``w158a8_linear``
+differs from it by float rounding only (scales applied after an exact integer
+sum instead of to each product; ~1e-6 relative). It also loads official
+TerDiT tensors (``weight`` uint8 ``[out/4, in]`` in the ``"terdit"`` layout),
+repacking them to ``"k4"``.
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.kernels import ops
 from ditq.kernels.packing import PackingError, pack_ternary, packed_2bit_shape, unpack_2bit, unpack_ternary
 from ditq.quant.config import JSONConfig, check_pattern
 from ditq.quant.presets import get_preset, linear_names, match_any, nothing_selected, preset_for
@@ -269,7 +280,9 @@ class TernaryLinear(nn.Module):
     ``[out, in/4]`` (codes ``W̃+1``, layout ``"k4"``) — the key names of
     official TerDiT checkpoints, whose ``[out/4, in]`` ``"terdit"``-layout
     weights it also loads (repacked on the way in). ``act_bits=8``
-    fake-quantizes inputs per token, as the QAT layer did.
+    quantizes inputs per token to int8, as the QAT layer did. Eval mode runs
+    the integer ops (see the module doc); ``use_kernels = False`` keeps the
+    float path.
     """
 
     def __init__(
@@ -297,6 +310,7 @@ class TernaryLinear(nn.Module):
         shape = packed_2bit_shape(out_features, in_features, LAYOUT)
         # Code 1 everywhere = W̃ of zeros: an empty layer computes the bias only.
         self.register_buffer("weight", torch.full(shape, 0b01010101, dtype=torch.uint8, device=device))
+        self.use_kernels = True
 
     @classmethod
     def from_qat(cls, qat: TernaryQATLinear, *, layer: str | None = None) -> TernaryLinear:
@@ -327,7 +341,27 @@ class TernaryLinear(nn.Module):
         # unpack_2bit skips unpack_ternary's code-3 check (a host sync): codes are checked on the way in.
         return self.alphas * (unpack_2bit(self.weight, LAYOUT).to(self.alphas.dtype) - 1)
 
+    @property
+    def kernel_op(self) -> str:
+        """The :mod:`ditq.kernels` op of this layer: ``w158a8_linear`` (int8 inputs) or ``ternary_linear``."""
+        return "w158a8_linear" if self.act_bits == 8 else "ternary_linear"
+
+    def kernel_for(self, x: torch.Tensor) -> str | None:
+        """The op ``forward(x)`` runs now, or None for the float path (see the module doc)."""
+        if not self.use_kernels or self.training or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        op = self.kernel_op
+        if ops.get_backend() == "auto" and not ops.has_fast_impl(op, x.device):
+            return None
+        return op
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = self.kernel_for(x)
+        if op == "w158a8_linear":
+            xq, xs = ops.quantize_per_token_int8(x)  # int8 [..., in], float32 [..., 1]
+            return ops.w158a8_linear(xq, xs, self.weight, self.alphas, self.bias, x.dtype)  # [..., out]
+        if op == "ternary_linear":
+            return ops.ternary_linear(x, self.weight, self.alphas, self.bias)  # [..., out]
         return F.linear(act_quant(x, self.act_bits), self.dequantized_weight(), self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

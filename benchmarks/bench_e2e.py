@@ -1,0 +1,338 @@
+"""How fast, how small and how close are deployed low-bit DiTs, one sampling step at a time?
+
+For one model (the embedded ``ditq-fmnist`` by default; ``--model DiT-XL/2``
+and other registry names get random weights at their real shapes, adaLN and
+the final layer included, so outputs are not trivially zero) the script builds
+in memory, round-to-nearest and without calibration:
+
+* ``fp32``: the float model (the baseline);
+* ``w8a8``: Q-DiT layers with symmetric per-channel int8 weights and dynamic
+  symmetric per-token int8 activations (``w8a8_linear``);
+* ``w4a8``: Q-DiT W4A8 with groups of 128 (asymmetric 4-bit weights, dynamic
+  asymmetric per-token 8-bit activations; ``w4a8_linear``);
+* ``w1.58a8`` / ``w1.58a16``: TerDiT ternary layers (adaLN included) with int8
+  activations (``w158a8_linear``) or float ones (``ternary_linear``).
+
+Each variant is saved as its checkpoint (``ditq ptq`` / ``ditq export``
+format) and loaded back the way ``ditq sample`` loads it (meta device, packed
+codes), so what is timed is the deployed model. Per variant and guidance
+setting (``--cfg on,off``; on = a doubled batch, as the sampler runs it):
+
+* ``ms``: median time of one sampling step = one model call at ``--batch-size``
+  images (x2 rows with guidance) and a fresh timestep, over ``--steps`` steps,
+  variants interleaved step by step so that other load hits all alike;
+  ``speedup`` is ``fp32`` ms / ms, measured side by side;
+* ``weight_bytes``: bytes of the model's parameters and buffers as loaded, plus
+  the prepacked weight copies the AVX-512 CPU kernels keep (``prepacked_bytes``);
+  on CUDA ``peak_cuda_bytes`` is ``torch.cuda.max_memory_allocated`` over a step;
+* ``ckpt_bytes``: size of the saved file;
+* ``max_abs_diff_vs_fake_quant``: one step's output through the kernels against
+  the same model's fake-quant / float path (``quant.set_kernels(model, False)``),
+  and ``max_abs_diff_vs_fp``, the quantization error itself, for scale.
+
+``kernels`` counts what the quantized layers ran (``quant.kernel_plan``): under
+``--backend auto`` an op without a fast implementation on the device (e.g.
+``w4a8_linear`` on CPU) leaves its layers on the float path.
+
+    python benchmarks/bench_e2e.py --device cpu --threads 1 --batch-size 16 --steps 3 --json out/e2e.json
+    python benchmarks/bench_e2e.py --model DiT-XL/2 --steps 1 --batch-size 1 --variants fp32,w8a8
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import format_table, load_average, machine_info, median, synchronizer, time_call, write_json
+
+from ditq import models, quant
+from ditq.diffusion import ClassifierFreeGuidance
+from ditq.kernels import cpu, ops
+from ditq.models import registry
+from ditq.pipelines.ptq import load_model, save_quantized
+from ditq.quant.export import save_ternary
+
+VARIANTS = ("fp32", "w8a8", "w4a8", "w1.58a8", "w1.58a16")
+QDIT = {
+    "w8a8": quant.QDiTConfig(w_bits=8, a_bits=8, w_group=0, w_sym=True, a_sym=True),
+    "w4a8": quant.QDiTConfig(w_bits=4, a_bits=8, w_group=128),
+}
+TERNARY = {"w1.58a8": 8, "w1.58a16": None}
+CFG_SCALE = 1.5
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- models
+def float_model(name: str, seed: int) -> torch.nn.Module:
+    """The embedded model with its weights, or a registry model with random weights at real shapes."""
+    if name in models.hub.EMBEDDED_MODELS:
+        return models.load(name)
+    torch.manual_seed(seed)
+    model = registry.build_model(registry.get_config(name))
+    with torch.no_grad():  # adaLN-Zero and the final layer start at 0: give every output a value
+        for pname, p in model.named_parameters():
+            if "adaLN" in pname or "final_layer" in pname:
+                p.normal_(std=0.02)
+    return model.eval()
+
+
+def build_variant(variant: str, fp_path: Path, folder: Path) -> Path:
+    """Quantize the float model of ``fp_path`` as ``variant`` (RTN) and save it; returns the file."""
+    model = models.load(fp_path)
+    path = folder / f"{variant}.safetensors"
+    if variant in QDIT:
+        quant.quantize_(model, QDIT[variant])
+        save_quantized(model, path, QDIT[variant], command="bench_e2e")
+    else:
+        config = quant.TernaryQATConfig(act_bits=TERNARY[variant])
+        quant.quantize_(model, config)  # prepare: alpha by least squares from the float weights
+        quant.quantize_(model, quant.TernaryQATConfig(step="convert"))
+        save_ternary(model, path, config, command="bench_e2e")
+    return path
+
+
+def held_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def prepacked_bytes(model: torch.nn.Module, device: torch.device) -> int:
+    """Bytes of the prepacked weight copies the AVX-512 CPU kernels cache for the layers that ran them."""
+    if device.type != "cpu":
+        return 0
+    backends = cpu.available_backends()
+    total = 0
+    for layer, what in quant.kernel_plan(model, device).items():
+        m = model.get_submodule(layer)
+        if what == "w8a8_linear" and backends.get(what, "").startswith("cpp-avx512"):
+            total += cpu.prepacked_bytes(m.out_features, m.in_features, 8)
+        elif what == "w158a8_linear" and backends.get(what, "").startswith("cpp-avx512"):
+            total += cpu.prepacked_bytes(m.out_features, m.in_features, 2)
+    return total
+
+
+def step_fn(model: torch.nn.Module, cfg: bool):
+    """What a sampler calls once per step: the model, or its guided form over a doubled batch."""
+    c = model.config
+    if not cfg:
+        return model
+    return ClassifierFreeGuidance(
+        model, CFG_SCALE, 3 if c.in_channels == 4 else None, learn_sigma=c.learn_sigma
+    )
+
+
+def step_inputs(config, batch: int, cfg: bool, step: int, device: torch.device, seed: int):
+    g = torch.Generator().manual_seed(seed + step)
+    shape = (config.in_channels, config.input_size, config.input_size)
+    x = torch.randn(batch, *shape, generator=g)
+    y = torch.randint(0, config.num_classes, (batch,), generator=g)
+    if cfg:
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, config.num_classes)])
+    t = torch.full((len(x),), 999 - (step * 97) % 1000, dtype=torch.long)
+    return x.to(device), t.to(device), {"y": y.to(device)}
+
+
+# ----------------------------------------------------------------------------- one setting
+def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
+    device, sync = args.device, synchronizer(args.device)
+    fns = {v: step_fn(m, cfg) for v, m in loaded.items()}
+    times: dict[str, list[float]] = {v: [] for v in loaded}
+    peak: dict[str, int | None] = dict.fromkeys(loaded)
+    with torch.inference_mode():
+        warm = step_inputs(fp_config, args.batch_size, cfg, -1, device, args.seed)
+        for fn in fns.values():  # warm-up: builds the CPU kernels, prepacks weights
+            fn(*warm[:2], **warm[2])
+        for step in range(args.steps):
+            x, t, kw = step_inputs(fp_config, args.batch_size, cfg, step, device, args.seed)
+            for v, fn in fns.items():
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                times[v].append(time_call(lambda fn=fn, x=x, t=t, kw=kw: fn(x, t, **kw), sync))
+                if device.type == "cuda":
+                    peak[v] = max(peak[v] or 0, torch.cuda.max_memory_allocated(device))
+        # one step's output: kernels vs the same model's fake-quant / float path, and vs FP
+        x, t, kw = step_inputs(fp_config, args.batch_size, cfg, 0, device, args.seed)
+        ref_fp = fns["fp32"](x, t, **kw).float() if "fp32" in fns else None
+        diffs = {}
+        for v, m in loaded.items():
+            out = fns[v](x, t, **kw).float()
+            quant.set_kernels(m, False)
+            fake = fns[v](x, t, **kw).float()
+            quant.set_kernels(m, True)
+            diffs[v] = (
+                (out - fake).abs().max().item(),
+                None if ref_fp is None else (out - ref_fp).abs().max().item(),
+            )
+    rows = []
+    base_ms = median(times["fp32"]) * 1e3 if "fp32" in times else None
+    c = fp_config
+    tokens = (args.batch_size * (2 if cfg else 1)) * (c.input_size // c.patch_size) ** 2
+    for v, m in loaded.items():
+        ms = median(times[v]) * 1e3
+        plan = quant.kernel_plan(m, device)
+        counts: dict[str, int] = {}
+        for what in plan.values():
+            counts[what] = counts.get(what, 0) + 1
+        pre = prepacked_bytes(m, device)
+        rows.append(
+            {
+                "op": v,
+                "model": args.model,
+                "M": tokens,
+                "K": c.hidden_size,
+                "N": int(c.hidden_size * c.mlp_ratio),
+                "ms": ms,
+                "baseline": "fp32 model",
+                "baseline_ms": base_ms,
+                "speedup": None if base_ms is None else base_ms / ms,
+                "weight_bytes": held_bytes(m) + pre,
+                "prepacked_bytes": pre,
+                "peak_cuda_bytes": peak[v],
+                "ckpt_bytes": args.ckpt_bytes[v],
+                "max_abs_diff_vs_fake_quant": diffs[v][0],
+                "max_abs_diff_vs_fp": diffs[v][1],
+                "batch": args.batch_size,
+                "cfg": cfg,
+                "steps": args.steps,
+                "backend": args.backend,
+                "resolved_backend": ops.resolve_backend(device),
+                "kernels": counts,
+                "device": device.type,
+                "times_ms": [s * 1e3 for s in times[v]],
+            }
+        )
+    log(
+        f"[cfg {'on' if cfg else 'off'}] "
+        + ", ".join(f"{r['op']} {r['ms']:.1f} ms ({(r['speedup'] or 0):.2f}x)" for r in rows)
+    )
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    a = results["args"]
+    lines = [
+        f"machine: {m['cpu']} ({m['torch_threads']} torch threads of {m['cpu_count']} CPUs)"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + f"; torch {m['torch']}, Python {m['python']}; {m['date']}",
+        f"load average before/after: {m['load_average']} / {results.get('load_average_after')}",
+        f"model {a['model']}, batch {a['batch_size']}, median of {a['steps']} steps, kernel backend "
+        f"{a['backend']} ({results['rows'][0]['resolved_backend'] if results['rows'] else '-'}); "
+        f"CPU kernels: {results['cpu_backends'].get('extension', '-')}",
+        "",
+    ]
+    header = [
+        "variant", "cfg", "M", "ms/step", "fp32 ms", "speedup", "weights MB", "ckpt MB",
+        "max|d| vs fake", "max|d| vs fp", "kernels",
+    ]  # fmt: skip
+    rows = [
+        [
+            r["op"], "on" if r["cfg"] else "off", r["M"], f"{r['ms']:.1f}", f"{r['baseline_ms']:.1f}",
+            f"{r['speedup']:.2f}", _mb(r["weight_bytes"]), _mb(r["ckpt_bytes"]),
+            f"{r['max_abs_diff_vs_fake_quant']:.1e}", f"{r['max_abs_diff_vs_fp']:.1e}",
+            ", ".join(f"{n} {w}" for w, n in r["kernels"].items()) or "-",
+        ]
+        for r in results["rows"]
+    ]  # fmt: skip
+    lines.append(format_table(header, rows))
+    for note in results["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ditq-fmnist", help="ditq-fmnist (embedded) or a registry name")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="kernel backend (default auto)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step (x2 rows with cfg)")
+    p.add_argument("--cfg", default="on,off", help="guidance settings to time: on, off or on,off")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per setting (median kept)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in args.variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant '{v}'; choose from {', '.join(VARIANTS)}")
+    if "fp32" not in args.variants:
+        args.variants.insert(0, "fp32")  # the baseline
+    args.cfg = [{"on": True, "off": False}[s.strip()] for s in args.cfg.split(",") if s.strip()]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ops.set_backend(args.backend)
+    notes = []
+    if args.device.type == "cpu":
+        cpu.build()
+    results = {
+        "benchmark": "bench_e2e",
+        "command": " ".join([sys.executable, *sys.argv]),
+        "machine": machine_info(args.device),
+        "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
+        "cpu_backends": cpu.available_backends() if args.device.type == "cpu" else {},
+        "rows": [],
+        "notes": notes,
+    }
+    with tempfile.TemporaryDirectory(prefix="ditq-bench-e2e-") as tmp:
+        folder = Path(tmp)
+        log(f"building {args.model} and its variants in {folder}")
+        fp = float_model(args.model, args.seed)
+        fp_config = fp.config
+        fp_path = folder / "fp32.safetensors"
+        models.save(fp, fp_path)
+        del fp
+        paths = {"fp32": fp_path}
+        for v in args.variants:
+            if v != "fp32":
+                t0 = time.perf_counter()
+                paths[v] = build_variant(v, fp_path, folder)
+                gc.collect()
+                log(f"  {v}: {paths[v].stat().st_size / 2**20:.2f} MB in {time.perf_counter() - t0:.1f} s")
+        args.ckpt_bytes = {v: p.stat().st_size for v, p in paths.items()}
+        loaded = {v: load_model(p, device=args.device) for v, p in paths.items()}
+        for cfg in args.cfg:
+            results["rows"] += bench_setting(loaded, cfg, args, fp_config)
+    if args.device.type == "cpu" and args.backend == "auto":
+        notes.append(
+            "backend auto on CPU: ops without a C++ kernel (w4a8_linear, ternary_linear) leave their layers "
+            "on the float path (the references only emulate integer math); --backend reference forces them"
+        )
+    results["load_average_after"] = load_average()
+    results["wall_s"] = time.perf_counter() - start
+    print(render(results))
+    print(f"\ntotal wall time {results['wall_s']:.0f} s")
+    if args.json:
+        write_json(args.json, results)
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

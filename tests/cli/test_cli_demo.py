@@ -22,6 +22,9 @@ def test_demo_writes_grid_and_npz(tmp_path, capsys):
         "1",
         "--ptq-samples",
         "0",
+        "--ternary-steps",
+        "0",
+        "--skip-deploy",
     ]
     assert main([*argv, "--train-steps", "2", "--eval-samples", "20"]) == 0
     stdout = capsys.readouterr().out
@@ -50,6 +53,9 @@ def test_demo_quiet_prints_nothing(tmp_path, capsys):
         "--skip-train",
         "--ptq-samples",
         "0",
+        "--ternary-steps",
+        "0",
+        "--skip-deploy",
     ]
     argv += ["--eval-samples", "10"]
     assert main(argv) == 0
@@ -67,7 +73,8 @@ def test_demo_bad_count_is_a_one_line_error(tmp_path, capsys):
 
 def test_demo_cli_defaults_match_the_pipeline():
     from ditq.cli.main import build_parser
-    from ditq.pipelines.demo import DEMO_EVAL_SAMPLES, DEMO_TRAIN_STEPS
+    from ditq.pipelines.demo import DEMO_DISTILL_STEPS, DEMO_EVAL_SAMPLES, DEMO_TRAIN_STEPS
 
     args = build_parser().parse_args(["demo"])
     assert args.eval_samples == DEMO_EVAL_SAMPLES and args.train_steps == DEMO_TRAIN_STEPS
+    assert args.ternary_steps == DEMO_DISTILL_STEPS and not args.skip_deploy

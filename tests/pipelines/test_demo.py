@@ -14,9 +14,16 @@ from ditq.pipelines.demo import (
     DEMO_CONFIG,
     FASHION_MNIST_CLASSES,
     find_embedded_model,
-    run_demo,
     tiny_demo_model,
 )
+
+
+def run_demo(*args, **kwargs):
+    """:func:`demo.run_demo` without its ternary and deployment parts unless a test asks for them
+    (they have tests of their own below)."""
+    kwargs.setdefault("ternary_steps", 0)
+    kwargs.setdefault("deploy", False)
+    return demo.run_demo(*args, **kwargs)
 
 
 def test_find_embedded_model_is_a_file_or_none():
@@ -205,3 +212,35 @@ def test_the_fast_ptq_ladder_scores_every_rung_on_the_same_samples(tmp_path):
     assert sum("FID-FMNIST" in line for line in lines) == 5
     with pytest.raises(InvalidArgumentError, match="ptq_samples"):
         run_demo(tmp_path, ptq_samples=1, log=lambda _: None)
+
+
+@pytest.mark.skipif(find_embedded_model() is None, reason="no embedded model in this install")
+def test_the_ternary_part_distils_scores_and_deploys(tmp_path, monkeypatch):
+    from ditq.pipelines.ptq import load_model
+    from ditq.quant import TernaryLinear
+
+    monkeypatch.setattr(demo, "DEMO_DISTILL_POOL", 8)  # teacher samples
+    monkeypatch.setattr(demo, "DEMO_DISTILL_BATCH", 4)
+    monkeypatch.setattr(demo, "DEMO_PTQ_SAMPLES", 4)  # images scored, FP and ternary alike
+    lines: list[str] = []
+    result = run_demo(
+        tmp_path, samples_per_class=1, steps=2, train=False, eval_samples=0, ptq_samples=0,
+        ternary_steps=3, deploy=True, log=lines.append,
+    )  # fmt: skip
+    t = result.ternary
+    path = tmp_path / "ternary" / "model.safetensors"
+    assert t is not None and t["model_path"] == str(path) and t["steps"] == 3 and t["samples"] == 4
+    assert t["checkpoint_bytes"] == path.stat().st_size < t["fp32_bytes"] / 7  # 2-bit block linears
+    assert np.isfinite(t["fid"]) and np.isfinite(t["fp_fid"])
+    student = load_model(path)
+    assert sum(isinstance(m, TernaryLinear) for m in student.modules()) == 30  # every block linear
+    assert student.config.adaln_norm  # TerDiT's adaLN RMSNorm
+    text = "\n".join(lines)
+    assert "no dataset read" in text and "ternary  FID-FMNIST" in text and "x smaller than float32" in text
+    assert [r["name"] for r in result.deployed] == ["FP32", "W8A8", "ternary"]
+    assert "ms/step" in text and (tmp_path / "deploy" / "w8a8.safetensors").is_file()
+
+
+def test_run_demo_rejects_negative_ternary_steps(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="ternary_steps"):
+        run_demo(tmp_path, ptq_samples=0, ternary_steps=-1, log=lambda _: None)

@@ -1,5 +1,6 @@
-"""``ditq demo``: a labelled grid from a tiny embedded Fashion-MNIST DiT, scored by FID-FMNIST, then a tiny
-training run."""
+"""``ditq demo``: a labelled grid from a tiny embedded Fashion-MNIST DiT, scored by FID-FMNIST; the model
+quantized (Q-DiT PTQ ladder), distilled to ternary weights (TerDiT, data-free) and deployed (size and
+latency); then a tiny training run."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=100,
         help="images per row of the fast PTQ ladder (FP, W8A8, W4A8 three ways; default 100; 0: none)",
     )
+    p.add_argument(
+        "--ternary-steps",
+        type=int,
+        default=150,
+        help="steps of the demo's data-free ternary (TerDiT) distillation (default 150; 0: none)",
+    )
+    p.add_argument(
+        "--skip-deploy", action="store_true", help="skip the size and latency table (FP32, W8A8, ternary)"
+    )
     p.add_argument("--skip-train", action="store_true", help="skip the short training run (synthetic shapes)")
     p.add_argument("--train-steps", type=int, default=80, help="steps of the short training run (default 80)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
@@ -56,5 +66,7 @@ def run(args: argparse.Namespace) -> int:
         train_steps=args.train_steps,
         eval_samples=args.eval_samples,
         ptq_samples=args.ptq_samples,
+        ternary_steps=args.ternary_steps,
+        deploy=not args.skip_deploy,
     )
     return 0

@@ -38,7 +38,7 @@ from ditq.images import save_grid, save_npz
 from ditq.models import DiT, DiTConfig
 from ditq.pipelines.sample import sample
 from ditq.pipelines.train import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, MODEL_FILE, TrainResult, run_training
-from ditq.train.config import CheckpointSpec, DataSpec, ModelSpec, TrainRun
+from ditq.train.config import CheckpointSpec, DataSpec, InitSpec, ModelSpec, QuantSpec, TrainRun
 from ditq.train.loop import TrainConfig
 
 # Fashion-MNIST padded to 32x32, one channel; 4x4 patches give 64 tokens, so
@@ -65,6 +65,12 @@ DEMO_PTQ_SAMPLES = 100
 # further 80 (beyond the grid) cost 29 s at DDIM-20 with guidance on a busy 2-core CPU.
 DEMO_EVAL_SAMPLES = 100
 
+# The demo's data-free ternary distillation (TerDiT layers, the embedded model as its own teacher):
+# steps of batch DEMO_DISTILL_BATCH on a pool of DEMO_DISTILL_POOL teacher samples (DDIM-10).
+DEMO_DISTILL_STEPS = 150
+DEMO_DISTILL_BATCH = 32
+DEMO_DISTILL_POOL = 128
+
 # The embedded model's reference evaluation (scripts/eval_embedded.py), found in a source checkout.
 EMBEDDED_EVAL_JSON = Path("docs") / "results" / "embedded_eval.json"
 
@@ -82,6 +88,39 @@ def demo_train_run(out_dir: str | Path, steps: int = DEMO_TRAIN_STEPS, seed: int
             ema_decay=0.99,
             grad_clip=1.0,
             log_every=max(1, min(10, steps // 2)),
+        ),
+        checkpoint=CheckpointSpec(every=0, keep_last=1),
+        out=str(out_dir),
+        seed=seed,
+        device="cpu",
+    )
+
+
+def demo_distill_run(
+    out_dir: str | Path,
+    teacher: str | Path,
+    model_config: dict,
+    steps: int = DEMO_DISTILL_STEPS,
+    seed: int = 0,
+) -> TrainRun:
+    """The :class:`TrainRun` of the demo's ternary part: ``configs/fmnist_ternary_distill.yaml`` in
+    miniature (the student starts from the teacher's weights and never reads a dataset)."""
+    return TrainRun(
+        model=ModelSpec(name=None, config={**model_config, "adaln_norm": True}),  # TerDiT's adaLN RMSNorm
+        init=InitSpec(from_=str(teacher)),
+        data=DataSpec(
+            kind="distill", teacher=str(teacher), pool_size=DEMO_DISTILL_POOL, pool_steps=10, pool_refresh=0
+        ),
+        quant=QuantSpec(),  # TerDiT: learnable α (least-squares init), adaLN RMSNorm, weight-only
+        optim=TrainConfig(
+            steps=steps,
+            batch_size=DEMO_DISTILL_BATCH,
+            lr=5e-4,
+            warmup_steps=min(10, steps),
+            decay_at=0.85,
+            ema_decay=0.95,
+            grad_clip=2.0,
+            log_every=max(1, min(25, steps // 2)),
         ),
         checkpoint=CheckpointSpec(every=0, keep_last=1),
         out=str(out_dir),
@@ -115,6 +154,8 @@ class DemoResult:
     training: TrainResult | None = None  # None when the training part was skipped
     evaluation: dict | None = None  # evaluate_fmnist's result; None when skipped
     ptq: list[dict] | None = None  # the fast PTQ ladder's rows; None when skipped
+    ternary: dict | None = None  # the data-free ternary distillation's scores; None when skipped
+    deployed: list[dict] | None = None  # the size and latency table's rows; None when skipped
 
     @property
     def trained(self) -> bool:
@@ -134,6 +175,8 @@ def run_demo(
     train_steps: int = DEMO_TRAIN_STEPS,
     eval_samples: int = DEMO_EVAL_SAMPLES,
     ptq_samples: int = DEMO_PTQ_SAMPLES,
+    ternary_steps: int = DEMO_DISTILL_STEPS,
+    deploy: bool = True,
 ) -> DemoResult:
     """Sample each class with DDIM-``steps``; write ``grid.png`` and ``samples.npz`` into ``out_dir``.
 
@@ -153,6 +196,10 @@ def run_demo(
         raise InvalidArgumentError(f"samples_per_class must be positive, got {samples_per_class}")
     if train and train_steps < 1:
         raise InvalidArgumentError(f"train_steps must be positive, got {train_steps}")
+    if ternary_steps < 0:
+        raise InvalidArgumentError(
+            f"ternary_steps must be 0 (no ternary part) or positive, got {ternary_steps}"
+        )
     if ptq_samples < 0 or ptq_samples == 1:
         raise InvalidArgumentError(f"ptq_samples must be 0 (no PTQ part) or at least 2, got {ptq_samples}")
     if eval_samples < 0 or eval_samples == 1:
@@ -199,11 +246,28 @@ def run_demo(
         options = {"steps": steps, "cfg_scale": cfg_scale, "seed": seed, "progress": progress}
         evaluation = _eval_part(model, images, labels, eval_samples, options, model_path, out_dir, log)
     ladder_rows = _ptq_part(model, ptq_samples, seed, log) if ptq_samples else None
+    ternary = None
+    if ternary_steps and model_path is not None:
+        fp_row = ladder_rows[0] if ladder_rows else None
+        count = ptq_samples or DEMO_PTQ_SAMPLES
+        ternary = _ternary_part(
+            model, model_path, out_dir / "ternary", ternary_steps, count, seed, fp_row, log
+        )
+    deployed = _deploy_part(model, out_dir / "deploy", ternary, log) if deploy else None
     training = _train_part(out_dir / "train", train_steps, seed, log) if train else None
     seconds = time.perf_counter() - started
     log(f"done in {seconds:.1f} s")
     return DemoResult(
-        grid_path, npz_path, model_path, len(labels), seconds, training, evaluation, ladder_rows
+        grid_path,
+        npz_path,
+        model_path,
+        len(labels),
+        seconds,
+        training,
+        evaluation,
+        ladder_rows,
+        ternary,
+        deployed,
     )
 
 
@@ -335,11 +399,7 @@ def _ptq_part(model: nn.Module, num_samples: int, seed: int, log: Callable[[str]
 
 def _train_part(out_dir: Path, steps: int, seed: int, log: Callable[[str], None]) -> TrainResult:
     """Train the demo's tiny DiT on synthetic shapes; report the loss at start and end."""
-    # A demo run replaces the previous one: only the files a run writes are removed.
-    for name in (CONFIG_FILE, LOG_FILE, MODEL_FILE):
-        (out_dir / name).unlink(missing_ok=True)
-    for old in (out_dir / CHECKPOINT_DIR).glob("step_*.pt"):
-        old.unlink()
+    _fresh_run_dir(out_dir)
     log(f"training a fresh tiny DiT on synthetic shapes (no download) for {steps} steps ...")
     with _threads(1):
         result = run_training(demo_train_run(out_dir, steps, seed), log=lambda _: None)
@@ -354,6 +414,126 @@ def _train_part(out_dir: Path, steps: int, seed: int, log: Callable[[str], None]
         "--sampler ddim --steps 20 --out grid.png)"
     )
     return result
+
+
+def _deploy_part(
+    model: nn.Module, out_dir: Path, ternary: dict | None, log: Callable[[str], None]
+) -> list[dict]:
+    """Size and latency of the model deployed: float32, W8A8 on the integer kernels, the demo's ternary."""
+    from ditq.pipelines import deploy
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp_path = out_dir / "fp32.safetensors"
+    models.save(model.float(), fp_path, command="ditq demo")
+    paths = {
+        "FP32": fp_path,
+        "W8A8": deploy.save_w8a8(model, out_dir / "w8a8.safetensors", command="ditq demo"),
+    }
+    if ternary is not None:
+        paths["ternary"] = Path(ternary["model_path"])
+    batch = 20
+    log(
+        f"deployed on this CPU (one thread): checkpoints loaded as ditq sample loads them, one sampling step "
+        f"of {batch} images with guidance ({2 * batch} model rows), median of 5 ..."
+    )
+    with _threads(1):
+        rows = deploy.compare(paths, batch_size=batch, cfg=True, repeats=5)
+    for line in deploy.table(rows):
+        log("  " + line)
+    log(
+        "  (W8A8: RTN per-channel weights, per-token activations, the fast path of ditq's integer kernels; "
+        "tiny layers (128 wide) leave the kernels little to win here, see docs/benchmarks.md for real shapes)"
+    )
+    return [r.to_dict() for r in rows]
+
+
+def _fresh_run_dir(out_dir: Path) -> None:
+    """A demo run replaces the previous one: only the files a run writes are removed."""
+    for name in (CONFIG_FILE, LOG_FILE, MODEL_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    for old in (out_dir / CHECKPOINT_DIR).glob("step_*.pt"):
+        old.unlink()
+
+
+def _ternary_part(
+    model: nn.Module,
+    model_path: Path,
+    out_dir: Path,
+    steps: int,
+    num_samples: int,
+    seed: int,
+    fp_row: dict | None,
+    log: Callable[[str], None],
+) -> dict | None:
+    """Data-free ternary distillation of the embedded model; its FID-FMNIST and file size next to FP."""
+    from ditq.pipelines import ptq
+    from ditq.quant.export import checkpoint_sizes
+
+    try:
+        quality = ptq.quality_function(model)
+    except DitqError as e:
+        log(f"ternary distillation skipped: {e}")
+        return None
+    _fresh_run_dir(out_dir)
+    log(
+        f"ternary (TerDiT), data-free: the embedded model teaches a ternary copy of itself for {steps} steps "
+        f"of {DEMO_DISTILL_BATCH} on {DEMO_DISTILL_POOL} of its own DDIM-10 samples (no dataset read) ..."
+    )
+    started = time.perf_counter()
+    spec = ptq.EvalSpec(num_samples=num_samples, steps=10, cfg_scale=1.0, batch_size=num_samples, seed=seed)
+    with _threads(1):
+        run = demo_distill_run(out_dir, model_path, model.config.to_dict(), steps, seed)
+        result = run_training(run, log=lambda _: None)
+        trained = time.perf_counter()
+        student = ptq.load_model(result.model_path)
+        if fp_row is None or fp_row.get("samples") != num_samples:  # no PTQ ladder row to reuse
+            fp_scores = quality(*ptq.draw_samples(model, spec))
+            fp_row = {"fid": _first_value(fp_scores), "class_acc": fp_scores.get("class_acc")}
+        scores = quality(*ptq.draw_samples(student, spec))
+    first, last = result.records[0], result.records[-1]
+    fp_bytes, ternary_bytes = model_path.stat().st_size, result.model_path.stat().st_size
+    fid = _first_value(scores)
+    sizes = checkpoint_sizes(result.model_path)
+    row = {
+        "fid": fid,
+        "class_acc": scores.get("class_acc"),
+        "checkpoint_bytes": ternary_bytes,
+        "fp_fid": fp_row["fid"],
+        "fp_class_acc": fp_row.get("class_acc"),
+        "fp_checkpoint_bytes": fp_bytes,
+        "fp32_bytes": sizes["fp32_bytes"],
+        "steps": steps,
+        "samples": num_samples,
+        "train_seconds": round(trained - started, 1),
+        "loss_first": first["loss"],
+        "loss_last": last["loss"],
+        "model_path": str(result.model_path),
+    }
+
+    def acc(a):
+        return "" if a is None else f", class acc {100 * a:4.1f}%"
+
+    log(
+        f"  FP32     FID-FMNIST {fp_row['fid']:6.2f}{acc(fp_row.get('class_acc'))}, "
+        f"{sizes['fp32_bytes'] / 1e6:5.2f} MB in float32 (the shipped file: float16, {fp_bytes / 1e6:.2f} MB)"
+    )
+    log(
+        f"  ternary  FID-FMNIST {fid:6.2f} (x{fid / fp_row['fid']:.2f}){acc(row['class_acc'])}, "
+        f"{ternary_bytes / 1e6:5.2f} MB ({sizes['vs_fp32']:.1f}x smaller than float32, "
+        f"{sizes['vs_bf16']:.1f}x than 16-bit: block linears at 2 bits, embedders and final layer in float)"
+    )
+    log(
+        f"  distillation loss {first['loss']:.4f} -> {last['loss']:.4f} in {trained - started:.0f} s; "
+        f"{num_samples} images, DDIM-10, no guidance, as the PTQ rows; a short run: the ablation "
+        "(scripts/ternary_ablation.py, README) trains far longer"
+    )
+    log(f"  wrote {result.model_path} (sample it: ditq sample --model {result.model_path} --out grid.png)")
+    return row
+
+
+def _first_value(scores: dict) -> float:
+    # A quality function's first key is its FID (ptq.QualityFn).
+    return float(next(iter(scores.values())))
 
 
 @contextmanager

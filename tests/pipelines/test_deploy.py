@@ -1,0 +1,238 @@
+"""Deployed low-bit checkpoints end to end: meta-device loading that never builds a float weight of a
+quantized layer, samples through the integer kernels equal to the fake-quant model's, which kernels
+a checkpoint would run, and one-line errors for files whose tensors disagree with their metadata."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ditq import models, quant
+from ditq.checkpoint import load_tensors, read_metadata, read_safetensors_header, save_checkpoint
+from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.kernels import ops
+from ditq.models import DiT, DiTConfig
+from ditq.pipelines import ptq
+from ditq.pipelines.qat import export_model
+from ditq.pipelines.sample import sample
+
+TINY = DiTConfig(
+    depth=2, hidden_size=64, num_heads=2, patch_size=4, input_size=16, in_channels=1, num_classes=4
+)
+W8A8 = quant.QDiTConfig(w_bits=8, a_bits=8, w_group=0, w_sym=True, a_sym=True)  # w8a8_linear
+W4A8 = quant.QDiTConfig(w_bits=4, a_bits=8, w_group=32)  # Q-DiT W4A8: w4a8_linear
+QUANTIZED_SHAPES = {(192, 64), (256, 64)}  # qkv, fc1: no float tensor of the file has these shapes
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    yield
+    ops.set_backend("auto")
+
+
+def _dit(seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    model = DiT(TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model.eval()
+
+
+def _checkpoint(tmp_path, kind: str):
+    model = _dit()
+    path = tmp_path / f"{kind}.safetensors"
+    if kind in ("w8a8", "w4a8"):
+        config = W8A8 if kind == "w8a8" else W4A8
+        return ptq.save_quantized(quant.quantize_(model, config), path, config)
+    config = quant.TernaryQATConfig(act_bits=8 if kind == "ternary-a8" else None)
+    quant.quantize_(model, config)
+    return export_model(model, path, config)
+
+
+def _sample(model, **kwargs) -> np.ndarray:
+    images, _ = sample(
+        model, num_samples=4, batch_size=4, sampler="ddim", steps=3, cfg_scale=2.0,
+        class_labels=[0, 1, 2, 3], seed=0, **kwargs,
+    )  # fmt: skip
+    return images.astype(np.int16)
+
+
+@pytest.mark.parametrize(
+    "kind, op",
+    [
+        ("w8a8", "w8a8_linear"),
+        ("w4a8", "w4a8_linear"),
+        ("ternary-a8", "w158a8_linear"),
+        ("ternary", "ternary_linear"),
+    ],
+)
+def test_deployed_samples_equal_the_fake_quant_models(tmp_path, kind, op):
+    model = ptq.load_model(_checkpoint(tmp_path, kind))
+    quant.set_kernels(model, False)
+    fake = _sample(model)
+    quant.set_kernels(model, True)
+    for backend in ["auto", *ops.available_backends()]:
+        with ops.use_backend(backend):
+            plan = set(quant.kernel_plan(model).values())
+        if backend != "auto":  # forced: every layer runs the op
+            assert plan == {op}
+        images = _sample(model, kernel_backend=backend)
+        assert np.abs(images - fake).max() <= 1, backend  # float rounding apart, one uint8 level at most
+        assert np.abs(images - fake).mean() < 0.01, backend
+    assert ops.get_backend() == "auto"  # sample() restored it
+
+
+class _FloatAllocations(TorchDispatchMode):
+    """Records the shape of every floating-point tensor any op produces off the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("kind", ["w8a8", "w4a8"])
+def test_loading_builds_no_float_weight_of_a_quantized_layer(tmp_path, kind):
+    path = _checkpoint(tmp_path, kind)
+    info, _ = read_safetensors_header(path)
+    assert not QUANTIZED_SHAPES & {tuple(v["shape"]) for v in info.values() if v["dtype"] == "F32"}
+    spy = _FloatAllocations()
+    with spy:
+        model = ptq.load_quantized(path)
+    assert not QUANTIZED_SHAPES & set(spy.shapes)
+    held = {tuple(t.shape) for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    assert not QUANTIZED_SHAPES & held
+    layers = quant.quantized_layers(model)
+    assert len(layers) == 8
+    qkv = layers["blocks.0.attn.qkv"]
+    if kind == "w4a8":  # two codes per byte in the file and in memory
+        assert info["blocks.0.attn.qkv.qweight"]["shape"] == [192, 32] and qkv.packed
+        assert read_metadata(path)["qweight_layout"] == "int4"
+    else:
+        assert qkv.qweight.dtype == torch.int8 and qkv.qweight.shape == (192, 64)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([5, 500]), torch.tensor([0, 3])
+    with torch.no_grad():
+        model(x, t, y)
+    assert all(q._cache is None for q in layers.values())  # no float weight kept after a forward either
+    # the spy does see a float weight of a quantized layer when one is made (it can fail):
+    with spy:
+        qkv.dequantized_weight()
+    assert (192, 64) in spy.shapes
+
+
+def test_older_files_with_codes_one_per_byte_still_load(tmp_path):
+    model = quant.quantize_(_dit(), W4A8)
+    path = tmp_path / "old.safetensors"
+    models.save(model, path, extra_metadata={"quant_kind": "qdit", "quant_config": W4A8.to_dict()})
+    back = ptq.load_quantized(path)
+    assert back.blocks[0].attn.qkv.packed  # packed on the way in
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([5, 500]), torch.tensor([0, 3])
+    with torch.no_grad(), ops.use_backend("reference"):
+        assert torch.equal(back(x, t, y), model(x, t, y))
+
+
+def _rewrite(src, dst, tensors=None, meta=None):
+    save_checkpoint(dst, {**load_tensors(src), **(tensors or {})}, {**read_metadata(src), **(meta or {})})
+    return dst
+
+
+def _one_line(exc_info, *fragments):
+    msg = str(exc_info.value)
+    assert "\n" not in msg, msg
+    for f in fragments:
+        assert f in msg, msg
+
+
+def test_files_whose_codes_disagree_with_their_metadata_are_one_line_errors(tmp_path):
+    w4 = _checkpoint(tmp_path, "w4a8")
+    unpacked = quant.quantize_(_dit(), W4A8).blocks[0].attn.qkv.qweight  # 4-bit codes, one per byte
+    bad = _rewrite(w4, tmp_path / "a.safetensors", {"blocks.0.attn.qkv.qweight": unpacked})
+    with pytest.raises(CheckpointError) as e:
+        ptq.load_quantized(bad)
+    _one_line(e, "layer 'blocks.0.attn.qkv': qweight is torch.uint8 (192, 64)", "(192, 32) (int4-packed)")
+    with pytest.raises(CheckpointError) as e:
+        ptq.load_quantized(_rewrite(w4, tmp_path / "b.safetensors", meta={"qweight_layout": "int3"}))
+    _one_line(e, "qweight_layout 'int3' is not one this ditq reads")
+
+    eight = quant.QDiTConfig(w_bits=8, a_bits=8, w_group=32)  # metadata will say 4 bits
+    model = quant.quantize_(_dit(), eight)
+    path = tmp_path / "c.safetensors"
+    four = dict(eight.to_dict(), w_bits=4)
+    models.save(model, path, extra_metadata={"quant_kind": "qdit", "quant_config": four})  # codes per byte
+    with pytest.raises(CheckpointError) as e:
+        ptq.load_quantized(path)
+    _one_line(e, "layer 'blocks.0.attn.qkv': qweight holds codes from 0 to 255", "4-bit range [0, 15]")
+
+    ternary = _checkpoint(tmp_path, "ternary")
+    narrow = torch.zeros(192, 8, dtype=torch.uint8)
+    with pytest.raises(CheckpointError) as e:
+        ptq.load_model(_rewrite(ternary, tmp_path / "d.safetensors", {"blocks.0.attn.qkv.weight": narrow}))
+    _one_line(e, "blocks.0.attn.qkv.weight: expected (192, 16) (packed 2-bit codes, 4 per byte)")
+
+
+def test_describe_kernels_says_what_each_checkpoint_would_run(tmp_path):
+    w8, w4 = _checkpoint(tmp_path, "w8a8"), _checkpoint(tmp_path, "w4a8")
+    d = ptq.describe_kernels(w8, "cpu")
+    assert d["backend"] == "auto" and d["device"] == "cpu" and d["available"] == ops.available_backends()
+    slow = "float: no fast {} on cpu (backend auto)"
+    fast = ops.has_fast_impl("w8a8_linear", "cpu")
+    assert d["layers"] == {"w8a8_linear" if fast else slow.format("w8a8_linear"): 8}
+    assert ptq.describe_kernels(w4, "cpu")["layers"] == {slow.format("w4a8_linear"): 8}
+    with ops.use_backend("reference"):
+        d = ptq.describe_kernels(w4, "cpu")
+    assert d["resolved"] == "reference" and d["layers"] == {"w4a8_linear": 8}
+    ternary = ptq.describe_kernels(_checkpoint(tmp_path, "ternary-a8"), "cpu")
+    assert sum(ternary["layers"].values()) == 10  # adaLN too, as TerDiT
+    float_file = tmp_path / "fp.safetensors"
+    models.save(_dit(), float_file)
+    assert ptq.describe_kernels(float_file, "cpu")["layers"] == {}
+
+
+def test_sample_refuses_a_backend_this_machine_lacks(tmp_path):
+    model = ptq.load_model(_checkpoint(tmp_path, "w8a8"))
+    with pytest.raises(InvalidArgumentError, match="unknown kernel backend 'fast'"):
+        _sample(model, kernel_backend="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidArgumentError, match="'triton' is not available here .*available: auto"):
+            _sample(model, kernel_backend="triton")
+
+
+# -- pipelines.deploy: the size and latency comparison ------------------------------------------------
+
+
+def test_compare_times_every_checkpoint_and_tables_them(tmp_path):
+    from ditq.pipelines import deploy
+
+    model = _dit()
+    fp_path = tmp_path / "fp32.safetensors"
+    models.save(model, fp_path)
+    w8_path = deploy.save_w8a8(model, tmp_path / "w8a8.safetensors")
+    rows = deploy.compare({"FP32": fp_path, "W8A8": w8_path}, batch_size=2, repeats=2)
+    assert [r.name for r in rows] == ["FP32", "W8A8"]
+    fp, w8 = rows
+    assert fp.kernels is None and fp.step_ms > 0 and w8.step_ms > 0
+    assert fp.checkpoint_bytes == fp_path.stat().st_size and w8.checkpoint_bytes == w8_path.stat().st_size
+    assert w8.held_bytes < fp.held_bytes  # int8 codes in place of float32 weights
+    assert read_metadata(w8_path)["quant_config"]["w_sym"] is True
+    if "cpu" in ops.available_backends():
+        assert "w8a8_linear" in w8.kernels
+    lines = deploy.table(rows)
+    assert len(lines) == 3 and "1.00x" in lines[1] and "float (F.linear)" in lines[1]
+    assert rows[1].to_dict()["name"] == "W8A8"
+
+
+def test_compare_rejects_nothing_to_compare():
+    from ditq.pipelines import deploy
+
+    with pytest.raises(InvalidArgumentError, match="at least one checkpoint"):
+        deploy.compare({})

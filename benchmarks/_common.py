@@ -105,3 +105,16 @@ def write_json(path: str, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+def finish(results: dict, start: float, render: Callable[[dict], str], json_path: str | None) -> dict:
+    """The end of every benchmark: load average and wall time into ``results``, the table printed,
+    the JSON written when asked."""
+    results["load_average_after"] = load_average()
+    results["wall_s"] = time.perf_counter() - start
+    print(render(results))
+    print(f"\ntotal wall time {results['wall_s']:.0f} s")
+    if json_path:
+        write_json(json_path, results)
+        print(f"wrote {json_path}")
+    return results

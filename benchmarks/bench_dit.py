@@ -31,13 +31,12 @@ import time
 import torch
 from _common import (
     cold_compile_cache,
+    finish,
     format_table,
-    load_average,
     machine_info,
     median,
     synchronizer,
     time_call,
-    write_json,
 )
 
 from ditq.diffusion import create_diffusion, sample_loop
@@ -420,14 +419,7 @@ def main(argv=None) -> dict:
             rows, notes = bench_one(name, dtype_name, args.device, args)
             results["rows"] += rows
             results["notes"] += notes
-    results["load_average_after"] = load_average()
-    results["wall_s"] = time.perf_counter() - start
-    print(render(results))
-    print(f"\ntotal wall time {results['wall_s']:.0f} s")
-    if args.json:
-        write_json(args.json, results)
-        print(f"wrote {args.json}")
-    return results
+    return finish(results, start, render, args.json)
 
 
 if __name__ == "__main__":

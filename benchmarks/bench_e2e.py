@@ -48,12 +48,20 @@ import time
 from pathlib import Path
 
 import torch
-from _common import format_table, load_average, machine_info, median, synchronizer, time_call, write_json
+from _common import (
+    finish,
+    format_table,
+    machine_info,
+    median,
+    synchronizer,
+    time_call,
+)
 
 from ditq import models, quant
 from ditq.diffusion import ClassifierFreeGuidance
 from ditq.kernels import cpu, ops
 from ditq.models import registry
+from ditq.pipelines.deploy import held_bytes
 from ditq.pipelines.ptq import load_model, save_quantized
 from ditq.quant.export import save_ternary
 
@@ -97,15 +105,6 @@ def build_variant(variant: str, fp_path: Path, folder: Path) -> Path:
         quant.quantize_(model, quant.TernaryQATConfig(step="convert"))
         save_ternary(model, path, config, command="bench_e2e")
     return path
-
-
-def held_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
 
 
 def prepacked_bytes(model: torch.nn.Module, device: torch.device) -> int:
@@ -324,14 +323,7 @@ def main(argv=None) -> dict:
             "backend auto on CPU: ops without a C++ kernel (w4a8_linear, ternary_linear) leave their layers "
             "on the float path (the references only emulate integer math); --backend reference forces them"
         )
-    results["load_average_after"] = load_average()
-    results["wall_s"] = time.perf_counter() - start
-    print(render(results))
-    print(f"\ntotal wall time {results['wall_s']:.0f} s")
-    if args.json:
-        write_json(args.json, results)
-        print(f"wrote {args.json}")
-    return results
+    return finish(results, start, render, args.json)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,14 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from _common import format_table, load_average, machine_info, median, synchronizer, time_call, write_json
+from _common import (
+    finish,
+    format_table,
+    machine_info,
+    median,
+    synchronizer,
+    time_call,
+)
 
 from ditq.kernels import cpu, ops, pack_ternary, unpack_ternary
 
@@ -286,14 +293,7 @@ def main(argv=None) -> dict:
             for m in args.m:
                 results["rows"] += bench_layer(label, k, n, m, args, gen)
             cpu.clear_prepack_cache()
-    results["load_average_after"] = load_average()
-    results["wall_s"] = time.perf_counter() - start
-    print(render(results))
-    print(f"\ntotal wall time {results['wall_s']:.0f} s")
-    if args.json:
-        write_json(args.json, results)
-        print(f"wrote {args.json}")
-    return results
+    return finish(results, start, render, args.json)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,8 @@ import time
 import torch
 from _common import (
     cold_compile_cache,
+    finish,
     format_table,
-    load_average,
     machine_info,
     median,
     synchronizer,
@@ -475,14 +475,7 @@ def main(argv=None) -> dict:
                         row["vs_fp"] = row["images_per_s"] / float_rows[row["mode"]]["images_per_s"]
                 results["rows"] += rows
                 results["notes"] += notes
-    results["load_average_after"] = load_average()
-    results["wall_s"] = time.perf_counter() - start
-    print(render(results))
-    print(f"\ntotal wall time {results['wall_s']:.0f} s")
-    if args.json:
-        write_json(args.json, results)
-        print(f"wrote {args.json}")
-    return results
+    return finish(results, start, render, args.json)
 
 
 if __name__ == "__main__":

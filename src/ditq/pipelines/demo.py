@@ -434,10 +434,10 @@ def _deploy_part(
     batch = 20
     log(
         f"deployed on this CPU (one thread): checkpoints loaded as ditq sample loads them, one sampling step "
-        f"of {batch} images with guidance ({2 * batch} model rows), median of 5 ..."
+        f"of {batch} images with guidance ({2 * batch} model rows), fastest of 7 ..."
     )
     with _threads(1):
-        rows = deploy.compare(paths, batch_size=batch, cfg=True, repeats=5)
+        rows = deploy.compare(paths, batch_size=batch, cfg=True, repeats=7)
     for line in deploy.table(rows):
         log("  " + line)
     log(

@@ -233,11 +233,16 @@ def test_the_ternary_part_distils_scores_and_deploys(tmp_path, monkeypatch):
     assert t["checkpoint_bytes"] == path.stat().st_size < t["fp32_bytes"] / 7  # 2-bit block linears
     assert np.isfinite(t["fid"]) and np.isfinite(t["fp_fid"])
     student = load_model(path)
-    assert sum(isinstance(m, TernaryLinear) for m in student.modules()) == 30  # every block linear
+    layers = [m for m in student.modules() if isinstance(m, TernaryLinear)]
+    assert len(layers) == 30 and all(m.act_bits == 8 for m in layers)  # every block linear, W1.58A8
     assert student.config.adaln_norm  # TerDiT's adaLN RMSNorm
     text = "\n".join(lines)
     assert "no dataset read" in text and "ternary  FID-FMNIST" in text and "x smaller than float32" in text
     assert [r["name"] for r in result.deployed] == ["FP32", "W8A8", "ternary"]
+    from ditq.kernels import ops
+
+    if "cpu" in ops.available_backends():  # the deployed ternary model runs the integer kernel
+        assert "w158a8_linear" in result.deployed[2]["kernels"]
     assert "ms/step" in text and (tmp_path / "deploy" / "w8a8.safetensors").is_file()
 
 

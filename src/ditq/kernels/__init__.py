@@ -5,6 +5,8 @@
     ops      the low-bit operators (torch.ops.ditq.*), each with a plain-PyTorch reference, and
              the choice of backend (auto | reference | cpu | triton: set_backend, use_backend)
     cpu      their CPU implementations (C++ kernels built on first use, with fallbacks)
+    triton   their CUDA implementations (Triton kernels, registered when a GPU is present;
+             tested on CPU in Triton's interpreter)
 
 ``kernels`` imports nothing from the rest of ditq.
 """

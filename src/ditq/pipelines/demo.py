@@ -12,7 +12,14 @@ balanced batch (the grid is its first rows), next to the floor (real
 Fashion-MNIST images at the same count) and, from a source checkout, the
 1000-sample figures of ``docs/results/embedded_eval.json``.
 
-Then it trains a fresh, very small DiT on the embedded synthetic shapes for a
+Then a fast Q-DiT ladder (W8A8 and W4A8 a few ways, scored on the same
+images), a short data-free ternary distillation (TerDiT layers, W1.58A8: the
+embedded model teaches a ternary copy of itself on its own samples; FID-FMNIST
+and checkpoint size next to FP), and a size and latency table of the model
+deployed as FP32, W8A8 and ternary (:mod:`ditq.pipelines.deploy`: packed
+weights, integer kernels where this machine has them).
+
+Last, it trains a fresh, very small DiT on the embedded synthetic shapes for a
 few dozen steps (``ditq train`` in miniature: log, checkpoint, EMA model),
 showing the loss fall.
 """

@@ -7,6 +7,7 @@
 - :mod:`ditq.pipelines.ladder`: the Q-DiT ablation ladder on identical samples.
 - :mod:`ditq.pipelines.qat`: ``ditq export``, TerDiT ternary runs to packed 2-bit checkpoints
   (``export_ternary``) and back (``load_ternary``, also reached through ``load_model``).
+- :mod:`ditq.pipelines.deploy`: deployed checkpoints side by side (size, memory, step latency).
 - :mod:`ditq.pipelines.train`: ``ditq train`` (from scratch, fine-tuning, data-free distillation,
   ternary QAT).
 - :mod:`ditq.pipelines.demo`: ``ditq demo``, the embedded first-contact run.

@@ -135,3 +135,15 @@ def test_run_calibration_feeds_every_row():
     data = CalibrationData(torch.zeros(5, 1), torch.zeros(5), {"y": torch.zeros(5)})
     run_calibration(Probe(), data, batch_size=2)
     assert seen == [2, 2, 1]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_the_recorder_takes_the_models_mode(training):
+    # A sampler that switches the recorder to eval and back must leave the wrapped model as it was.
+    model = _model().train(training)
+    rec = CalibrationRecorder(model, steps=3)
+    assert rec.training == training
+    was = rec.training
+    rec.eval()
+    rec.train(was)
+    assert model.training == training

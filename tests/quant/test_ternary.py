@@ -24,6 +24,7 @@ from ditq.quant import (
     model_size_bytes,
     quantize_,
     select_ternary_layers,
+    set_kernels,
     ternarize,
     ternary_layers,
 )
@@ -216,12 +217,17 @@ def test_prepare_train_convert_is_exact(scale, act_bits):
     quantize_(model, TernaryQATConfig(step="convert"))
     assert all(isinstance(m, TernaryLinear) for m in ternary_layers(model).values())
     assert len(ternary_layers(model)) == 16
+    assert not model.layers[0].attention.wq.training  # converted in eval mode: eval layers
+    set_kernels(model, False)  # the float path: exactly the QAT model's numbers
     with torch.no_grad():
         assert torch.equal(model(x, t, y), qat_out)
         cfg = model.forward_with_cfg(
             x[:2].repeat(2, 1, 1, 1), t[:1].repeat(4), torch.tensor([1, 2, 10, 10]), 4.0
         )
         assert torch.equal(cfg, cfg_qat)
+    set_kernels(model, True)  # the integer ops: the same up to float rounding of the epilogue
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), qat_out, rtol=1e-4, atol=1e-5)
     assert model.layers[0].attention.wq.act_bits == act_bits
 
 
@@ -393,3 +399,15 @@ def test_qdit_path_is_unchanged_by_the_dispatch():
     quantize_(model, QDiTConfig(w_bits=4, a_bits=8, w_group=32))
     assert isinstance(model.blocks[0].attn.qkv, QuantLinear)
     assert not ternary_layers(model)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_converted_and_skeleton_layers_keep_the_mode_of_the_layers_they_replace(training):
+    # New Modules start in training mode; an eval model must get eval layers (which run the kernels).
+    model = LargeDiT(TINY).train(training)
+    quantize_(model, TernaryQATConfig())
+    quantize_(model, TernaryQATConfig(step="convert"))
+    skeleton = empty_ternary_(LargeDiT(TINY).train(training))
+    for m in (model, skeleton):
+        layers = [x for x in m.modules() if isinstance(x, TernaryLinear)]
+        assert layers and all(x.training == training for x in layers)

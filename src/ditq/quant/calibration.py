@@ -152,6 +152,9 @@ class CalibrationRecorder(nn.Module):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidArgumentError(f"steps must be a positive integer, got {steps!r}")
         self.model = model
+        # A new Module starts in training mode; a sampler that puts the recorder in eval mode and back
+        # would then leave the wrapped model in training mode. Take the model's mode instead.
+        self.training = model.training
         self.steps = steps
         if hasattr(model, "config"):
             self.config = model.config

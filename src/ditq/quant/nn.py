@@ -344,12 +344,15 @@ class QuantLinear(nn.Module):
                 f"layer settings must be a LayerQuant or QDiTConfig, got {type(cfg).__name__}"
             )
         w = linear.weight
-        return cls(
+        q = cls(
             linear.in_features, linear.out_features, linear.bias is not None,
             w_bits=cfg.w_bits, w_group=cfg.w_group, w_sym=cfg.w_sym,
             a_bits=cfg.a_bits, a_group=cfg.a_group, a_sym=cfg.a_sym, dynamic=cfg.dynamic,
             packed=packed, layer=layer, device=w.device, dtype=w.dtype,
         )  # fmt: skip
+        # The mode of the layer it stands in for: a new Module starts in training mode, and an eval
+        # model must not get layers that skip the integer kernels.
+        return q.train(linear.training)
 
     @classmethod
     @torch.no_grad()
@@ -384,7 +387,6 @@ class QuantLinear(nn.Module):
         q.w_zero.copy_(zero)
         if linear.bias is not None:
             q.bias.copy_(linear.bias.detach())
-        q.train(linear.training)
         return q
 
     def _check_override(self, codes, scale, zero):

@@ -248,7 +248,7 @@ class TernaryQATLinear(nn.Module):
             q.bias = linear.bias
         else:
             q.register_parameter("bias", None)
-        return q
+        return q.train(linear.training)  # the mode of the layer it replaces
 
     def effective_weight(self) -> torch.Tensor:
         """``s·W̃`` as the forward uses it (straight-through gradients to ``weight``, and to ``alphas``)."""
@@ -330,7 +330,7 @@ class TernaryLinear(nn.Module):
             q.alphas.copy_(s)
             if qat.bias is not None:
                 q.bias.copy_(qat.bias)
-        return q
+        return q.train(qat.training)  # an eval model keeps eval layers (and so its integer kernels)
 
     def ternary_weight(self) -> torch.Tensor:
         """W̃ as int8 ``[out, in]`` in {-1, 0, +1}."""
@@ -591,7 +591,7 @@ def empty_ternary_(
             device=linear.weight.device,
             dtype=linear.weight.dtype,
             layer=name,
-        )
+        ).train(linear.training)  # the mode of the layer it replaces (a new Module starts training)
     for name, module in new.items():
         _set_module(model, name, module)
     return model

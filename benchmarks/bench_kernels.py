@@ -6,6 +6,9 @@ N=1152; TerDiT-4.2B: dim 3072, FFN 8192) and each token count M, one row per op:
 * ``w8a8_linear`` / ``w158a8_linear``: the integer GEMM alone (int8 activations
   already quantized), W8A8 with per-channel int8 weights and W1.58A8 with 2-bit
   ternary weights ("k4" plus the kernels' prepacked copy);
+* ``w4a8_linear``: Q-DiT's W4A8, int4 weights in groups of 128 inputs with
+  zero points, per-token int8 activations (``uint8``: asymmetric, with zero
+  points);
 * ``...+quant``: float activations in, i.e. ``quantize_per_token_int8`` then the
   GEMM: what replaces ``F.linear`` in a model;
 * CPU only, for comparison: ``torch._int_mm`` (oneDNN int8 GEMM + the same
@@ -45,7 +48,9 @@ from _common import (
     time_call,
 )
 
-from ditq.kernels import cpu, ops, pack_ternary, unpack_ternary
+from ditq.kernels import cpu, ops, pack_int4, pack_ternary, unpack_ternary
+
+W4_GROUP = 128  # Q-DiT's weight group size in the W4A8 rows
 
 SHAPES = {
     "dit": [  # DiT-XL/2 (hidden 1152, MLP 4608): proj, qkv, fc1, fc2
@@ -85,6 +90,18 @@ def layer_inputs(m: int, k: int, n: int, device: torch.device, gen: torch.Genera
         "wt_packed": pack_ternary(wt),
         "gamma": gamma.reshape(1),
     }
+    # Q-DiT W4A8: asymmetric int4 weights in groups of 128 inputs, asymmetric uint8 activations per token
+    wg = w.reshape(n, k // W4_GROUP, W4_GROUP)
+    lo, hi = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+    w4s = ((hi - lo) / 15).clamp(min=1e-8)
+    w4z = torch.round(-lo / w4s)
+    codes = (torch.round(wg / w4s[..., None]) + w4z[..., None]).clamp(0, 15)
+    d["w4_packed"], d["w4_scale"], d["w4_zero"] = pack_int4(codes.reshape(n, k).to(torch.uint8)), w4s, w4z
+    d["w4_float"] = ((codes - w4z[..., None]) * w4s[..., None]).reshape(n, k)
+    xlo, xhi = x.amin(dim=-1, keepdim=True).clamp(max=0), x.amax(dim=-1, keepdim=True).clamp(min=0)
+    d["xs_u8"] = ((xhi - xlo) / 255).clamp(min=1e-8)
+    d["xz_u8"] = torch.round(-xlo / d["xs_u8"])
+    d["xq_u8"] = (torch.round(x / d["xs_u8"]) + d["xz_u8"]).clamp(0, 255).to(torch.uint8)
     d = {key: v.to(device) for key, v in d.items()}
     d["xq"], d["xs"] = ops.quantize_per_token_int8(d["x"])
     return d
@@ -129,6 +146,34 @@ def candidates(d: dict, device: torch.device, baseline_dtype: torch.dtype) -> di
             w2_bytes,
             be,
             w2_float,
+        )
+    if ops.registered_impl("w4a8_linear", device.type):
+        w4p, w4s, w4z = d["w4_packed"], d["w4_scale"], d["w4_zero"]
+        pre4 = (
+            cpu.prepacked_bytes_w4(n, k, W4_GROUP)
+            if backends.get("w4a8_linear", "").startswith("cpp-avx512")
+            else 0
+        )
+        w4_bytes = n * k // 2 + pre4 + 8 * w4s.numel()
+        be = backends.get("w4a8_linear", device.type)
+        c["w4a8_linear"] = (
+            lambda: ops.w4a8_linear(xq, xs, None, w4p, w4s, w4z, b),
+            w4_bytes,
+            be,
+            d["w4_float"],
+        )
+        xu, xsu, xzu = d["xq_u8"], d["xs_u8"], d["xz_u8"]
+        c["w4a8_linear uint8"] = (
+            lambda: ops.w4a8_linear(xu, xsu, xzu, w4p, w4s, w4z, b),
+            w4_bytes,
+            be,
+            d["w4_float"],
+        )
+        c["w4a8_linear+quant"] = (
+            lambda: ops.w4a8_linear(*ops.quantize_per_token_int8(x), None, w4p, w4s, w4z, b),
+            w4_bytes,
+            be,
+            d["w4_float"],
         )
     if device.type == "cpu":
         wqt = wq.t()

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from ditq.kernels import cpu, ops, pack_ternary
+from ditq.kernels import cpu, ops, pack_int4, pack_ternary
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +140,101 @@ def test_two_threads_split_the_work_the_same(built, poisoned):
 
 
 # ----------------------------------------------------------------------------
+# W4A8 (Q-DiT: int4 group-wise weights, per-token int8 / uint8 activations)
+# ----------------------------------------------------------------------------
+
+
+def _w4a8_args(m, n, k, gw, asym, seed, lead=(), ga=None):
+    g, groups = _gen(seed), k // (ga or k)
+    wp = pack_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
+    ws = torch.rand(n, k // gw, generator=g) + 0.01
+    wz = torch.randint(0, 16, (n, k // gw), generator=g).float()
+    if asym:
+        xq = torch.randint(0, 256, (*lead, m, k), generator=g, dtype=torch.uint8)
+        xz = torch.randint(0, 256, (*lead, m, groups), generator=g).float()
+    else:
+        xq, xz = torch.randint(-128, 128, (*lead, m, k), generator=g, dtype=torch.int8), None
+    xs = torch.rand(*lead, m, groups, generator=g) + 0.01
+    return xq, xs, xz, wp, ws, wz
+
+
+def _rel(out, ref):
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("asym", [False, True], ids=["int8", "uint8"])
+@pytest.mark.parametrize(
+    "k,gw,ga",  # ga None: one activation scale per token, else per token and group of ga inputs
+    [(128, 128, None), (256, 128, None), (256, 256, None), (384, 128, None), (384, 384, None)]
+    + [(384, 128, 48), (256, 256, 64), (384, 96, 128)],
+)
+@pytest.mark.parametrize("m", [1, 7, 37])
+def test_w4a8_fast_equals_reference(isa, poisoned, m, k, gw, ga, asym):
+    for n in (20, 64, 136):
+        xq, xs, xz, wp, ws, wz = _w4a8_args(m, n, k, gw, asym, seed=m * n + k + gw, ga=ga)
+        fast = cpu.w4a8_linear(xq, xs, xz, wp, ws, wz, None, torch.float32)
+        assert (fast is NotImplemented) == (isa != "avx512_vnni")  # only the AVX-512 VNNI path
+        # integer part: unit scales, one weight group, no bias: the exact integer sums (< 2^24)
+        ones = (torch.ones_like(xs), xz, wp, torch.ones(n, 1), wz[:, :1])
+        assert torch.equal(ops.w4a8_linear(xq, *ones), ops.ref_w4a8_linear(xq, *ones))
+        bias = torch.randn(n, generator=_gen(n))
+        for b, dtype in ((bias, torch.float32), (None, torch.float32), (bias, torch.bfloat16)):
+            out = ops.w4a8_linear(xq, xs, xz, wp, ws, wz, b, dtype)
+            ref = ops.ref_w4a8_linear(xq, xs, xz, wp, ws, wz, b, dtype)
+            assert out.dtype == dtype and out.shape == (m, n) and not out.isnan().any()
+            # same order of float operations as the reference (no FMA contraction): equal in float32
+            assert _rel(out, ref) <= (1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_w4a8_extremes_leading_axes_and_two_threads(built, poisoned):
+    k = 4096  # per group 255 * 15 * 128, all codes at their largest; sums below 2^24 stay exact
+    xq = torch.full((2, 3, k), 255, dtype=torch.uint8)
+    wp = pack_int4(torch.full((70, k), 15, dtype=torch.uint8))
+    ones = torch.ones(2, 3, 1)
+    out = ops.w4a8_linear(xq, ones, torch.zeros(2, 3, 1), wp, torch.ones(70, 32), torch.zeros(70, 32))
+    assert out.shape == (2, 3, 70) and (out == 255.0 * 15 * k).all()
+    out = ops.w4a8_linear(
+        torch.full((2, 3, k), -128, dtype=torch.int8),
+        ones,
+        None,
+        wp,
+        torch.ones(70, 1),
+        torch.full((70, 1), 15.0),
+    )
+    assert (out == 0).all()  # 15 - z_w = 0
+    args = _w4a8_args(200, 300, 512, 128, True, seed=51, lead=(2,))
+    torch.set_num_threads(2)
+    try:
+        a = ops.w4a8_linear(*args)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(a, ops.ref_w4a8_linear(*args))
+
+
+def test_w4a8_declines_what_it_does_not_handle(built, poisoned):
+    # the kernel needs both scales constant over whole blocks of 8 inputs: gcd(ga, gw) % 8 == 0
+    xq, xs, xz, wp, ws, wz = _w4a8_args(5, 24, 120, 120, True, seed=61)
+    xs24, xz24 = xs.repeat(1, 5), xz.repeat(1, 5)  # activation groups of 24 inputs
+    cases = [
+        (xq, xs, xz, wp, ws.repeat(1, 30), wz.repeat(1, 30)),  # weight groups of 4 inputs
+        (xq, xs24, xz24, wp, ws.repeat(1, 4), wz.repeat(1, 4)),  # gcd(24, 30) = 6
+    ]
+    for args in cases:
+        assert cpu.w4a8_linear(*args, None, torch.float32) is NotImplemented
+        assert torch.equal(ops.w4a8_linear(*args), ops.ref_w4a8_linear(*args))
+    handled = (xq, xs24, xz24, wp, ws.repeat(1, 3), wz.repeat(1, 3))  # gcd(24, 40) = 8
+    out = cpu.w4a8_linear(*handled, None, torch.float32)
+    assert (out is NotImplemented) == (built < cpu.AVX512_VNNI)
+    if out is not NotImplemented:
+        assert torch.equal(out, ops.ref_w4a8_linear(*handled))
+    cpu.set_isa("avx2")
+    try:
+        assert cpu.w4a8_linear(xq, xs, xz, wp, ws, wz, None, torch.float32) is NotImplemented
+    finally:
+        cpu.set_isa(None)
+
+
+# ----------------------------------------------------------------------------
 # Prepacked weights
 # ----------------------------------------------------------------------------
 
@@ -179,6 +274,7 @@ def test_available_backends_names_each_op(built):
     assert set(ops.OPS) <= set(backends)
     if built == cpu.AVX512_VNNI:
         assert backends["w8a8_linear"] == backends["w158a8_linear"] == "cpp-avx512_vnni"
+        assert backends["w4a8_linear"] == "cpp-avx512_vnni"
 
 
 @pytest.fixture

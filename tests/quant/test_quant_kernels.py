@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ditq.errors import CheckpointError
-from ditq.kernels import ops, pack_int4
+from ditq.kernels import cpu, ops, pack_int4
 from ditq.quant import (
     LayerQuant,
     QDiTConfig,
@@ -79,6 +79,9 @@ def test_settings_pick_an_op_and_its_numbers_match_fake_quant(cfg, op):
         assert _rel(out, fake) < 1e-5
 
 
+_NO_FAST_W4A8 = "float: no fast w4a8_linear on cpu (backend auto)"
+
+
 def test_auto_takes_the_float_path_where_only_an_emulating_reference_exists():
     w4 = QuantLinear.from_float(_linear(), LayerQuant(w_bits=4, w_group=32, a_bits=8)).eval()
     w8 = QuantLinear.from_float(
@@ -86,9 +89,16 @@ def test_auto_takes_the_float_path_where_only_an_emulating_reference_exists():
     ).eval()
     x = torch.randn(3, 64)
     with torch.no_grad():
-        assert w4.kernel_for(x) is None  # no fast w4a8_linear on CPU
+        fast4 = ops.has_fast_impl("w4a8_linear", "cpu")  # the C++ kernel needs AVX-512 VNNI
+        assert w4.kernel_for(x) == ("w4a8_linear" if fast4 else None)
         assert w8.kernel_for(x) == ("w8a8_linear" if ops.has_fast_impl("w8a8_linear", "cpu") else None)
-    assert kernel_plan(nn.Sequential(w4, w8))["0"] == "float: no fast w4a8_linear on cpu (backend auto)"
+        assert kernel_plan(nn.Sequential(w4, w8))["0"] == ("w4a8_linear" if fast4 else _NO_FAST_W4A8)
+        cpu.set_isa("avx2")  # no fast w4a8_linear below AVX-512 VNNI: only the emulating reference
+        try:
+            assert w4.kernel_for(x) is None
+            assert kernel_plan(nn.Sequential(w4, w8))["0"] == _NO_FAST_W4A8
+        finally:
+            cpu.set_isa(None)
 
 
 def test_training_gradients_and_use_kernels_keep_the_fake_quant_path():
@@ -163,6 +173,7 @@ def test_load_quantized_state_dict_checks_the_layout_and_fills_a_meta_model():
     assert all(q.packed for q in quantized_layers(skeleton).values())
     assert skeleton[0].qweight.data_ptr() == packed_sd["0.qweight"].data_ptr()  # adopted, not copied
     x = torch.randn(5, 32)
+    skeleton.eval()  # the same path as the model (the W4A8 kernel where it is fast, else the float path)
     with torch.no_grad():
         assert torch.equal(skeleton(x), model(x))
     with pytest.raises(CheckpointError) as e:
@@ -172,7 +183,7 @@ def test_load_quantized_state_dict_checks_the_layout_and_fills_a_meta_model():
     assert "torch.uint8 (64, 16) (int4-packed) for 4-bit weights" in msg and "\n" not in msg
     with pytest.raises(CheckpointError, match="layer '0': qweight is torch.uint8 \\(64, 16\\)"):
         load_quantized_state_dict(_tiny(), packed_sd, cfg, layout="codes")
-    fresh = load_quantized_state_dict(_tiny(), codes_sd, cfg)  # "auto": either layout
+    fresh = load_quantized_state_dict(_tiny(), codes_sd, cfg).eval()  # "auto": either layout
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
 

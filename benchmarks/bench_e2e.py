@@ -320,7 +320,7 @@ def main(argv=None) -> dict:
             results["rows"] += bench_setting(loaded, cfg, args, fp_config)
     if args.device.type == "cpu" and args.backend == "auto":
         notes.append(
-            "backend auto on CPU: ops without a C++ kernel (w4a8_linear, ternary_linear) leave their layers "
+            "backend auto on CPU: ops without a C++ kernel here (see the kernels column) leave their layers "
             "on the float path (the references only emulate integer math); --backend reference forces them"
         )
     return finish(results, start, render, args.json)

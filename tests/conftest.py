@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The fixtures sit in ../shared beside the checkout (CI clones main there too);
@@ -59,3 +61,25 @@ def _deterministic_single_thread():
 def terdit_ref() -> dict:
     """TerDiT inference outputs and packed state dict (``terdit_ref_tiny.pt``)."""
     return load_fixture("terdit_ref_tiny.pt")
+
+
+class FloatAllocations(TorchDispatchMode):
+    """Records the shape of every floating-point tensor any op produces off the meta device
+    (``with spy: ...``, then ``spy.shapes``): proof that loading never built a float weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.fixture
+def float_allocations() -> FloatAllocations:
+    """A fresh :class:`FloatAllocations` spy."""
+    return FloatAllocations()

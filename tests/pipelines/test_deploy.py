@@ -7,8 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from ditq import models, quant
 from ditq.checkpoint import load_tensors, read_metadata, read_safetensors_header, save_checkpoint
@@ -86,27 +84,12 @@ def test_deployed_samples_equal_the_fake_quant_models(tmp_path, kind, op):
     assert ops.get_backend() == "auto"  # sample() restored it
 
 
-class _FloatAllocations(TorchDispatchMode):
-    """Records the shape of every floating-point tensor any op produces off the meta device."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("kind", ["w8a8", "w4a8"])
-def test_loading_builds_no_float_weight_of_a_quantized_layer(tmp_path, kind):
+def test_loading_builds_no_float_weight_of_a_quantized_layer(tmp_path, kind, float_allocations):
     path = _checkpoint(tmp_path, kind)
     info, _ = read_safetensors_header(path)
     assert not QUANTIZED_SHAPES & {tuple(v["shape"]) for v in info.values() if v["dtype"] == "F32"}
-    spy = _FloatAllocations()
+    spy = float_allocations
     with spy:
         model = ptq.load_quantized(path)
     assert not QUANTIZED_SHAPES & set(spy.shapes)

@@ -9,8 +9,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from ditq import models
 from ditq.checkpoint import load_tensors, read_metadata, read_safetensors_header, save_checkpoint
@@ -97,22 +95,7 @@ def test_prepare_train_convert_export_load_is_exact(tmp_path, config, qconfig):
     assert meta["ternary"]["float_dtype"] == "float32"
 
 
-class _FloatAllocations(TorchDispatchMode):
-    """Records the shape of every floating-point tensor any op produces off the meta device."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
-def test_loading_never_materializes_float_ternary_weights(tmp_path):
+def test_loading_never_materializes_float_ternary_weights(tmp_path, float_allocations):
     qat = _trained_qat(DIT, TernaryQATConfig())
     path = export_model(copy.deepcopy(qat), tmp_path / "t.safetensors")
     # Shapes of ternary weights that no float tensor of the file has (attn.proj is D x D, like t_embedder's
@@ -121,7 +104,7 @@ def test_loading_never_materializes_float_ternary_weights(tmp_path):
     floats = {tuple(v["shape"]) for v in info.values() if v["dtype"] == "F32"}
     ternary = {(m.out_features, m.in_features) for m in ternary_layers(qat).values()} - floats
     assert len(ternary) == 4
-    spy = _FloatAllocations()
+    spy = float_allocations
     with spy:
         model = load_ternary(path)
     # What the dispatcher saw (the float rest, cast on the way in) and what the model holds.

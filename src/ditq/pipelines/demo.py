@@ -499,11 +499,11 @@ def _ternary_part(
         student = ptq.load_model(result.model_path)
         if fp_row is None or fp_row.get("samples") != num_samples:  # no PTQ ladder row to reuse
             fp_scores = quality(*ptq.draw_samples(model, spec))
-            fp_row = {"fid": _first_value(fp_scores), "class_acc": fp_scores.get("class_acc")}
+            fp_row = {"fid": ptq.primary_score(fp_scores), "class_acc": fp_scores.get("class_acc")}
         scores = quality(*ptq.draw_samples(student, spec))
     first, last = result.records[0], result.records[-1]
     fp_bytes, ternary_bytes = model_path.stat().st_size, result.model_path.stat().st_size
-    fid = _first_value(scores)
+    fid = ptq.primary_score(scores)
     sizes = checkpoint_sizes(result.model_path)
     row = {
         "fid": fid,
@@ -540,11 +540,6 @@ def _ternary_part(
     )
     log(f"  wrote {result.model_path} (sample it: ditq sample --model {result.model_path} --out grid.png)")
     return row
-
-
-def _first_value(scores: dict) -> float:
-    # A quality function's first key is its FID (ptq.QualityFn).
-    return float(next(iter(scores.values())))
 
 
 @contextmanager

@@ -34,6 +34,7 @@ from ditq.pipelines.ptq import (
     EvalSpec,
     QualityFn,
     draw_samples,
+    primary_score,
     quantize_model,
 )
 
@@ -116,12 +117,11 @@ def _cache(cache_dir, name: str, spec: EvalSpec) -> Path | None:
 
 
 def _row(method, w_bits, a_bits, q: dict, model, spec: EvalSpec, seconds: float, **extra) -> LadderRow:
-    fid_key = next(iter(q))
     return LadderRow(
         method=method,
         w_bits=w_bits,
         a_bits=a_bits,
-        fid=float(q[fid_key]),
+        fid=primary_score(q),
         class_acc=None if q.get("class_acc") is None else float(q["class_acc"]),
         size_mb=quant.model_size_bytes(model) / 1e6,
         samples=spec.num_samples,

@@ -410,6 +410,11 @@ QualityFn = Callable[[np.ndarray, np.ndarray], dict]
 """``quality(images uint8 NHWC, labels) -> {"fid": ..., ...}``: the first key is what a search minimizes."""
 
 
+def primary_score(scores: dict) -> float:
+    """The first value of a :data:`QualityFn` result: its FID, what a search minimizes."""
+    return float(next(iter(scores.values())))
+
+
 def quality_function(
     model: nn.Module,
     *,
@@ -648,7 +653,7 @@ def granularity_search(
 
     def fitness(quantized: nn.Module) -> float:
         images, labels = draw_samples(quantized, spec, progress=progress)
-        return float(next(iter(quality(images, labels).values())))
+        return primary_score(quality(images, labels))
 
     proxy = None
     if prescreen:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_name
 
 from ditq import models
 from ditq.checkpoint import atomic_write
@@ -32,21 +32,11 @@ from ditq.eval.fmnist import load_fmnist_evaluator
 from ditq.pipelines.sample import sample
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine(device: torch.device) -> str:
     """The hardware the numbers were measured on, in words."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
+    return f"{cpu_name()}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
 
 
 def _write(path: Path, result: dict) -> None:

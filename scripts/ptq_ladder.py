@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_name
 
 from ditq import models
 from ditq.checkpoint import atomic_write
@@ -34,15 +35,9 @@ def _ints(text: str) -> list[int]:
 
 
 def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, 1 thread per process, torch {torch.__version__}, Python {platform.python_version()}"
+    return (
+        f"{cpu_name()}, 1 thread per process, torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def _write(path: Path, payload: dict) -> None:

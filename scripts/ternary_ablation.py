@@ -38,12 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,16 +286,6 @@ def plot_curves(names: list[str], args, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _torch_version() -> str:
     import torch
 
@@ -316,7 +307,7 @@ def report(args) -> None:
         "budget": f"{args.steps} steps x {args.batch_size} images, EMA {args.ema_decay}, 1 thread per run",
         "eval": f"{args.samples} balanced samples, DDIM-{args.sample_steps}, no guidance, seed 0; "
         f"FID-FMNIST vs the Fashion-MNIST test set; test_loss on {TEST_IMAGES} test images",
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, torch {_torch_version()}",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {_torch_version()}",
         "date": time.strftime("%Y-%m-%d"),
         "commands": [  # how the rows were made: two queues side by side, then the report
             "python scripts/ternary_ablation.py"

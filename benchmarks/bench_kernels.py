@@ -11,6 +11,9 @@ N=1152; TerDiT-4.2B: dim 3072, FFN 8192) and each token count M, one row per op:
   points);
 * ``...+quant``: float activations in, i.e. ``quantize_per_token_int8`` then the
   GEMM: what replaces ``F.linear`` in a model;
+* ``ternary_linear`` / ``int4_linear``: weight-only, float activations (the
+  baseline's dtype) against the 2-bit ternary or the Q-DiT int4 weights (on CPU,
+  ditq's GEMM for few tokens, blocks of dequantized columns through BLAS beyond);
 * CPU only, for comparison: ``torch._int_mm`` (oneDNN int8 GEMM + the same
   epilogue) and ``torch.ao`` dynamic int8 ``Linear`` (fbgemm; quantizes its
   input itself).
@@ -173,6 +176,22 @@ def candidates(d: dict, device: torch.device, baseline_dtype: torch.dtype) -> di
             lambda: ops.w4a8_linear(*ops.quantize_per_token_int8(x), None, w4p, w4s, w4z, b),
             w4_bytes,
             be,
+            d["w4_float"],
+        )
+    # weight-only ops (float activations)
+    if ops.registered_impl("ternary_linear", device.type):
+        c["ternary_linear"] = (
+            lambda: ops.ternary_linear(xb, wt, gamma, bb),
+            n * k // 4 + 4,
+            backends.get("ternary_linear", device.type),
+            w2_float,
+        )
+    if ops.registered_impl("int4_linear", device.type):
+        w4p, w4s, w4z = d["w4_packed"], d["w4_scale"], d["w4_zero"]
+        c["int4_linear"] = (
+            lambda: ops.int4_linear(xb, w4p, w4s, w4z, bb),
+            n * k // 2 + 8 * w4s.numel(),
+            backends.get("int4_linear", device.type),
             d["w4_float"],
         )
     if device.type == "cpu":

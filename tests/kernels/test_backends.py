@@ -70,7 +70,8 @@ def test_each_backend_dispatches_where_it_says(spy_impl):
             ops.w8a8_linear(*args)
         assert spy_impl == ["cpu", "cpu"]
     assert not ops.has_fast_impl("w8a8_linear", "cpu", "reference")
-    assert not ops.has_fast_impl("int4_linear", "cpu", "auto")  # no CPU kernel: the reference
+    assert not ops.has_fast_impl("int4_linear", "cpu", "reference")
+    assert not ops.has_fast_impl("int4_linear", "cuda", "cpu")  # a backend of another device
 
 
 def test_a_forced_backend_falls_back_to_the_reference_only_where_its_impl_declines():

@@ -78,6 +78,22 @@ def test_quantize_fast_equals_reference(isa, poisoned, shape, group):
     assert all(map(torch.equal, ops.quantize_per_token_int8(x16), ops.ref_quantize_per_token_int8(x16)))
 
 
+@pytest.mark.parametrize(
+    "shape,group,bits",
+    [((1, 1), 0, 8), ((3, 17), 0, 8), ((2, 5, 1152), 0, 8), ((7, 96), 32, 4), ((4, 40), 8, 6)]
+    + [((9, 33), 11, 2)],
+)
+def test_quantize_asym_fast_equals_reference(isa, poisoned, shape, group, bits):
+    spread = torch.rand(*shape[:-1], 1, generator=_gen(4)) * 20 + 0.01
+    x = torch.randn(shape, generator=_gen(3)) * spread + 0.5
+    x.view(-1, shape[-1])[0] = 3.0  # a constant row: the 1e-5 floor on max - min, a zero point clamped
+    q, s, z = cpu.quantize_per_token_asym(x, bits, group)
+    qr, sr, zr = ops.ref_quantize_per_token_asym(x, bits, group)
+    assert torch.equal(q, qr) and torch.equal(s, sr) and torch.equal(z, zr)
+    q, s, z = cpu.quantize_per_token_asym(x.bfloat16(), bits, group)  # computed in float32
+    assert torch.equal(q, ops.ref_quantize_per_token_asym(x.bfloat16(), bits, group)[0])
+
+
 # ----------------------------------------------------------------------------
 # W8A8 and W1.58A8
 # ----------------------------------------------------------------------------
@@ -235,6 +251,107 @@ def test_w4a8_declines_what_it_does_not_handle(built, poisoned):
 
 
 # ----------------------------------------------------------------------------
+# Weight-only ternary and int4 (float activations)
+# ----------------------------------------------------------------------------
+
+WO_SHAPES = [(1, 4, 1), (3, 36, 5), (17, 260, 70), (6, 1152, 130), (70, 1000, 64), (1, 16, 33)]
+
+
+@pytest.mark.parametrize("m,k,n", WO_SHAPES)
+def test_ternary_weight_only_fast_equals_reference(isa, poisoned, m, k, n):
+    g = _gen(m * 1000 + k + n)
+    x = torch.randn(2, m, k, generator=g)  # a leading axis: tokens are 2 * m
+    wp = pack_ternary(torch.randint(-1, 2, (n, k), generator=g))
+    bias = torch.randn(n, generator=g)
+    for scale in (torch.rand(1, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1):
+        for b in (bias, None):
+            fast = cpu.ternary_linear(x, wp, scale, b)
+            assert (fast is NotImplemented) == (isa == "scalar")  # the scalar level keeps the reference
+            out, ref = ops.ternary_linear(x, wp, scale, b), ops.ref_ternary_linear(x, wp, scale, b)
+            assert out.shape == (2, m, n) and not out.isnan().any()
+            # the same dequantized weights, another summation order than BLAS
+            assert _rel(out, ref) <= 1e-5
+    # the weights are exactly +-s and 0: with integer activations every sum is exact
+    xi = torch.randint(-8, 9, (m, k), generator=g).float()
+    one = torch.ones(1)
+    assert torch.equal(ops.ternary_linear(xi, wp, one), ops.ref_ternary_linear(xi, wp, one))
+
+
+@pytest.mark.parametrize("m,k,n", WO_SHAPES)
+def test_int4_weight_only_fast_equals_reference(isa, poisoned, m, k, n):
+    g = _gen(m * 1000 + k + n + 1)
+    x = torch.randn(m, k, generator=g)
+    wp = pack_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
+    # groups: the whole row, 4 inputs (no vector alignment: the scalar dequantization), 16 or 32
+    groups = {k, 4, 16 if k % 16 == 0 else k, 32 if k % 32 == 0 else k}
+    for gw in sorted(groups):
+        ws = torch.rand(n, k // gw, generator=g) + 0.01
+        wz = torch.randint(0, 16, (n, k // gw), generator=g).float()
+        b = torch.randn(n, generator=g)
+        fast = cpu.int4_linear(x, wp, ws, wz, b)
+        assert (fast is NotImplemented) == (isa == "scalar")
+        out, ref = ops.int4_linear(x, wp, ws, wz, b), ops.ref_int4_linear(x, wp, ws, wz, b)
+        assert out.shape == (m, n) and not out.isnan().any()
+        assert _rel(out, ref) <= 1e-5, gw
+
+
+def test_weight_only_declines_what_it_does_not_handle(built, poisoned):
+    g = _gen(71)
+    k, n = 64, 24
+    wp = pack_ternary(torch.randint(-1, 2, (n, k), generator=g))
+    w4 = pack_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
+    ws, wz = torch.rand(n, 2, generator=g) + 0.01, torch.randint(0, 16, (n, 2), generator=g).float()
+    x = torch.randn(5, k, generator=g)
+    args = (x.bfloat16(), wp, torch.ones(1), None)
+    assert cpu.ternary_linear(*args) is NotImplemented
+    assert torch.equal(ops.ternary_linear(*args), ops.ref_ternary_linear(*args))
+    for args in ((x.double(), w4, ws, wz, None), (x, w4, ws.bfloat16(), wz, None)):
+        assert cpu.int4_linear(*args) is NotImplemented
+        assert torch.equal(ops.int4_linear(*args), ops.ref_int4_linear(*args))
+    assert cpu.ternary_linear(torch.randn(0, k), wp, torch.ones(1), None) is NotImplemented
+    handled = cpu.ternary_linear(x, wp, torch.ones(1, dtype=torch.bfloat16), None)  # +-1 exact in bf16
+    assert (handled is NotImplemented) == (built == cpu.SCALAR)
+
+
+@pytest.mark.parametrize("block_bytes", [16 * 4 * 200, 1 << 30], ids=["blocks", "one-block"])
+def test_weight_only_many_tokens_dequantize_blocks_for_blas(isa, poisoned, monkeypatch, block_bytes):
+    # beyond WEIGHT_ONLY_DIRECT_MAX_M tokens: columns dequantized block by block (16 columns per
+    # block here, the last one short), each block multiplied by BLAS
+    monkeypatch.setattr(cpu, "DEQUANT_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(cpu, "DEQUANT_BLOCK_MIN_COLS", 16)
+    g = _gen(72)
+    m, k, n = cpu.WEIGHT_ONLY_DIRECT_MAX_M + 7, 200, 70
+    x = torch.randn(m, k, generator=g)
+    wp = pack_ternary(torch.randint(-1, 2, (n, k), generator=g))
+    w4 = pack_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
+    ws, wz = torch.rand(n, 5, generator=g) + 0.01, torch.randint(0, 16, (n, 5), generator=g).float()
+    s, b = torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
+    for bias in (b, None):
+        fast = cpu.ternary_linear(x, wp, s, bias)
+        assert (fast is NotImplemented) == (isa == "scalar")
+        out, ref = ops.ternary_linear(x, wp, s, bias), ops.ref_ternary_linear(x, wp, s, bias)
+        assert not out.isnan().any() and _rel(out, ref) <= 1e-5
+        out, ref = ops.int4_linear(x, w4, ws, wz, bias), ops.ref_int4_linear(x, w4, ws, wz, bias)
+        assert not out.isnan().any() and _rel(out, ref) <= 1e-5
+
+
+def test_weight_only_two_threads_split_the_work_the_same(built, poisoned):
+    g = _gen(81)
+    x = torch.randn(150, 520, generator=g)  # 3 token blocks x 19 column blocks
+    wp = pack_ternary(torch.randint(-1, 2, (300, 520), generator=g))
+    w4 = pack_int4(torch.randint(0, 16, (300, 520), generator=g, dtype=torch.uint8))
+    ws, wz = torch.rand(300, 13, generator=g) + 0.01, torch.randint(0, 16, (300, 13), generator=g).float()
+    s = torch.rand(300, generator=g)
+    one = ops.ternary_linear(x, wp, s), ops.int4_linear(x, w4, ws, wz)
+    torch.set_num_threads(2)
+    try:
+        two = ops.ternary_linear(x, wp, s), ops.int4_linear(x, w4, ws, wz)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+# ----------------------------------------------------------------------------
 # Prepacked weights
 # ----------------------------------------------------------------------------
 
@@ -275,6 +392,9 @@ def test_available_backends_names_each_op(built):
     if built == cpu.AVX512_VNNI:
         assert backends["w8a8_linear"] == backends["w158a8_linear"] == "cpp-avx512_vnni"
         assert backends["w4a8_linear"] == "cpp-avx512_vnni"
+    if built >= cpu.AVX2:
+        for op in ("ternary_linear", "int4_linear"):
+            assert backends[op].startswith(f"cpp-{cpu.ISAS[built]} (M <= {cpu.WEIGHT_ONLY_DIRECT_MAX_M})")
 
 
 @pytest.fixture

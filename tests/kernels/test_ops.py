@@ -69,6 +69,19 @@ def test_quantize_rounds_half_to_even_and_handles_zero_rows():
     assert q[1].tolist() == [0] * 6 and s[1].item() == pytest.approx(1e-5 / 127)
 
 
+def test_quantize_asym_reference_equals_qdit_quantizer_bit_for_bit():
+    from ditq.quant.granularity import act_granularity
+    from ditq.quant.primitives import quant_params, quantize
+
+    x = torch.randn(64, 96, generator=_gen(5)) * torch.logspace(-3, 2, 64).unsqueeze(1) + 0.2
+    x[3] = 1.0  # constant row: the range floor
+    for bits, group in ((8, 0), (4, 32), (6, 8), (2, 0)):
+        q, s, z = ops.ref_quantize_per_token_asym(x, bits, group)
+        s2, z2 = quant_params(x, bits, act_granularity(group), sym=False)
+        assert torch.equal(q, quantize(x, s2, z2, bits, sym=False))
+        assert torch.equal(s, s2.reshape(s.shape)) and torch.equal(z, z2.reshape(z.shape))
+
+
 def test_quantize_accepts_half_precision_inputs():
     x = torch.randn(3, 40, generator=_gen(3))
     q16, s16 = ops.ref_quantize_per_token_int8(x.to(torch.bfloat16))
@@ -248,6 +261,7 @@ def _small_args():
     b = torch.randn(5, generator=_gen(64))
     return {
         "quantize_per_token_int8": (x, 0),
+        "quantize_per_token_asym": (x, 8, 4),
         "w8a8_linear": (xq, xs, w8, ws, b, torch.float32),
         "w158a8_linear": (xq, xs, w2, ws[:1], None, torch.bfloat16),
         "w4a8_linear": (aq, asx, azx, a4, asw, azw, ab, torch.float32),
@@ -335,6 +349,9 @@ def _bad_calls():
         ("quantize_per_token_int8", (xq, 0), "x must be a floating-point tensor"),
         ("quantize_per_token_int8", (x, 5), "group must be 0"),
         ("quantize_per_token_int8", (torch.randn(3, 0), 0), "K >= 1"),
+        ("quantize_per_token_asym", (xq, 8, 0), "x must be a floating-point tensor"),
+        ("quantize_per_token_asym", (x, 9, 0), "bits must be an integer in 2..8"),
+        ("quantize_per_token_asym", (x, 8, 5), "group must be 0"),
         ("w8a8_linear", (xq.float(), xs, w8, ws), "xq must be torch.int8"),
         ("w8a8_linear", (xq, xs, _int8((5, 17), 82), ws), "K = 16"),
         ("w8a8_linear", (xq, torch.ones(3, 2), w8, ws), "one scale per token"),

@@ -142,6 +142,27 @@ def test_quantize_equals_reference(poisoned, shape, group, dtype):
     assert torch.equal(q.cpu(), qr) and torch.equal(s.cpu(), sr)
 
 
+@needs_kernels
+@pytest.mark.parametrize(
+    "shape,group,bits,dtype",
+    [
+        ((1, 8), 0, 8, torch.float32),
+        ((5, 24), 8, 4, torch.float16),
+        ((33, 136), 0, 8, torch.float32),
+        ((2, 3, 136), 17, 6, torch.bfloat16),
+        ((3, 8200), 0, 8, torch.float32),  # rows longer than one chunk: read twice
+    ],
+)
+def test_quantize_asym_equals_reference(poisoned, shape, group, bits, dtype):
+    x = torch.randn(shape, generator=_gen(2)) * _rand((*shape[:-1], 1), 3, 0.01, 20) + 0.3
+    x.view(-1, shape[-1])[0] = 7.0  # a constant token: the 1e-5 floor on max - min, a huge zero point
+    x = x.to(dtype)
+    q, s, z = poisoned.quantize_per_token_asym(x.to(DEVICE), bits, group)
+    qr, sr, zr = ops.ref_quantize_per_token_asym(x, bits, group)
+    assert q.dtype == torch.uint8 and s.dtype == z.dtype == torch.float32
+    assert torch.equal(q.cpu(), qr) and torch.equal(s.cpu(), sr) and torch.equal(z.cpu(), zr)
+
+
 # ----------------------------------------------------------------------------
 # w8a8_linear, w158a8_linear
 # ----------------------------------------------------------------------------
@@ -386,6 +407,9 @@ def test_gpu_quantize_at_dit_shapes(dtype, group):
     q, s = ops.quantize_per_token_int8(x, group)
     qr, sr = ops.ref_quantize_per_token_int8(x, group)
     assert torch.equal(q, qr) and torch.equal(s, sr)
+    q, s, z = ops.quantize_per_token_asym(x, 8, group)
+    ref = ops.ref_quantize_per_token_asym(x, 8, group)
+    assert all(torch.equal(a, b) for a, b in zip((q, s, z), ref, strict=True))
 
 
 @pytest.mark.gpu

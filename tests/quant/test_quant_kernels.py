@@ -79,6 +79,22 @@ def test_settings_pick_an_op_and_its_numbers_match_fake_quant(cfg, op):
         assert _rel(out, fake) < 1e-5
 
 
+@pytest.mark.parametrize("a_bits,a_group", [(8, 0), (8, 16), (4, 0), (6, 32)])
+def test_asymmetric_input_codes_equal_the_act_quantizers_on_every_backend(a_bits, a_group):
+    from ditq.quant.primitives import quantize
+
+    cfg = LayerQuant(w_bits=4, w_group=32, a_bits=a_bits, a_group=a_group)
+    q = QuantLinear.from_float(_linear(), cfg).eval()
+    x = torch.randn(3, 5, 64) * 4 + 1
+    scale, zero = q.act_quant.params(x)
+    want = quantize(x, scale, zero, a_bits, sym=False)
+    for backend in ops.available_backends():
+        with ops.use_backend(backend):
+            xq, xs, xz = q._quantize_input(x)
+        assert torch.equal(xq, want) and torch.equal(xs, scale.expand(xs.shape))
+        assert torch.equal(xz, zero.expand(xz.shape)), backend
+
+
 _NO_FAST_W4A8 = "float: no fast w4a8_linear on cpu (backend auto)"
 
 

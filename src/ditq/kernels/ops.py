@@ -30,6 +30,7 @@ Ops (call them as ``torch.ops.ditq.<name>`` or through the Python functions of
 the same name below; arguments are checked, with a one-line :class:`KernelError`)::
 
     quantize_per_token_int8(x, group=0)              -> (q int8, scale float32)
+    quantize_per_token_asym(x, bits, group=0)        -> (q uint8, scale float32, zero float32), Q-DiT's rule
     w8a8_linear(xq, xs, wq, ws, bias, out_dtype)     int8 activations x int8 weights
     w158a8_linear(xq, xs, w_packed, w_scale, bias, out_dtype)
                                                      int8 activations x ternary (2-bit "k4") weights
@@ -71,8 +72,12 @@ MAX_K = 65536
 ACT_EPS = 1e-5
 """Floor on a token's max |x| in :func:`quantize_per_token_int8` (BitNet b1.58's; keeps scales finite)."""
 
+RANGE_EPS = 1e-5
+"""Floor on a row's max - min in :func:`quantize_per_token_asym` (``ditq.quant.primitives.RANGE_EPS``)."""
+
 OPS = (
     "quantize_per_token_int8",
+    "quantize_per_token_asym",
     "w8a8_linear",
     "w158a8_linear",
     "w4a8_linear",
@@ -464,6 +469,19 @@ def ref_quantize_per_token_int8(x: Tensor, group: int = 0) -> tuple[Tensor, Tens
     return q, (amax / 127.0).squeeze(-1)
 
 
+def ref_quantize_per_token_asym(x: Tensor, bits: int, group: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`quantize_per_token_asym`."""
+    k = x.shape[-1]
+    g = k if group == 0 else group
+    rows = x.float().reshape(*x.shape[:-1], k // g, g)
+    q_max = float(2**bits - 1)
+    hi, lo = rows.amax(dim=-1, keepdim=True), rows.amin(dim=-1, keepdim=True)
+    scale = (hi - lo).clamp(min=RANGE_EPS) / q_max
+    zero = torch.round(-lo / scale).clamp(0.0, q_max)
+    q = torch.clamp(torch.round(rows / scale) + zero, 0.0, q_max).to(torch.uint8).reshape(x.shape)
+    return q, scale.squeeze(-1), zero.squeeze(-1)
+
+
 def ref_w8a8_linear(
     xq: Tensor, xs: Tensor, wq: Tensor, ws: Tensor, bias: Tensor | None = None, out_dtype=torch.float32
 ) -> Tensor:
@@ -550,6 +568,7 @@ def ref_int4_linear(
 
 REFERENCE: dict[str, Callable] = {
     "quantize_per_token_int8": ref_quantize_per_token_int8,
+    "quantize_per_token_asym": ref_quantize_per_token_asym,
     "w8a8_linear": ref_w8a8_linear,
     "w158a8_linear": ref_w158a8_linear,
     "w4a8_linear": ref_w4a8_linear,
@@ -594,6 +613,45 @@ def _(x, group=0):
     k = _check_quantize(x, group)
     g = k if group == 0 else group
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], k // g), dtype=torch.float32)
+
+
+def _check_quantize_asym(x: Tensor, bits: int, group: int) -> int:
+    op = "quantize_per_token_asym"
+    k = _check_acts(op, x, "x", "float", max_k=False)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        _fail(op, f"bits must be an integer in 2..8 (uint8 codes), got {bits!r}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 0 or (group and k % group):
+        _fail(op, f"group must be 0 (per token) or a size dividing K = {k}, got {group!r}")
+    return k
+
+
+@torch.library.custom_op(f"{NAMESPACE}::quantize_per_token_asym", mutates_args=())
+def quantize_per_token_asym(x: Tensor, bits: int, group: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric min/max quantization to ``bits``-bit unsigned codes per token (``group=0``) or per
+    token and group of ``group`` inputs: Q-DiT's dynamic activation quantizer.
+
+    ``x``: float ``[..., K]`` (any float dtype; computed in float32). Returns
+    ``q`` uint8 ``[..., K]``, ``scale`` and ``zero`` float32 ``[..., G]`` (G = 1
+    per token, else K / group), with ``x ≈ (q - zero) * scale`` group by group.
+    The rule is ``ditq.quant.primitives.quant_params`` / ``quantize`` with
+    ``sym=False``: ``scale = max(max - min, 1e-5) / (2^bits - 1)``,
+    ``zero = clamp(round(-min / scale), 0, 2^bits - 1)``,
+    ``q = clamp(round(x / scale) + zero, 0, 2^bits - 1)``, with IEEE divisions
+    and round-half-to-even (as ``torch.round``): for float32 ``x`` the codes,
+    scales and zero points equal :class:`ditq.quant.ActQuantizer`'s bit for bit.
+    Non-finite inputs give unspecified codes.
+    """
+    _check_quantize_asym(x, bits, group)
+    return _dispatch("quantize_per_token_asym", x.device, x, bits, group)
+
+
+@quantize_per_token_asym.register_fake
+def _(x, bits, group=0):
+    k = _check_quantize_asym(x, bits, group)
+    g = k if group == 0 else group
+    lead = (*x.shape[:-1], k // g)
+    f32 = torch.float32
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(lead, dtype=f32), x.new_empty(lead, dtype=f32)
 
 
 def _check_w8a8(xq, xs, wq, ws, bias, out_dtype) -> int:

@@ -1,4 +1,5 @@
-// ditq CPU kernels: per-token int8 activation quantization, W8A8, W1.58A8 and W4A8 integer GEMMs.
+// ditq CPU kernels: per-token int8 activation quantization, W8A8, W1.58A8 and W4A8 integer GEMMs,
+// and weight-only ternary and int4 GEMMs (float activations).
 //
 // Built on first use by ditq/kernels/cpu.py (torch.utils.cpp_extension.load, no Python module:
 // a plain C interface called through ctypes, so only <ATen/Parallel.h> is compiled and the build
@@ -784,6 +785,347 @@ void quantize_per_token(const float* xp, int8_t* qp, float* sp, int64_t rows, in
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Weight-only GEMMs: float32 activations x ternary (k4) or int4 group-wise weights
+// ---------------------------------------------------------------------------------------------
+//
+// out[m, n] = sum_k x[m, k] * w[n, k] + bias[n], with w dequantized exactly as the references do
+// in float32: ternary s * (code - 1), int4 (q - z) * s per group. A work item (a block of kWoM
+// tokens x kWoN columns) first dequantizes its kWoN weight rows into a thread-local float buffer,
+// each weight value through a 16-entry table lookup (vpermps: the table holds the row's (or
+// group's) dequantized values, indexed by the code; the lane shifts bring each lane's code to the
+// low bits), so the buffer holds the reference's weights bit for bit; the tokens then run an fp32
+// micro-kernel of MR tokens x 4 columns (dot products along K, horizontal sums at the end) over
+// it. Only the summation order differs from the reference (F.linear on the dequantized weight).
+// The weights stay packed in memory: 2 or 4 bits each, plus one buffer of kWoN x K floats per
+// thread. Small batches are what these ops are for: reading packed weights costs 1/16 (ternary)
+// or 1/8 (int4) of the fp32 weight traffic.
+
+constexpr int64_t kWoN = 16;  // columns per work item (rows of the dequantized buffer)
+constexpr int64_t kWoM = 64;  // tokens per work item
+constexpr int kWoNR = 4;      // columns per micro-tile
+
+struct WoGemm {
+  const float* x;        // [M, K]
+  const uint8_t* w;      // ternary k4 [N, K/4] or int4 [N, K/2]
+  bool int4;
+  const float* scale;    // ternary: [1] or [N]; int4: [N, G]
+  bool scale_per_row;    // ternary only
+  const float* zero;     // int4: [N, G]
+  int64_t group;         // int4: inputs per group (K / G)
+  const float* bias;     // [N] or nullptr
+  float* out;            // [M, N]
+  int64_t M, N, K, Kp;   // Kp: K rounded up to the vector width (buffer row length)
+};
+
+// Scalar dequantization of weight row n, inputs [k0, K), into buf (zeros in [K, Kp)): the
+// references' numbers.
+void wo_dequant_row_scalar(const WoGemm& g, int64_t n, float* buf, int64_t k0) {
+  if (!g.int4) {
+    const float s = g.scale[g.scale_per_row ? n : 0];
+    const uint8_t* r = g.w + n * (g.K / 4);
+    for (int64_t k = k0; k < g.K; ++k) buf[k] = s * static_cast<float>(static_cast<int>((r[k >> 2] >> (2 * (k & 3))) & 3) - 1);
+  } else {
+    const int64_t G = g.K / g.group;
+    const uint8_t* r = g.w + n * (g.K / 2);
+    for (int64_t k = k0; k < g.K; ++k) {
+      const int q = (r[k >> 1] >> (4 * (k & 1))) & 15;
+      const int64_t gi = n * G + k / g.group;
+      buf[k] = (static_cast<float>(q) - g.zero[gi]) * g.scale[gi];
+    }
+  }
+  for (int64_t k = g.K; k < g.Kp; ++k) buf[k] = 0.0f;
+}
+
+#if DITQ_X86
+// AVX-512: 16 weights per step. Ternary: one dword of k4 bytes = inputs k..k+15; lane i shifted
+// right by 2i has its code in bits 1-0 and the table repeats every 4 entries. int4: 8 bytes =
+// inputs k..k+15; lanes 0-7 take the low dword, lanes 8-15 the high one, lane i shifted right by
+// 4 (i mod 8) has its code in bits 3-0.
+__attribute__((target("avx512f"))) void wo_dequant_row_512(const WoGemm& g, int64_t n, float* buf) {
+  const int64_t K16 = g.K / 16 * 16;
+  if (!g.int4) {
+    const float s = g.scale[g.scale_per_row ? n : 0];
+    const __m512 table = _mm512_set_ps(0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f,
+                                       0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f);
+    const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const uint8_t* r = g.w + n * (g.K / 4);
+    for (int64_t k = 0; k < K16; k += 16) {
+      uint32_t d;
+      std::memcpy(&d, r + k / 4, 4);
+      const __m512i v = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d)), shifts);
+      _mm512_storeu_ps(buf + k, _mm512_permutexvar_ps(v, table));
+    }
+  } else if (g.group % 16 == 0) {
+    const int64_t G = g.K / g.group;
+    const __m512i shifts = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const uint8_t* r = g.w + n * (g.K / 2);
+    for (int64_t gi = 0; gi < G; ++gi) {
+      // (q - z) * s for q = 0..15, in the reference's order: one table per group
+      const __m512 table = _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(g.zero[n * G + gi])),
+                                         _mm512_set1_ps(g.scale[n * G + gi]));
+      const int64_t k_end = (gi + 1) * g.group;
+      for (int64_t k = gi * g.group; k < k_end; k += 16) {
+        const __m512i b = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + k / 2)));
+        const __m512i v = _mm512_srlv_epi32(_mm512_permutexvar_epi32(halves, b), shifts);
+        _mm512_storeu_ps(buf + k, _mm512_permutexvar_ps(v, table));
+      }
+    }
+  } else {
+    wo_dequant_row_scalar(g, n, buf, 0);  // groups that do not align with the vectors
+    return;
+  }
+  wo_dequant_row_scalar(g, n, buf, K16);  // the last K mod 16 inputs (K is a multiple of 4), padding
+}
+
+// MR tokens x 4 columns of the buffer (rows of Kp floats, zero past K); x rows read with a mask
+// past K. Columns past N are zero rows in the buffer and are not stored.
+template <int MR>
+__attribute__((target("avx512f"))) void wo_tile_512(const WoGemm& g, int64_t m0, int64_t n0, const float* wb) {
+  __m512 acc[MR][kWoNR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int j = 0; j < kWoNR; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  const float* xr = g.x + m0 * g.K;
+  for (int64_t k = 0; k < g.Kp; k += 16) {
+    const __mmask16 mask = k + 16 <= g.K ? static_cast<__mmask16>(0xFFFF)
+                                         : static_cast<__mmask16>((1u << (g.K - k)) - 1);
+    __m512 w[kWoNR];
+    DITQ_UNROLL
+    for (int j = 0; j < kWoNR; ++j) w[j] = _mm512_loadu_ps(wb + j * g.Kp + k);
+    DITQ_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, xr + i * g.K + k);
+      DITQ_UNROLL
+      for (int j = 0; j < kWoNR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, w[j], acc[i][j]);
+    }
+  }
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int j = 0; j < kWoNR; ++j) {
+      const int64_t n = n0 + j;
+      if (n >= g.N) break;
+      float v = _mm512_reduce_add_ps(acc[i][j]);
+      if (g.bias) v += g.bias[n];
+      g.out[(m0 + i) * g.N + n] = v;
+    }
+  }
+}
+
+// AVX2: 8 weights per step. Ternary: two k4 bytes, lane i shifted right by 2i, an 8-entry table
+// (vpermps reads 3 index bits; the table repeats every 4). int4: one dword, lane i shifted right
+// by 4i; vpermps reads only 3 bits, so two tables (codes 0-7, 8-15) are blended on bit 3.
+__attribute__((target("avx2,fma"))) void wo_dequant_row_256(const WoGemm& g, int64_t n, float* buf) {
+  const int64_t K8 = g.K / 8 * 8;
+  if (!g.int4) {
+    const float s = g.scale[g.scale_per_row ? n : 0];
+    const __m256 table = _mm256_set_ps(0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f);
+    const __m256i shifts = _mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0);
+    const uint8_t* r = g.w + n * (g.K / 4);
+    for (int64_t k = 0; k < K8; k += 8) {
+      uint16_t d;
+      std::memcpy(&d, r + k / 4, 2);
+      const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(d), shifts);
+      _mm256_storeu_ps(buf + k, _mm256_permutevar8x32_ps(table, v));
+    }
+  } else if (g.group % 8 == 0) {
+    const int64_t G = g.K / g.group;
+    const __m256i shifts = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+    const __m256 lo_codes = _mm256_set_ps(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m256 hi_codes = _mm256_set_ps(15, 14, 13, 12, 11, 10, 9, 8);
+    const uint8_t* r = g.w + n * (g.K / 2);
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const __m256 z = _mm256_set1_ps(g.zero[n * G + gi]), s = _mm256_set1_ps(g.scale[n * G + gi]);
+      const __m256 lo = _mm256_mul_ps(_mm256_sub_ps(lo_codes, z), s);
+      const __m256 hi = _mm256_mul_ps(_mm256_sub_ps(hi_codes, z), s);
+      const int64_t k_end = (gi + 1) * g.group;
+      for (int64_t k = gi * g.group; k < k_end; k += 8) {
+        uint32_t d;
+        std::memcpy(&d, r + k / 2, 4);
+        const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(d)), shifts);
+        const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(v, 28));  // bit 3 -> sign bit
+        _mm256_storeu_ps(buf + k, _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, v), _mm256_permutevar8x32_ps(hi, v), high));
+      }
+    }
+  } else {
+    wo_dequant_row_scalar(g, n, buf, 0);  // groups that do not align with the vectors
+    return;
+  }
+  wo_dequant_row_scalar(g, n, buf, K8);  // the last K mod 8 inputs (K is a multiple of 4), padding
+}
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void wo_tile_256(const WoGemm& g, int64_t m0, int64_t n0, const float* wb) {
+  __m256 acc[MR][kWoNR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int j = 0; j < kWoNR; ++j) acc[i][j] = _mm256_setzero_ps();
+  }
+  const float* xr = g.x + m0 * g.K;
+  const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t k = 0; k < g.Kp; k += 8) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(8, g.K - k))), lane);
+    DITQ_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_maskload_ps(xr + i * g.K + k, mask);
+      DITQ_UNROLL
+      for (int j = 0; j < kWoNR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wb + j * g.Kp + k), acc[i][j]);
+    }
+  }
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int j = 0; j < kWoNR; ++j) {
+      const int64_t n = n0 + j;
+      if (n >= g.N) break;
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      float v = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+      if (g.bias) v += g.bias[n];
+      g.out[(m0 + i) * g.N + n] = v;
+    }
+  }
+}
+#endif
+
+constexpr int kWoMR512 = 4;  // AVX-512: 16 accumulators + 4 weight vectors + 1 activation
+constexpr int kWoMR256 = 2;  // AVX2: 8 accumulators of 16 registers
+
+void wo_gemm(WoGemm g, int64_t isa) {
+#if DITQ_X86
+  if (isa == kAvx512Vnni || isa == kAvx2) {
+    const bool wide = isa == kAvx512Vnni;
+    const int64_t vec = wide ? 16 : 8;
+    g.Kp = (g.K + vec - 1) / vec * vec;
+    using TileFn = void (*)(const WoGemm&, int64_t, int64_t, const float*);
+    static const TileFn t512[kWoMR512 + 1] = {nullptr, wo_tile_512<1>, wo_tile_512<2>, wo_tile_512<3>, wo_tile_512<4>};
+    static const TileFn t256[kWoMR256 + 1] = {nullptr, wo_tile_256<1>, wo_tile_256<2>};
+    const TileFn* tiles = wide ? t512 : t256;
+    const int64_t mr_max = wide ? kWoMR512 : kWoMR256;
+    const int64_t mb = (g.M + kWoM - 1) / kWoM, nb = (g.N + kWoN - 1) / kWoN;
+    at::parallel_for(0, mb * nb, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(kWoN * g.Kp);
+      int64_t have = -1;  // the column block now in the buffer
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bn = item / mb, bm = item % mb;  // token blocks inner: the buffer is reused
+        const int64_t n0 = bn * kWoN;
+        if (bn != have) {
+          for (int64_t j = 0; j < kWoN; ++j) {
+            float* row = buf.data() + j * g.Kp;
+            if (n0 + j >= g.N)
+              std::fill(row, row + g.Kp, 0.0f);
+            else if (wide)
+              wo_dequant_row_512(g, n0 + j, row);
+            else
+              wo_dequant_row_256(g, n0 + j, row);
+          }
+          have = bn;
+        }
+        const int64_t m_end = std::min(g.M, (bm + 1) * kWoM);
+        for (int64_t m0 = bm * kWoM; m0 < m_end; m0 += mr_max) {
+          const int64_t mr = std::min<int64_t>(mr_max, m_end - m0);
+          for (int64_t c = 0; c < kWoN && n0 + c < g.N; c += kWoNR) tiles[mr](g, m0, n0 + c, buf.data() + c * g.Kp);
+        }
+      }
+    });
+    return;
+  }
+#endif
+  throw std::runtime_error("the weight-only GEMMs need AVX2 or AVX-512");
+}
+
+// Rows [n0, n1) of the dequantized weight into out [n1 - n0, K] (for many tokens: the caller
+// multiplies block by block with BLAS; the full float weight never exists).
+void wo_dequant_rows(WoGemm g, int64_t n0, int64_t n1, float* out, int64_t isa) {
+  g.Kp = g.K;
+  at::parallel_for(n0, n1, 16, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      float* row = out + (n - n0) * g.K;
+#if DITQ_X86
+      if (isa == kAvx512Vnni) {
+        wo_dequant_row_512(g, n, row);
+        continue;
+      }
+      if (isa == kAvx2) {
+        wo_dequant_row_256(g, n, row);
+        continue;
+      }
+#endif
+      wo_dequant_row_scalar(g, n, row, 0);
+    }
+  });
+}
+
+// Asymmetric min/max quantization per row of `group` values to codes 0..qmax (Q-DiT's dynamic
+// activation quantizer, ditq.quant.primitives with sym=False), in float32 with IEEE divisions and
+// round-half-to-even, in the reference's order:
+//     scale = max(hi - lo, 1e-5) / qmax,  zero = clamp(round(-lo / scale), 0, qmax),
+//     q = clamp(round(x / scale) + zero, 0, qmax)
+#if DITQ_X86
+DITQ_AVX512 void quantize_asym_row_512(const float* x, int64_t n, uint8_t* q, float* s, float* z, float qmax) {
+  __m512 vmin = _mm512_set1_ps(INFINITY), vmax = _mm512_set1_ps(-INFINITY);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    vmin = _mm512_min_ps(vmin, v);
+    vmax = _mm512_max_ps(vmax, v);
+  }
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - k)) - 1);
+  if (tail) {
+    vmin = _mm512_mask_min_ps(vmin, tail, vmin, _mm512_maskz_loadu_ps(tail, x + k));
+    vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, x + k));
+  }
+  const float lo = _mm512_reduce_min_ps(vmin), hi = _mm512_reduce_max_ps(vmax);
+  const float scale = std::max(hi - lo, 1e-5f) / qmax;
+  const float zero = std::min(qmax, std::max(0.0f, std::nearbyint(-lo / scale)));
+  *s = scale;
+  *z = zero;
+  const __m512 vs = _mm512_set1_ps(scale), vz = _mm512_set1_ps(zero), vq = _mm512_set1_ps(qmax);
+  const __m512 v0 = _mm512_setzero_ps();
+  for (k = 0; k < n; k += 16) {
+    const __mmask16 m = k + 16 <= n ? static_cast<__mmask16>(0xFFFF) : tail;
+    const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + k), vs);
+    __m512 r = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+    r = _mm512_min_ps(_mm512_max_ps(r, v0), vq);
+    _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+  }
+}
+#endif
+
+void quantize_asym(const float* xp, uint8_t* qp, float* sp, float* zp, int64_t rows, int64_t group, int64_t bits,
+                   int64_t isa) {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* xr = xp + r * group;
+      uint8_t* qr = qp + r * group;
+#if DITQ_X86
+      if (isa == kAvx512Vnni) {
+        quantize_asym_row_512(xr, group, qr, sp + r, zp + r, qmax);
+        continue;
+      }
+#endif
+      float lo = xr[0], hi = xr[0];
+      for (int64_t k = 1; k < group; ++k) {
+        lo = std::min(lo, xr[k]);
+        hi = std::max(hi, xr[k]);
+      }
+      const float scale = std::max(hi - lo, 1e-5f) / qmax;
+      const float zero = std::min(qmax, std::max(0.0f, std::nearbyint(-lo / scale)));
+      sp[r] = scale;
+      zp[r] = zero;
+      for (int64_t k = 0; k < group; ++k)
+        qr[k] = static_cast<uint8_t>(std::min(qmax, std::max(0.0f, std::nearbyint(xr[k] / scale) + zero)));
+    }
+  });
+}
+
 bool isa_ok(int64_t isa) { return isa >= kScalar && isa <= detect_isa(); }
 
 thread_local std::string last_error;
@@ -903,6 +1245,71 @@ int ditq_w4a8_gemm(const uint8_t* xq, int64_t x_unsigned, const float* xs, const
 // x f32 [rows * group] -> q int8 [rows * group], s f32 [rows]: one absmax scale per `group` values
 int ditq_quantize_per_token(const float* x, int8_t* q, float* s, int64_t rows, int64_t group, int64_t isa) {
   return guarded(isa, [&] { quantize_per_token(x, q, s, rows, group, isa); });
+}
+
+// Weight-only ternary: x f32 [M, K], w k4 uint8 [N, K/4], scale f32 [N] (scale_per_row) or [1],
+// bias f32 [N] or null -> out f32 [M, N]. AVX2 or AVX-512.
+int ditq_ternary_wo_gemm(const float* x, const uint8_t* w, const float* scale, int64_t scale_per_row,
+                         const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t isa) {
+  if (K % 4) {
+    last_error = "ternary weights packed k4 need K divisible by 4";
+    return 2;
+  }
+  return guarded(isa, [&] {
+    WoGemm g{x, w, false, scale, scale_per_row != 0, nullptr, 0, bias, out, M, N, K, K};
+    wo_gemm(g, isa);
+  });
+}
+
+// Weight-only int4: x f32 [M, K], w uint8 [N, K/2] (pack_int4), scale and zero f32 [N, K/group],
+// bias f32 [N] or null -> out f32 [M, N]. AVX2 or AVX-512.
+int ditq_int4_wo_gemm(const float* x, const uint8_t* w, const float* scale, const float* zero, int64_t group,
+                      const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t isa) {
+  if (K % 2 || group <= 0 || K % group) {
+    last_error = "int4 weights need an even K and a group size dividing K";
+    return 2;
+  }
+  return guarded(isa, [&] {
+    WoGemm g{x, w, true, scale, true, zero, group, bias, out, M, N, K, K};
+    wo_gemm(g, isa);
+  });
+}
+
+// Rows [n0, n1) of the dequantized ternary (k4) or int4 weight -> out f32 [n1 - n0, K]; the
+// arguments as in ditq_ternary_wo_gemm / ditq_int4_wo_gemm.
+int ditq_ternary_dequant(const uint8_t* w, const float* scale, int64_t scale_per_row, int64_t N, int64_t K,
+                         int64_t n0, int64_t n1, float* out, int64_t isa) {
+  if (K % 4 || n0 < 0 || n1 > N || n0 > n1) {
+    last_error = "ternary dequantization needs K divisible by 4 and 0 <= n0 <= n1 <= N";
+    return 2;
+  }
+  return guarded(isa, [&] {
+    WoGemm g{nullptr, w, false, scale, scale_per_row != 0, nullptr, 0, nullptr, nullptr, 0, N, K, K};
+    wo_dequant_rows(g, n0, n1, out, isa);
+  });
+}
+
+int ditq_int4_dequant(const uint8_t* w, const float* scale, const float* zero, int64_t group, int64_t N, int64_t K,
+                      int64_t n0, int64_t n1, float* out, int64_t isa) {
+  if (K % 2 || group <= 0 || K % group || n0 < 0 || n1 > N || n0 > n1) {
+    last_error = "int4 dequantization needs an even K, a group size dividing K and 0 <= n0 <= n1 <= N";
+    return 2;
+  }
+  return guarded(isa, [&] {
+    WoGemm g{nullptr, w, true, scale, true, zero, group, nullptr, nullptr, 0, N, K, K};
+    wo_dequant_rows(g, n0, n1, out, isa);
+  });
+}
+
+// x f32 [rows * group] -> q uint8 [rows * group], s and z f32 [rows]: one (scale, zero point)
+// per `group` values, codes 0..2^bits - 1 (2 <= bits <= 8)
+int ditq_quantize_asym(const float* x, uint8_t* q, float* s, float* z, int64_t rows, int64_t group, int64_t bits,
+                       int64_t isa) {
+  if (bits < 2 || bits > 8 || group <= 0) {
+    last_error = "asymmetric quantization needs 2 <= bits <= 8 and group >= 1";
+    return 2;
+  }
+  return guarded(isa, [&] { quantize_asym(x, q, s, z, rows, group, bits, isa); });
 }
 
 }  // extern "C"

@@ -238,6 +238,80 @@ def quantize_rows_kernel(
 
 
 # ----------------------------------------------------------------------------
+# quantize_per_token_asym
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_half_even(v, USE_RINT: tl.constexpr):
+    """``torch.round`` of float32 ``v``. The interpreter has no libdevice: adding and removing 2^23
+    rounds |v| < 2^23 half to even (FMA fusion is off at launch); larger floats are integers."""
+    if USE_RINT:
+        return libdevice.rint(v)
+    a = tl.abs(v)
+    r = (a + 8388608.0) - 8388608.0
+    r = tl.where(a < 8388608.0, r, a)
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def quantize_asym_rows_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    ROWS,
+    G,
+    QMAX,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    USE_RINT: tl.constexpr,
+):
+    """Q-DiT's asymmetric min/max quantization of ``ROWS`` rows of ``G`` inputs to codes 0..QMAX.
+
+    As :func:`quantize_rows_kernel`: BLOCK_R rows per program, a row in registers
+    when it fits one BLOCK_G chunk, else read twice. IEEE divisions (``div_rn``)
+    and round-half-to-even give the reference's numbers bit for bit.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < ROWS
+    base = rows.to(tl.int64)[:, None] * G
+    cols = tl.arange(0, BLOCK_G)
+    if ONE_CHUNK:
+        mask = row_mask[:, None] & (cols[None, :] < G)
+        x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        hi = tl.max(tl.where(mask, x, -float("inf")), axis=1)
+        lo = tl.min(tl.where(mask, x, float("inf")), axis=1)
+    else:
+        hi = tl.full((BLOCK_R,), -float("inf"), tl.float32)
+        lo = tl.full((BLOCK_R,), float("inf"), tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            hi = tl.maximum(hi, tl.max(tl.where(mask, x, -float("inf")), axis=1))
+            lo = tl.minimum(lo, tl.min(tl.where(mask, x, float("inf")), axis=1))
+    qmax = tl.full((BLOCK_R,), 1.0, tl.float32) * QMAX
+    scale = tl.math.div_rn(tl.maximum(hi - lo, 1e-5), qmax)  # ops.RANGE_EPS
+    scale = tl.where(row_mask, scale, 1.0)  # rows past the end: keep the arithmetic finite
+    zero = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(-lo, scale), USE_RINT), 0.0), qmax)
+    zero = tl.where(row_mask, zero, 0.0)
+    tl.store(s_ptr + rows, scale, mask=row_mask)
+    tl.store(z_ptr + rows, zero, mask=row_mask)
+    if ONE_CHUNK:
+        r = _round_half_even(tl.math.div_rn(x, scale[:, None]), USE_RINT) + zero[:, None]
+        q = tl.minimum(tl.maximum(r, 0.0), qmax[:, None])
+        tl.store(q_ptr + base + cols[None, :], q.to(tl.uint8), mask=mask)
+    else:
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            r = _round_half_even(tl.math.div_rn(x, scale[:, None]), USE_RINT) + zero[:, None]
+            q = tl.minimum(tl.maximum(r, 0.0), qmax[:, None])
+            tl.store(q_ptr + base + c0 + cols[None, :], q.to(tl.uint8), mask=mask)
+
+
+# ----------------------------------------------------------------------------
 # w8a8_linear and w158a8_linear: int8 x (int8 | ternary) -> int32, fused epilogue
 # ----------------------------------------------------------------------------
 

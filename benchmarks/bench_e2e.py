@@ -32,7 +32,7 @@ setting (``--cfg on,off``; on = a doubled batch, as the sampler runs it):
 
 ``kernels`` counts what the quantized layers ran (``quant.kernel_plan``): under
 ``--backend auto`` an op without a fast implementation on the device (e.g.
-``w4a8_linear`` on CPU) leaves its layers on the float path.
+``w4a8_linear`` on a CPU without AVX-512 VNNI) leaves its layers on the float path.
 
     python benchmarks/bench_e2e.py --device cpu --threads 1 --batch-size 16 --steps 3 --json out/e2e.json
     python benchmarks/bench_e2e.py --model DiT-XL/2 --steps 1 --batch-size 1 --variants fp32,w8a8

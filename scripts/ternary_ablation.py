@@ -31,6 +31,11 @@ started again; two processes with disjoint ``--variants`` share the machine's co
     python scripts/ternary_ablation.py --variants fp,no_adaln_norm,alpha_normal_init,bitnet_gamma,fp_shipped &
     python scripts/ternary_ablation.py --variants ternary,distill,finetune,w158a8 &
     wait; python scripts/ternary_ablation.py --report   # docs/results/ternary_ablation.json, PNG, table
+
+``ternary_full`` (the acceptance run: the TerDiT recipe at the shipped float model's budget, 5,000 x 128)
+has its own budget; on this 2-core CPU it takes about an hour with both cores::
+
+    python scripts/ternary_ablation.py --variants ternary_full --threads 2
 """
 
 from __future__ import annotations
@@ -92,7 +97,15 @@ VARIANTS: dict[str, dict] = {
         "reference": "fp_shipped",
         "label": "ternary, data-free distillation from ditq-fmnist",
     },
+    "ternary_full": {
+        "config": "configs/fmnist_ternary.yaml",
+        "budget": {"steps": 5000, "batch_size": 128, "ema_decay": 0.999, "log_every": 50},
+        "reference": "fp_shipped",
+        "label": "ternary, TerDiT recipe from scratch at the float model's budget (5,000 x 128, EMA 0.999)",
+    },
 }
+"""Variants with a ``budget`` train with it instead of the shared ``--steps``/``--batch-size``/...:
+``ternary_full`` is the acceptance run, compared with the shipped float model trained on that budget."""
 
 TEST_IMAGES = 2000
 
@@ -101,22 +114,33 @@ def _run_dir(out: Path, name: str) -> Path:
     return out / name
 
 
+def _budget(name: str, args) -> dict:
+    """steps, batch_size, ema_decay, log_every of a variant: its own ``budget`` or the shared one."""
+    shared = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "ema_decay": args.ema_decay,
+        "log_every": args.log_every,
+    }
+    return {**shared, **VARIANTS[name].get("budget", {})}
+
+
 def train_command(name: str, args) -> list[str]:
-    """The ``ditq train`` argv of one variant under the shared budget."""
-    v = VARIANTS[name]
+    """The ``ditq train`` argv of one variant under its budget."""
+    v, budget = VARIANTS[name], _budget(name, args)
     cmd = [sys.executable, "-m", "ditq.cli.main", "train", "--config", v["config"]]
     cmd += [
         "--out",
         str(_run_dir(args.out, name)),
         "--steps",
-        str(args.steps),
+        str(budget["steps"]),
         "--batch-size",
-        str(args.batch_size),
+        str(budget["batch_size"]),
     ]
     cmd += ["--seed", "0", *v.get("flags", [])]
     common = [
-        f"optim.ema_decay={args.ema_decay}",
-        f"optim.log_every={args.log_every}",
+        f"optim.ema_decay={budget['ema_decay']}",
+        f"optim.log_every={budget['log_every']}",
         f"checkpoint.every={args.checkpoint_every}",
         "checkpoint.keep_last=1",
         "device=cpu",
@@ -235,7 +259,7 @@ def evaluate(name: str, args) -> dict:
         "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
         "test_loss": round(test_loss(model, device), 5),
         "train_steps": rows[-1]["step"] if rows else (5000 if name == "fp_shipped" else None),
-        "batch_size": args.batch_size if rows else 128,
+        "batch_size": _budget(name, args)["batch_size"] if rows else 128,
         "checkpoint_bytes": path.stat().st_size,
         "train_seconds": round(rows[-1].get("elapsed_s", 0.0), 1) if rows else None,
         "command": (done["command"] or "").replace(" --resume", "") or None,
@@ -259,27 +283,41 @@ def plot_curves(names: list[str], args, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    def smooth(values):
+        return [
+            sum(values[max(0, i - 3) : i + 1]) / len(values[max(0, i - 3) : i + 1])
+            for i in range(len(values))
+        ]
+
+    full = [n for n in names if "budget" in VARIANTS[n]]
+    fig, axes = plt.subplots(
+        1,
+        3 if full else 2,
+        figsize=(17 if full else 12, 4.5),
+        gridspec_kw={"width_ratios": [2, 1, 2][: 3 if full else 2]},
+    )
     for name in names:
         if "model" in VARIANTS[name]:
             continue
         rows = _log_rows(_run_dir(args.out, name))
-        steps = [r["step"] for r in rows]
-        loss = [r["loss"] for r in rows]
-        smooth = [
-            sum(loss[max(0, i - 3) : i + 1]) / len(loss[max(0, i - 3) : i + 1]) for i in range(len(loss))
-        ]
-        ax = axes[1] if name == "distill" else axes[0]
-        ax.plot(steps, smooth, label=name, linewidth=1.4, linestyle="--" if name == "fp" else "-")
-    axes[0].set_title("training loss (hybrid diffusion loss), from-data variants")
+        steps, loss = [r["step"] for r in rows], [r["loss"] for r in rows]
+        ax = axes[2] if name in full else axes[1] if name == "distill" else axes[0]
+        ax.plot(steps, smooth(loss), label=name, linewidth=1.4, linestyle="--" if name == "fp" else "-")
+    axes[0].set_title(f"from-data variants, {args.steps} x {args.batch_size} (hybrid diffusion loss)")
     axes[1].set_title("data-free distillation loss (MSE to the teacher)")
+    if full:
+        axes[2].set_title("the float model's budget, 5,000 x 128 (hybrid diffusion loss)")
+        if args.fp_log and args.fp_log.exists():  # the shipped float model's own training log
+            rows = [json.loads(line) for line in args.fp_log.read_text().splitlines() if '"loss"' in line]
+            steps, loss = [r["step"] for r in rows], [r["loss"] for r in rows]
+            axes[2].plot(steps, smooth(loss), label="fp_shipped", linewidth=1.4, linestyle="--")
     for ax in axes:
         ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(
-        f"TerDiT ablation on Fashion-MNIST: {args.steps} steps x {args.batch_size} images", fontsize=11
+        "TerDiT ablation on Fashion-MNIST (training loss, running mean of 4 log points)", fontsize=11
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -304,7 +342,8 @@ def report(args) -> None:
         r["fid_vs_reference"] = round(r["fid"] / ref["fid"], 3) if ref else None
     meta = {
         "description": "TerDiT ternary ablation on the embedded Fashion-MNIST benchmark",
-        "budget": f"{args.steps} steps x {args.batch_size} images, EMA {args.ema_decay}, 1 thread per run",
+        "budget": f"{args.steps} steps x {args.batch_size} images, EMA {args.ema_decay}, 1 thread per run "
+        "(ternary_full: 5,000 x 128, EMA 0.999, 2 threads)",
         "eval": f"{args.samples} balanced samples, DDIM-{args.sample_steps}, no guidance, seed 0; "
         f"FID-FMNIST vs the Fashion-MNIST test set; test_loss on {TEST_IMAGES} test images",
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {_torch_version()}",
@@ -313,6 +352,7 @@ def report(args) -> None:
             "python scripts/ternary_ablation.py"
             " --variants fp,no_adaln_norm,alpha_normal_init,bitnet_gamma,fp_shipped",
             "python scripts/ternary_ablation.py --variants ternary,distill,finetune,w158a8",
+            "python scripts/ternary_ablation.py --variants ternary_full --threads 2",
             "python scripts/ternary_ablation.py --report",
         ],
         "rows": rows,
@@ -348,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, default=ROOT / "docs/results/ternary_ablation.json")
     p.add_argument("--plot", type=Path, default=ROOT / "docs/ternary_ablation_loss.png")
+    p.add_argument(
+        "--fp-log",
+        type=Path,
+        default=ROOT / "out/fmnist/train_log.jsonl",
+        help="the shipped float model's training log, plotted beside ternary_full when present",
+    )
     args = p.parse_args(argv)
     if not args.report:
         names = [n.strip() for n in args.variants.split(",") if n.strip()]

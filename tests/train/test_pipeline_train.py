@@ -69,7 +69,7 @@ def test_writes_config_log_checkpoints_and_the_ema_model(tmp_path):
     cfg = model.config
     assert (cfg.input_size, cfg.in_channels, cfg.num_classes, cfg.depth) == (8, 1, 10, 1)
     state = load_state(result.last_checkpoint)
-    for k, v in load_tensors(out / "model.safetensors").items():
+    for k, v in load_tensors(out / "model.safetensors").items():  # float runs: the EMA (export auto)
         assert torch.equal(v, state["ema"][k])
     assert state["config"]["run"] == run.to_dict() and state["step"] == 6
     assert any("training a" in line for line in lines) and any("wrote" in line for line in lines)

@@ -83,7 +83,7 @@ def _distill(out, teacher, **changes) -> dict:
 #################################################################################
 
 
-def test_qat_from_scratch_learns_and_writes_the_converted_ema(tmp_path):
+def test_qat_from_scratch_learns_and_writes_the_converted_raw_weights(tmp_path):
     d = _run(tmp_path / "run", optim__steps=24, optim__batch_size=16, checkpoint={"every": 0, "keep_last": 1})
     lines = []
     result = _train(d, log=lines.append)
@@ -96,14 +96,16 @@ def test_qat_from_scratch_learns_and_writes_the_converted_ema(tmp_path):
     assert state["model"]["blocks.0.attn.qkv.weight"].dtype == torch.float32
     assert "blocks.0.attn.qkv.alphas" in state["ema"]
     assert state["config"]["quant_config"]["method"] == "ternary"
-    # ... and model.safetensors the converted EMA, packed, computing exactly what the QAT EMA computes.
+    # ... and model.safetensors the converted raw weights (checkpoint.export auto), packed, computing
+    # exactly what the QAT model computes.
     meta = read_metadata(result.model_path)
+    assert meta["weights"].startswith("raw")
     assert meta["quant_kind"] == "ternary" and meta["quant_config"]["step"] == "convert"
     assert meta["ternary"]["layout"] == "k4" and meta["ternary"]["bits"] == 2
     assert load_tensors(result.model_path)["blocks.0.attn.qkv.weight"].dtype == torch.uint8
     loaded = load_model(result.model_path)
     assert all(isinstance(m, TernaryLinear) for m in ternary_layers(loaded).values())
-    qat = qat_model_from_state(state, weights="ema")
+    qat = qat_model_from_state(state, weights="model")
     assert all(isinstance(m, TernaryQATLinear) for m in ternary_layers(qat).values())
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([0, 3, 10])
     with torch.no_grad():
@@ -114,6 +116,20 @@ def test_qat_from_scratch_learns_and_writes_the_converted_ema(tmp_path):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     with pytest.raises(CheckpointError, match="quantized model"):
         models.load(result.model_path)  # float loading refuses it: ptq.load_model reads it
+
+
+@pytest.mark.parametrize("export", ["ema", "model"])
+def test_checkpoint_export_chooses_the_weights_of_model_safetensors(tmp_path, export):
+    d = _run(tmp_path / "run", checkpoint={"every": 0, "keep_last": 1, "export": export})
+    result = _train(d)
+    state = load_state(result.last_checkpoint)
+    assert read_metadata(result.model_path)["weights"].startswith("EMA" if export == "ema" else "raw")
+    qat = qat_model_from_state(state, weights=export)
+    other = qat_model_from_state(state, weights="model" if export == "ema" else "ema")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad(), ops.use_backend("reference"):
+        got = load_model(result.model_path)(x, t, y)
+        assert torch.equal(got, qat(x, t, y)) and not torch.equal(got, other(x, t, y))
 
 
 def _kill_at(step):

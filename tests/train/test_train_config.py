@@ -91,6 +91,7 @@ def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
         ({"optim": {"compile": "yes"}}, "optim.compile must be true/false"),
         ({"optim": {"seed": 1}}, "set the seed at the top level"),
         ({"checkpoint": {"keep_last": -1}}, "checkpoint.keep_last must be >= 0"),
+        ({"checkpoint": {"export": "best"}}, "checkpoint.export must be one of auto, ema, model"),
         ({"model": {"overrides": {"depht": 2}}}, "unknown key depht in model.overrides"),
         ({"model": {"overrides": {"depth": "two"}}}, "model.overrides.depth must be an integer"),
         ({"model": {"config": {"depth": 2}}}, "either name .* or config, not both"),

@@ -6,7 +6,8 @@ with :func:`ditq.train.loop.fit`, and writes into the run's output folder::
     OUT/config.yaml                   the run, as resolved (flags applied)
     OUT/log.jsonl                     one JSON record per log interval
     OUT/checkpoints/step_XXXXXXX.pt   training states (the last K), to resume from
-    OUT/model.safetensors             the EMA weights as a ditq checkpoint (at the end)
+    OUT/model.safetensors             the final weights as a ditq checkpoint: the EMA, or for ternary
+                                      QAT the raw weights (``checkpoint.export``)
 
 ``resume=True`` continues from the newest training state exactly (same
 parameters, EMA and data order as an uninterrupted run).
@@ -27,9 +28,11 @@ With ``quant: {method: ternary, ...}`` the model is then prepared
 (:class:`~ditq.quant.TernaryQATConfig`, step ``prepare``) before the optimizer
 is built, so the latent weights and each layer's α train; EMA and training
 states hold that QAT state (``--resume`` continues it exactly), and
-``OUT/model.safetensors`` is the *converted* EMA: packed 2-bit weights
-(:mod:`ditq.quant.export`), loadable by :func:`ditq.pipelines.ptq.load_model`
-and ``ditq sample``.
+``OUT/model.safetensors`` holds the *converted* raw weights (``checkpoint.export:
+auto``; ``ema`` for the EMA, see :class:`~ditq.train.config.CheckpointSpec` for why
+not by default): packed 2-bit weights (:mod:`ditq.quant.export`), loadable by
+:func:`ditq.pipelines.ptq.load_model` and ``ditq sample``. ``ditq export RUN
+--weights ema|model`` converts either from a training state.
 
 Under ``torchrun --nproc_per_node=K`` the same call trains on K processes
 (:func:`ditq.train.distributed.init_distributed` starts the process group
@@ -437,8 +440,12 @@ def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on
     )
     error = None
     if main:
+        export = run.checkpoint.export
+        use_ema = export == "ema" or (export == "auto" and qconfig is None)
+        weights = f"EMA (decay {cfg.ema_decay})" if use_ema else "raw (the online weights, not the EMA)"
+        final = result.ema if use_ema else result.model
         metadata = {
-            "weights": f"EMA (decay {cfg.ema_decay})",
+            "weights": weights,
             "train_steps": result.step,
             "data": data.description,
             "train_run": run.to_dict(),
@@ -449,16 +456,20 @@ def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on
             metadata["vae"] = data.vae
         try:
             if qconfig is None:
-                save(result.ema, model_path, command=command, extra_metadata=metadata)
-            else:  # the converted EMA: packed 2-bit weights; the QAT state stays in the training states
+                save(final, model_path, command=command, extra_metadata=metadata)
+            else:  # converted: packed 2-bit weights; the QAT state stays in the training states
                 from ditq.pipelines.qat import export_model
 
                 metadata["weights"] += ", ternary (converted)"
-                export_model(result.ema, model_path, qconfig, command=command, extra_metadata=metadata)
+                export_model(final, model_path, qconfig, command=command, extra_metadata=metadata)
         except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other ranks)
             error = e
         else:
-            what = "EMA weights" if qconfig is None else "EMA weights, ternary, packed 2 bits each"
+            what = (
+                ("EMA" if use_ema else "raw")
+                + " weights"
+                + ("" if qconfig is None else ", ternary, packed 2 bits each")
+            )
             log(f"wrote {model_path} ({what}), log {log_path}, checkpoints in {ckpt_dir}")
     if not agree(error is None, device):
         raise error or DitqError(f"rank 0 could not write {model_path} (see its error)")

@@ -8,9 +8,10 @@
     torchrun --nproc_per_node=4 -m ditq.cli.main train --config run.yaml [--strategy fsdp]
 
 Writes OUT/log.jsonl, training states OUT/checkpoints/step_XXXXXXX.pt (the
-last K) and, at the end, the EMA model OUT/model.safetensors (for a run with a
-``quant:`` section, converted: ternary weights packed at 2 bits; ``ditq export``
-packs any of its training states). ``--init`` starts from full-precision weights
+last K) and, at the end, OUT/model.safetensors: the EMA model, or for a run with a
+``quant:`` section the raw weights converted to ternary, packed at 2 bits
+(``checkpoint.export: auto|ema|model``; ``ditq export --weights ema|model`` packs any
+of its training states). ``--init`` starts from full-precision weights
 (fine-tuning). Under torchrun, --batch-size is the global batch (split over the
 processes) and rank 0 writes.
 """

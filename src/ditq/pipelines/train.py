@@ -310,7 +310,7 @@ def run_training(
     warn: Callable[[str], None] | None = None,
     on_log: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train the model ``run`` describes; write config, log, checkpoints and the EMA model to ``run.out``.
+    """Train the model ``run`` describes; write config, log, checkpoints and the final model to ``run.out``.
 
     Without ``resume``, an output folder that already holds a run is an error
     (so nothing is overwritten by accident). ``log`` receives one line per

@@ -116,7 +116,7 @@ class CheckpointSpec:
     ``export``: ``"ema"`` (the EMA), ``"model"`` (the raw, online weights) or ``"auto"``: the EMA for
     full-precision runs, the raw weights for ternary QAT. The EMA of *latent* weights is not an average
     of ternary models: ternarizing it flips the weights that hover near a threshold, and on the
-    embedded benchmark that cost more than averaging gains in 8 of 9 ternary runs (5,000 x 128:
+    embedded benchmark that cost more than averaging gains in 7 of 8 ternary runs (5,000 x 128:
     FID-FMNIST 25.8 from the EMA, 10.3 from the raw weights; docs/results/ternary_ablation.json).
     """
 

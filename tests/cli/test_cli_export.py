@@ -58,7 +58,8 @@ def test_export_a_run_then_sample_it(runs, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert f"wrote {out} from {runs / 'qat' / 'checkpoints' / 'step_0000003.pt'}" in stdout
     assert "ternary weights in 5 layers at 2 bits" in stdout and "x smaller" in stdout
-    # The run's newest state, EMA weights: what the run itself wrote as model.safetensors.
+    # The run's newest state, the weights the run exports itself (auto: raw for ternary QAT): what the
+    # run wrote as model.safetensors.
     a, b = load_tensors(out), load_tensors(runs / "qat" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     meta = read_metadata(out)
@@ -71,6 +72,28 @@ def test_export_a_run_then_sample_it(runs, tmp_path, capsys):
     argv = ["sample", "--model", str(out), "--num-samples", "2", "--sampler", "ddim", "--steps", "2"]
     assert main([*argv, "--device", "cpu", "--out", str(grid), "--quiet"]) == 0
     assert grid.is_file()
+
+
+def test_export_weights_ema_auto_and_the_runs_own_choice(runs, tmp_path, capsys):
+    from ditq.pipelines.qat import export_ternary
+    from ditq.train.checkpoint import load_state, save_state
+
+    ema, auto = tmp_path / "ema.safetensors", tmp_path / "auto.safetensors"
+    assert main(["export", str(runs / "qat"), "--out", str(ema), "--weights", "ema", "--quiet"]) == 0
+    assert main(["export", str(runs / "qat"), "--out", str(auto), "--quiet"]) == 0
+    assert (
+        read_metadata(ema)["weights"] == "ema of step 3"
+        and read_metadata(auto)["weights"] == "model of step 3"
+    )
+    a, b = load_tensors(ema), load_tensors(auto)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # a run that chose checkpoint.export: ema exports its EMA under auto
+    state = load_state(runs / "qat" / "checkpoints" / "step_0000003.pt")
+    state["config"]["run"]["checkpoint"]["export"] = "ema"
+    chose_ema = tmp_path / "step_0000003.pt"
+    save_state(chose_ema, state)
+    out = export_ternary(chose_ema, tmp_path / "chose.safetensors")
+    assert read_metadata(out.path)["weights"] == "ema of step 3"
 
 
 def test_export_a_training_state_raw_weights_in_bfloat16(runs, tmp_path, capsys):

@@ -34,9 +34,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the checkpoint to write (.safetensors)")
     p.add_argument(
         "--weights",
-        choices=("ema", "model"),
-        default="ema",
-        help="from a training state: the EMA weights (default) or the raw ones",
+        choices=("auto", "ema", "model"),
+        default="auto",
+        help="from a training state: the EMA weights, the raw ones, or auto (default): what the run "
+        "exports itself (checkpoint.export; raw weights for ternary QAT unless the run says ema)",
     )
     p.add_argument(
         "--float-dtype",
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _command(args: argparse.Namespace) -> str:
     parts = ["ditq", "export", str(args.source), "--out", str(args.out)]
-    if args.weights != "ema":
+    if args.weights != "auto":
         parts += ["--weights", args.weights]
     if args.float_dtype:
         parts += ["--float-dtype", args.float_dtype]

@@ -100,7 +100,7 @@ def export_ternary(
     source: PathLike,
     out: PathLike,
     *,
-    weights: str = "ema",
+    weights: str = "auto",
     float_dtype: str | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
@@ -110,8 +110,14 @@ def export_ternary(
     ``source`` is a ``ditq train`` run folder (its newest training state), one
     training state (``step_XXXXXXX.pt``) of a run with ``quant: ternary``, or a
     ternary checkpoint (rewritten, e.g. with another ``float_dtype``). From a
-    training state, ``weights`` picks the EMA (default) or the raw weights.
+    training state, ``weights`` picks the EMA (``"ema"``), the raw weights
+    (``"model"``) or, with ``"auto"`` (default), what the run itself exports: its
+    ``checkpoint.export`` (``auto`` = the raw weights for ternary QAT, see
+    :class:`ditq.train.config.CheckpointSpec`), so a run folder exports what the run
+    wrote as its ``model.safetensors``.
     """
+    if weights not in ("auto", *WEIGHTS):
+        raise InvalidArgumentError(f"weights must be one of auto, {', '.join(WEIGHTS)}, got {weights!r}")
     from ditq.train.checkpoint import CheckpointDir, load_state
 
     src = Path(source).expanduser()
@@ -144,6 +150,10 @@ def export_ternary(
         config = model.quant_config
     else:
         state = load_state(src)
+        if weights == "auto":
+            run_dict = state["config"].get("run") if isinstance(state.get("config"), dict) else None
+            chosen = ((run_dict or {}).get("checkpoint") or {}).get("export", "auto")
+            weights = "ema" if chosen == "ema" else "model"
         model = qat_model_from_state(state, weights=weights, source=str(src))
         config = model.quant_config
         run = state["config"].get("run") if isinstance(state.get("config"), dict) else None

@@ -81,8 +81,10 @@ def _allow_tf32() -> bool:
 # ----------------------------------------------------------------------------
 
 
-def quantize_per_token_int8(x: torch.Tensor, group: int):
-    """Triton implementation of :func:`ditq.kernels.ops.quantize_per_token_int8`: bit-exact codes, scales."""
+def _quantize_rows(kernel, x: torch.Tensor, group: int, code_dtype: torch.dtype, n_params: int, *extra):
+    """Launch a row-quantization kernel (``x``, codes, ``n_params`` per-row outputs, rows, G, ``extra``)
+    over the rows of ``group`` inputs of ``x``: codes ``code_dtype [..., K]``, float32 ``[..., K/G]``
+    parameters; NotImplemented where the kernels do not run."""
     device = _device_of(x)
     k = x.shape[-1]
     g = k if group == 0 else group
@@ -90,61 +92,38 @@ def quantize_per_token_int8(x: torch.Tensor, group: int):
         return NotImplemented
     rows = x.numel() // g
     xf = x.contiguous()
-    q = _alloc(x.shape, torch.int8, device)
-    s = _alloc((*x.shape[:-1], k // g), torch.float32, device)
+    q = _alloc(x.shape, code_dtype, device)
+    params = [_alloc((*x.shape[:-1], k // g), torch.float32, device) for _ in range(n_params)]
     one_chunk = g <= QUANT_ONE_CHUNK_MAX
     block_g = max(16, triton.next_power_of_2(g)) if one_chunk else _QUANT_TILE
     block_r = max(1, min(triton.next_power_of_2(rows), _QUANT_TILE // block_g))
     with _on(device):
-        K.quantize_rows_kernel[(triton.cdiv(rows, block_r),)](
+        kernel[(triton.cdiv(rows, block_r),)](
             xf,
             q,
-            s,
+            *params,
             rows,
             g,
+            *extra,
             BLOCK_R=block_r,
             BLOCK_G=block_g,
             ONE_CHUNK=one_chunk,
             USE_RINT=not K.INTERPRET,
             num_warps=8 if block_r * block_g >= _QUANT_TILE else 4,
-            enable_fp_fusion=False,  # v = x * inv must be rounded before it is rounded to an integer
+            enable_fp_fusion=False,  # x * inv or x / scale must be rounded before rounding to an integer
         )
-    return q, s
+    return (q, *params)
+
+
+def quantize_per_token_int8(x: torch.Tensor, group: int):
+    """Triton implementation of :func:`ditq.kernels.ops.quantize_per_token_int8`: bit-exact codes, scales."""
+    return _quantize_rows(K.quantize_rows_kernel, x, group, torch.int8, 1)
 
 
 def quantize_per_token_asym(x: torch.Tensor, bits: int, group: int):
     """Triton implementation of :func:`ditq.kernels.ops.quantize_per_token_asym`: bit-exact codes,
     scales and zero points."""
-    device = _device_of(x)
-    k = x.shape[-1]
-    g = k if group == 0 else group
-    if device is None or x.dtype not in FLOAT_OUT or x.numel() == 0 or g <= 0 or k % g:
-        return NotImplemented
-    rows = x.numel() // g
-    xf = x.contiguous()
-    q = _alloc(x.shape, torch.uint8, device)
-    s = _alloc((*x.shape[:-1], k // g), torch.float32, device)
-    z = _alloc((*x.shape[:-1], k // g), torch.float32, device)
-    one_chunk = g <= QUANT_ONE_CHUNK_MAX
-    block_g = max(16, triton.next_power_of_2(g)) if one_chunk else _QUANT_TILE
-    block_r = max(1, min(triton.next_power_of_2(rows), _QUANT_TILE // block_g))
-    with _on(device):
-        K.quantize_asym_rows_kernel[(triton.cdiv(rows, block_r),)](
-            xf,
-            q,
-            s,
-            z,
-            rows,
-            g,
-            float(2**bits - 1),
-            BLOCK_R=block_r,
-            BLOCK_G=block_g,
-            ONE_CHUNK=one_chunk,
-            USE_RINT=not K.INTERPRET,
-            num_warps=8 if block_r * block_g >= _QUANT_TILE else 4,
-            enable_fp_fusion=False,
-        )
-    return q, s, z
+    return _quantize_rows(K.quantize_asym_rows_kernel, x, group, torch.uint8, 2, float(2**bits - 1))
 
 
 # ----------------------------------------------------------------------------

@@ -221,11 +221,29 @@ def test_loss(model, device) -> float:
     return total / len(x)
 
 
+def _score(model, args, device) -> dict:
+    """FID-FMNIST and class accuracy of ``--samples`` balanced DDIM samples (no guidance, seed 0), and
+    the test loss: the scores of every row (``eval_seconds``: sampling and scoring, test loss apart)."""
+    from ditq.eval.fmnist import load_fmnist_evaluator
+    from ditq.pipelines.ptq import EvalSpec, draw_samples
+
+    spec = EvalSpec(num_samples=args.samples, steps=args.sample_steps, cfg_scale=1.0, batch_size=250, seed=0)
+    t0 = time.perf_counter()
+    images, labels = draw_samples(model, spec)
+    scores = load_fmnist_evaluator(device=device).evaluate(images, labels)
+    seconds = time.perf_counter() - t0
+    return {
+        "fid": round(float(scores["fid_fmnist"]), 4),
+        "class_acc": round(float(scores["class_acc"]), 4),
+        "test_loss": round(test_loss(model, device), 5),
+        "eval_seconds": round(seconds, 1),
+    }
+
+
 def evaluate(name: str, args) -> dict:
     import torch
 
-    from ditq.eval.fmnist import load_fmnist_evaluator
-    from ditq.pipelines.ptq import EvalSpec, draw_samples, load_model
+    from ditq.pipelines.ptq import load_model
 
     run = _run_dir(args.out, name)
     result_path = run / "ablation_eval.json"
@@ -242,11 +260,7 @@ def evaluate(name: str, args) -> dict:
     else:
         path = run / "model.safetensors"
     model = load_model(path, device=device).eval()
-    spec = EvalSpec(num_samples=args.samples, steps=args.sample_steps, cfg_scale=1.0, batch_size=250, seed=0)
-    t0 = time.perf_counter()
-    images, labels = draw_samples(model, spec)
-    scores = load_fmnist_evaluator(device=device).evaluate(images, labels)
-    t1 = time.perf_counter()
+    scores = _score(model, args, device)
     rows = _log_rows(run) if (run / "log.jsonl").exists() else []
     tail = [r["loss"] for r in rows if r["step"] > rows[-1]["step"] - 100] if rows else []
     done_file = run / "train_done.json"
@@ -254,10 +268,10 @@ def evaluate(name: str, args) -> dict:
     result = {
         "variant": name,
         "label": VARIANTS[name]["label"],
-        "fid": round(float(scores["fid_fmnist"]), 4),
-        "class_acc": round(float(scores["class_acc"]), 4),
+        "fid": scores["fid"],
+        "class_acc": scores["class_acc"],
         "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
-        "test_loss": round(test_loss(model, device), 5),
+        "test_loss": scores["test_loss"],
         "train_steps": rows[-1]["step"] if rows else (5000 if name == "fp_shipped" else None),
         "batch_size": _budget(name, args)["batch_size"] if rows else 128,
         "checkpoint_bytes": path.stat().st_size,
@@ -265,7 +279,7 @@ def evaluate(name: str, args) -> dict:
         "command": (done["command"] or "").replace(" --resume", "") or None,
         "samples": args.samples,
         "sample_steps": args.sample_steps,
-        "eval_seconds": round(t1 - t0, 1),
+        "eval_seconds": scores["eval_seconds"],
     }
     result_path.write_text(json.dumps(result, indent=2))
     print(
@@ -285,27 +299,21 @@ def evaluate_online(name: str, args, result: dict) -> dict:
     """
     import torch
 
-    from ditq.eval.fmnist import load_fmnist_evaluator
-    from ditq.pipelines.ptq import EvalSpec, draw_samples
     from ditq.pipelines.qat import qat_model_from_state
     from ditq.train.checkpoint import load_state
 
     run = _run_dir(args.out, name)
     states = sorted((run / "checkpoints").glob("step_*.pt")) if (run / "checkpoints").is_dir() else []
-    if "fid_online" in result or not states or name in ("fp",) or "model" in VARIANTS[name]:
+    if "fid_online" in result or not states:
         return result
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     state = load_state(states[-1])
     if not isinstance(state.get("config", {}).get("quant_config"), dict):
-        return result
+        return result  # a full-precision run: its EMA is what it ships
     model = qat_model_from_state(state, weights="model").eval()
-    spec = EvalSpec(num_samples=args.samples, steps=args.sample_steps, cfg_scale=1.0, batch_size=250, seed=0)
-    images, labels = draw_samples(model, spec)
-    scores = load_fmnist_evaluator(device=device).evaluate(images, labels)
-    result["fid_online"] = round(float(scores["fid_fmnist"]), 4)
-    result["class_acc_online"] = round(float(scores["class_acc"]), 4)
-    result["test_loss_online"] = round(test_loss(model, device), 5)
+    scores = _score(model, args, device)
+    result.update({f"{key}_online": scores[key] for key in ("fid", "class_acc", "test_loss")})
     result["online_state"] = states[-1].name
     (run / "ablation_eval.json").write_text(json.dumps(result, indent=2))
     fid, acc, loss = result["fid_online"], result["class_acc_online"], result["test_loss_online"]

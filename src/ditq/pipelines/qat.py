@@ -119,6 +119,7 @@ def export_ternary(
     if weights not in ("auto", *WEIGHTS):
         raise InvalidArgumentError(f"weights must be one of auto, {', '.join(WEIGHTS)}, got {weights!r}")
     from ditq.train.checkpoint import CheckpointDir, load_state
+    from ditq.train.config import CheckpointSpec
 
     src = Path(source).expanduser()
     if src.is_dir():
@@ -150,13 +151,12 @@ def export_ternary(
         config = model.quant_config
     else:
         state = load_state(src)
-        if weights == "auto":
-            run_dict = state["config"].get("run") if isinstance(state.get("config"), dict) else None
-            chosen = ((run_dict or {}).get("checkpoint") or {}).get("export", "auto")
-            weights = "ema" if chosen == "ema" else "model"
+        run = state["config"].get("run") if isinstance(state.get("config"), dict) else None
+        if weights == "auto":  # what the run exported itself (runs from before checkpoint.export: auto)
+            chosen = ((run or {}).get("checkpoint") or {}).get("export", "auto")
+            weights = CheckpointSpec(export=chosen).weights_to_export(quantized=True)
         model = qat_model_from_state(state, weights=weights, source=str(src))
         config = model.quant_config
-        run = state["config"].get("run") if isinstance(state.get("config"), dict) else None
         meta = {"weights": f"{weights} of step {state['step']}", "train_steps": state["step"]}
         if run is not None:
             meta["train_run"] = run

@@ -440,8 +440,7 @@ def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on
     )
     error = None
     if main:
-        export = run.checkpoint.export
-        use_ema = export == "ema" or (export == "auto" and qconfig is None)
+        use_ema = run.checkpoint.weights_to_export(quantized=qconfig is not None) == "ema"
         weights = f"EMA (decay {cfg.ema_decay})" if use_ema else "raw (the online weights, not the EMA)"
         final = result.ema if use_ema else result.model
         metadata = {

@@ -124,6 +124,12 @@ class CheckpointSpec:
     keep_last: int = 3  # 0 = keep all
     export: str = "auto"  # auto | ema | model: the weights model.safetensors holds
 
+    def weights_to_export(self, quantized: bool) -> str:
+        """``"ema"`` or ``"model"``: what ``export`` means for a run that is (or is not) ternary QAT."""
+        if self.export == "auto":
+            return "model" if quantized else "ema"
+        return self.export
+
 
 @dataclass
 class DistributedSpec:

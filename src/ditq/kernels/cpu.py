@@ -33,12 +33,12 @@ What runs, per op (see :func:`available_backends` for this machine):
   4 tokens x 4 columns micro-tiles of FMAs over it; beyond, blocks of columns are
   dequantized into a buffer of ``DEQUANT_BLOCK_BYTES`` and multiplied by BLAS, so
   the float weight never exists whole. Only the summation order differs from
-  the reference (relative error ~4e-7). Measured (one thread, a 2-thread
-  training beside it, ``docs/results/bench_kernels_cpu_weight_only.json``): 2-6x
-  fp32 ``F.linear`` at M = 1 and 16 on DiT-XL/2 and TerDiT-4.2B shapes, about
-  fp32 speed (0.9-1.3x) for M >= 64, where the reference's dequantize-then-BLAS
-  took 0.3-0.7x. ``w158a8_linear`` stays 2-5x faster than these at every M: the
-  integer path is the fast one, weight-only the accurate one.
+  the reference (relative error ~4e-7). Measured (one thread, quiet machine,
+  ``docs/results/bench_kernels_cpu_weight_only.json``), x fp32 ``F.linear`` on
+  DiT-XL/2 and TerDiT-4.2B shapes: 0.65-2.2x at M = 1 (dequantization-bound),
+  1.1-2.6x at M = 16, 0.88-0.96x at M >= 512, where the reference's
+  dequantize-then-BLAS took 0.06-0.5x. ``w158a8_linear`` is faster than these at
+  every M: the integer path is the fast one, weight-only the accurate one.
 
 Measured first (``benchmarks/bench_kernels.py``, 2-vCPU Xeon @ 2.5 GHz, Cascade
 Lake with AVX-512 VNNI, torch 2.13, one thread, load average ~5 from other
@@ -438,32 +438,28 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1).to(torch.float32).contiguous()
 
 
-def quantize_per_token_int8(x: torch.Tensor, group: int):
+def _quantize_rows(fn: str, x: torch.Tensor, group: int, code_dtype: torch.dtype, n_params: int, *extra):
+    """Run the library's row quantizer ``fn(x, q, *params, rows, group, *extra, isa)`` over the rows of
+    ``group`` inputs (0: whole tokens): codes ``code_dtype [..., K]``, ``n_params`` float32
+    ``[..., K/group]``; NotImplemented without the library or for an empty ``x``."""
     if _lib() is None or x.numel() == 0:
         return NotImplemented
     k = x.shape[-1]
     g = k if group == 0 else group
     xf = x.to(torch.float32).contiguous()
-    rows = xf.numel() // g
-    q = _alloc(x.shape, torch.int8)
-    s = _alloc((*x.shape[:-1], k // g), torch.float32)
-    _check(_state.lib.ditq_quantize_per_token(xf.data_ptr(), q.data_ptr(), s.data_ptr(), rows, g, isa()))
-    return q, s
+    q = _alloc(x.shape, code_dtype)
+    params = [_alloc((*x.shape[:-1], k // g), torch.float32) for _ in range(n_params)]
+    ptrs = (xf.data_ptr(), q.data_ptr(), *(p.data_ptr() for p in params))
+    _check(getattr(_state.lib, fn)(*ptrs, xf.numel() // g, g, *extra, isa()))
+    return (q, *params)
+
+
+def quantize_per_token_int8(x: torch.Tensor, group: int):
+    return _quantize_rows("ditq_quantize_per_token", x, group, torch.int8, 1)
 
 
 def quantize_per_token_asym(x: torch.Tensor, bits: int, group: int):
-    if _lib() is None or x.numel() == 0:
-        return NotImplemented
-    k = x.shape[-1]
-    g = k if group == 0 else group
-    xf = x.to(torch.float32).contiguous()
-    rows = xf.numel() // g
-    q = _alloc(x.shape, torch.uint8)
-    s = _alloc((*x.shape[:-1], k // g), torch.float32)
-    z = _alloc((*x.shape[:-1], k // g), torch.float32)
-    args = (xf.data_ptr(), q.data_ptr(), s.data_ptr(), z.data_ptr())
-    _check(_state.lib.ditq_quantize_asym(*args, rows, g, bits, isa()))
-    return q, s, z
+    return _quantize_rows("ditq_quantize_asym", x, group, torch.uint8, 2, bits)
 
 
 def _int_mm_w8a8(x2, xs32, wq, ws32, b32):

@@ -605,7 +605,7 @@ class QuantLinear(nn.Module):
         if aq.sym and aq.bits == 8 and aq.group == 0:
             xq, xs = ops.quantize_per_token_int8(x)  # the same rule; a fast kernel on CPU
             return xq, xs, None
-        if not aq.sym and aq.dynamic and aq.group >= 0 and x.dtype == torch.float32 and aq.bits >= 2:
+        if not aq.sym and aq.dynamic and aq.group >= 0 and x.dtype == torch.float32:
             return ops.quantize_per_token_asym(x, aq.bits, aq.group)  # Q-DiT's rule, one fused kernel
         scale, zero = aq.params(x)  # [..., G], or all ones for one range per tensor
         q = quantize(x, scale, zero, aq.bits, aq.sym)

@@ -255,6 +255,13 @@ def _round_half_even(v, USE_RINT: tl.constexpr):
 
 
 @triton.jit
+def _asym_codes(x, scale, zero, qmax, USE_RINT: tl.constexpr):
+    """uint8 ``clamp(round(x / scale) + zero, 0, qmax)`` of a [rows, cols] tile (per-row parameters)."""
+    r = _round_half_even(tl.math.div_rn(x, scale[:, None]), USE_RINT) + zero[:, None]
+    return tl.minimum(tl.maximum(r, 0.0), qmax[:, None]).to(tl.uint8)
+
+
+@triton.jit
 def quantize_asym_rows_kernel(
     x_ptr,
     q_ptr,
@@ -299,16 +306,14 @@ def quantize_asym_rows_kernel(
     tl.store(s_ptr + rows, scale, mask=row_mask)
     tl.store(z_ptr + rows, zero, mask=row_mask)
     if ONE_CHUNK:
-        r = _round_half_even(tl.math.div_rn(x, scale[:, None]), USE_RINT) + zero[:, None]
-        q = tl.minimum(tl.maximum(r, 0.0), qmax[:, None])
-        tl.store(q_ptr + base + cols[None, :], q.to(tl.uint8), mask=mask)
+        q = _asym_codes(x, scale, zero, qmax, USE_RINT)
+        tl.store(q_ptr + base + cols[None, :], q, mask=mask)
     else:
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
             x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            r = _round_half_even(tl.math.div_rn(x, scale[:, None]), USE_RINT) + zero[:, None]
-            q = tl.minimum(tl.maximum(r, 0.0), qmax[:, None])
-            tl.store(q_ptr + base + c0 + cols[None, :], q.to(tl.uint8), mask=mask)
+            q = _asym_codes(x, scale, zero, qmax, USE_RINT)
+            tl.store(q_ptr + base + c0 + cols[None, :], q, mask=mask)
 
 
 # ----------------------------------------------------------------------------

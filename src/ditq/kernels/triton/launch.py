@@ -14,6 +14,7 @@ This module imports Triton: import it only when :func:`ditq.kernels.triton.avail
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -38,6 +39,51 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the host code made it: what :func:`recording` collects instead of running it.
+
+    ``kernel`` is the ``@triton.jit`` function or its autotuner, ``grid`` the
+    launch grid (a tuple, or a function of the chosen config's parameters),
+    ``args`` and ``kwargs`` the call's arguments (tensors on the ``meta`` device).
+    """
+
+    kernel: object
+    grid: object
+    args: tuple
+    kwargs: dict
+
+
+_recorded: list[Launch] | None = None  # not None inside recording(): launches are collected, not run
+
+
+@contextlib.contextmanager
+def recording():
+    """Within this block the op functions take ``meta`` tensors and collect their launches in the
+    yielded list instead of running them (outputs are returned as ``meta`` tensors).
+
+    This is how :mod:`ditq.kernels.triton.aot` compiles exactly what a real call
+    would launch (arguments, dtypes, alignment, launch options) for a GPU the
+    machine does not have.
+    """
+    global _recorded
+    if _recorded is not None:
+        raise RuntimeError("recording() blocks do not nest")
+    _recorded = []
+    try:
+        yield _recorded
+    finally:
+        _recorded = None
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, or collect it inside :func:`recording`."""
+    if _recorded is not None:
+        _recorded.append(Launch(kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
 def _device_of(*tensors) -> torch.device | None:
     """The one device of ``tensors`` (Nones skipped) if the kernels can run there, else None."""
     devices = {t.device for t in tensors if t is not None}
@@ -45,6 +91,8 @@ def _device_of(*tensors) -> torch.device | None:
         return None
     (device,) = devices
     if device.type == "cuda" or (K.INTERPRET and device.type == "cpu"):
+        return device
+    if _recorded is not None and device.type == "meta":
         return device
     return None
 
@@ -98,7 +146,9 @@ def _quantize_rows(kernel, x: torch.Tensor, group: int, code_dtype: torch.dtype,
     block_g = max(16, triton.next_power_of_2(g)) if one_chunk else _QUANT_TILE
     block_r = max(1, min(triton.next_power_of_2(rows), _QUANT_TILE // block_g))
     with _on(device):
-        kernel[(triton.cdiv(rows, block_r),)](
+        _launch(
+            kernel,
+            (triton.cdiv(rows, block_r),),
             xf,
             q,
             *params,
@@ -143,7 +193,9 @@ def _int8_gemm(xq, xs, w, ws, bias, out_dtype, n: int, ternary: bool, device):
     b1 = _flat(bias) if bias is not None else xs1  # a placeholder pointer when there is no bias
     out = _alloc((m, n), out_dtype, device)
     with _on(device):
-        K.int8_gemm_kernel[_grid(m, n)](
+        _launch(
+            K.int8_gemm_kernel,
+            _grid(m, n),
             x2,
             xs1,
             w.contiguous(),
@@ -223,7 +275,9 @@ def w4a8_linear(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype):
     b1 = _flat(bias) if bias is not None else xs1
     out = _alloc((m, n), out_dtype, device)
     with _on(device):
-        K.w4a8_gemm_kernel[_grid(m, n)](
+        _launch(
+            K.w4a8_gemm_kernel,
+            _grid(m, n),
             x2,
             xs1,
             xz1,
@@ -264,7 +318,9 @@ def _weight_only(x, w_packed, scale, zero, bias, n: int, int4: bool, device):
     s = scale.contiguous() if int4 else _flat(scale)
     b1 = _flat(bias) if bias is not None else s
     with _on(device):
-        K.weight_only_gemm_kernel[_grid(m, n)](
+        _launch(
+            K.weight_only_gemm_kernel,
+            _grid(m, n),
             x2,
             w_packed.contiguous(),
             s,

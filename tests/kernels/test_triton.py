@@ -278,12 +278,21 @@ INT4_CASES = [
     (33, 36, 136, 8, torch.float32, torch.float32),
     (33, 20, 136, 17, torch.bfloat16, torch.float32),  # odd group size
     (5, 36, 136, 136, torch.float32, torch.float16),  # one group per row
+    (5, 20, 24, 8, torch.float32, torch.bfloat16),
+    # Groups a multiple of the largest K tile: one scale per row and tile (GROUP_PER_TILE)
+    (33, 36, 160, 32, torch.float32, torch.float32),
+    (5, 20, 48, 16, torch.float16, torch.float16),
+    (3, 20, 96, 96, torch.bfloat16, torch.bfloat16),
 ]
 
 
 @needs_kernels
 @pytest.mark.parametrize("m,n,k,g,dtype,sdtype", INT4_CASES)
 def test_int4_linear_equals_reference(poisoned, m, n, k, g, dtype, sdtype):
+    from ditq.kernels.triton import kernels
+
+    # The cases exercise both ways of reading scales (per K tile, gathered per element).
+    assert (g % kernels.FLOAT_BLOCK_K_MAX == 0) == (g in (16, 32, 96))
     x = torch.randn(2, m, k, generator=_gen(m + k)).to(dtype)
     w = _int4(n, k, n)
     w_scale = _rand((n, k // g), 5, 0.01, 0.1, sdtype)

@@ -67,19 +67,23 @@ _GPU_INT = [
     _cfg(16, 128, 128, 1, 4, 4),
 ]
 # w4a8: the K tile must divide the segment where both scales are constant, so
-# every tile shape comes with K tiles of 32, 64 and 128 (pruned per call).
+# tile shapes come with K tiles of 32, 64 and 128 (pruned per call). The kernel
+# holds two accumulators (the segment's int32 sum and the float32 total): tiles
+# of 128 x 128, and 64 x 128 on 4 warps with K tiles of 128, spill registers on
+# sm_90 (benchmarks/triton_compile.py), so the large tiles run on 8 warps.
 _GPU_W4A8 = [
     _cfg(bm, bn, bk, gm, w, s)
-    for (bm, bn, gm, w, s) in [
-        (128, 128, 8, 8, 3),
-        (128, 64, 8, 4, 4),
-        (64, 128, 8, 4, 4),
-        (64, 64, 8, 4, 4),
-        (32, 64, 4, 4, 4),
-        (16, 64, 1, 4, 4),
-        (16, 32, 1, 4, 4),
+    for (bm, bn, gm, w, s, bks) in [
+        (128, 64, 8, 8, 4, (32, 64, 128)),
+        (64, 128, 8, 8, 4, (32, 64, 128)),
+        (64, 256, 8, 8, 3, (32, 64)),
+        (64, 128, 8, 4, 4, (32, 64)),
+        (64, 64, 8, 4, 4, (32, 64, 128)),
+        (32, 64, 4, 4, 4, (32, 64, 128)),
+        (16, 64, 1, 4, 4, (32, 64, 128)),
+        (16, 32, 1, 4, 4, (32, 64, 128)),
     ]
-    for bk in (32, 64, 128)
+    for bk in bks
 ]
 # Weight-only float kernels: made for small M (memory-bound on the packed weights).
 _GPU_FLOAT = [
@@ -96,6 +100,10 @@ _GPU_FLOAT = [
 INT_CONFIGS = _INTERPRET_INT if INTERPRET else _GPU_INT
 W4A8_CONFIGS = _INTERPRET_INT if INTERPRET else _GPU_W4A8
 FLOAT_CONFIGS = _INTERPRET_FLOAT if INTERPRET else _GPU_FLOAT
+
+FLOAT_BLOCK_K_MAX = max(c.kwargs["BLOCK_K"] for c in FLOAT_CONFIGS)
+"""Largest K tile of the weight-only kernels; each is a power of two, so all divide this one.
+Int4 weights whose group size is a multiple of it have one scale per row in every K tile."""
 
 
 def _prune_m(configs, named_args, **kwargs):
@@ -513,6 +521,7 @@ def weight_only_gemm_kernel(
     M_KEY,
     GW,
     W_INT4: tl.constexpr,
+    GROUP_PER_TILE: tl.constexpr,
     PER_BYTE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -532,8 +541,12 @@ def weight_only_gemm_kernel(
 
     Int4 (``W_INT4``): bytes ``[N, K/2]`` with per-(row, group of GW) scale and
     zero ``[N, K/GW]``; each weight is dequantized as the reference does,
-    ``(code − zero) · scale`` in the scale's dtype, then cast to x's dtype. The
-    scales are gathered per element, so any group size works.
+    ``(code − zero) · scale`` in the scale's dtype (zero points are integers, as
+    Q-DiT's are), then cast to x's dtype. With
+    ``GROUP_PER_TILE`` (GW a multiple of BLOCK_K) each K tile lies in one group
+    and reads one scale and zero per row; otherwise they are gathered per element,
+    so any group size works (at the cost of [BN, BK] scale and zero tiles: on
+    sm_90 those take 3-4x the shared memory and spill registers).
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -553,11 +566,22 @@ def weight_only_gemm_kernel(
         packed = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_kb[None, :] < (K - k0) // PER_BYTE), other=0)
         if W_INT4:
             codes = tl.interleave(packed & 0xF, packed >> 4)  # [BN, BK]
-            kmask = mask_n[:, None] & (offs_k[None, :] < K - k0)
-            g_off = offs_n.to(tl.int64)[:, None] * n_gw + ((k0 + offs_k) // GW)[None, :]
-            scale = tl.load(s_ptr + g_off, mask=kmask, other=0.0)
-            zero = tl.load(z_ptr + g_off, mask=kmask, other=0.0)
-            w = _cast((codes.to(scale.dtype) - zero) * scale, x_dtype)
+            if GROUP_PER_TILE:
+                g_off = offs_n.to(tl.int64) * n_gw + k0 // GW
+                scale = tl.load(s_ptr + g_off, mask=mask_n, other=0.0)[:, None]
+                zero = tl.load(z_ptr + g_off, mask=mask_n, other=0.0)[:, None]
+            else:
+                kmask = mask_n[:, None] & (offs_k[None, :] < K - k0)
+                g_off = offs_n.to(tl.int64)[:, None] * n_gw + ((k0 + offs_k) // GW)[None, :]
+                scale = tl.load(s_ptr + g_off, mask=kmask, other=0.0)
+                zero = tl.load(z_ptr + g_off, mask=kmask, other=0.0)
+            # The reference's (code - zero) * scale in the scale's dtype, each step done in float32
+            # and rounded to that dtype: exact differences (integer zero points), exact float32
+            # products of 16-bit numbers, so the same numbers; and Triton's interpreter, which
+            # gets 16-bit float arithmetic and uint8 -> bfloat16 conversions wrong, agrees too.
+            s_dtype = scale.dtype
+            diff = _cast(codes.to(tl.float32) - zero.to(tl.float32), s_dtype).to(tl.float32)
+            w = _cast(_cast(diff * scale.to(tl.float32), s_dtype), x_dtype)
         else:
             # Through float32 (exact for -1, 0, 1): the interpreter converts int8 -> bfloat16 wrongly.
             w = (_unpack_k4(packed).to(tl.int8) - 1).to(tl.float32).to(x_dtype)

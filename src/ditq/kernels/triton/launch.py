@@ -334,6 +334,7 @@ def _weight_only(x, w_packed, scale, zero, bias, n: int, int4: bool, device):
             _m_key(m),
             k // scale.shape[1] if int4 else k,
             W_INT4=int4,
+            GROUP_PER_TILE=int4 and (k // scale.shape[1]) % K.FLOAT_BLOCK_K_MAX == 0,
             PER_BYTE=2 if int4 else 4,
             HAS_BIAS=bias is not None,
             INPUT_PRECISION=precision,

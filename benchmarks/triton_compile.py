@@ -53,6 +53,7 @@ def rows_for(op: str, label: str, m: int, k: int, n: int, arch: int) -> list[dic
                 "stack_bytes": v.stack_bytes,
                 "mma": v.mma,
                 "pipelined_loads": v.pipelined_loads,
+                "fma_f32": v.fma_f32,
                 "ctas_per_sm": per_sm,
                 "waves_h200": None if w is None else round(w, 3),
                 "compile_s": v.compile_s,

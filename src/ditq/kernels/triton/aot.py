@@ -13,7 +13,9 @@ What comes back per compiled variant (:class:`CompiledVariant`): shared memory,
 registers per thread, stack bytes (register spills), which tensor-core
 instruction the dot products became (``wgmma`` on Hopper, ``mma.sync`` before,
 ``none``), whether the K loop's loads were software-pipelined (asynchronous
-copies into shared memory), and the number of programs the grid launches. These
+copies into shared memory), how many float32 FMAs the code holds (kernels that
+must round as the reference does are launched with FMA fusion off), and the
+number of programs the grid launches. These
 are the static facts behind a kernel's speed: they say whether a kernel *can*
 reach the hardware's ceiling, not how fast it runs.
 
@@ -63,6 +65,7 @@ class CompiledVariant:
     stack_bytes: int | None = None
     mma: str | None = None
     pipelined_loads: int | None = None
+    fma_f32: int | None = None
     compile_s: float | None = None
     error: str | None = None
 
@@ -162,9 +165,10 @@ def compile_launch(rec: launch.Launch, arch: int = HOPPER) -> list[CompiledVaria
     named = dict(zip(jit_fn.arg_names, rec.args, strict=False))  # positional first, then keywords
     named.update({k: v for k, v in rec.kwargs.items() if k in jit_fn.arg_names})
     if tuned:
-        kernel.nargs = named  # what its prune hook reads, as Autotuner.run sets it
+        # As Autotuner.run: positional arguments in nargs, the call's keywords to the prune hook.
+        kernel.nargs = dict(zip(jit_fn.arg_names, rec.args, strict=False))
         try:
-            configs = kernel.prune_configs({})
+            configs = kernel.prune_configs(rec.kwargs)
         finally:
             kernel.nargs = None
         variants = [({**c.kwargs}, {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in configs]
@@ -226,6 +230,7 @@ def _compile_into(variant: CompiledVariant, jit_fn, params: dict, options: dict,
         variant.mma = "mma.sync"
     else:
         variant.mma = "none"
+    variant.fma_f32 = len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx))
     variant.pipelined_loads = ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy")
     usage = resource_usage(compiled.asm["cubin"])
     variant.registers = usage.get("REG")

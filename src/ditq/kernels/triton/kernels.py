@@ -64,6 +64,7 @@ _GPU_INT = [
     _cfg(32, 128, 128, 4, 4, 4),
     _cfg(16, 64, 256, 1, 4, 4),
     _cfg(16, 32, 256, 1, 4, 4),
+    _cfg(16, 16, 128, 1, 4, 4),  # int4 in groups of 128 keeps K tiles <= 128 (_prune_weight_only)
     _cfg(16, 128, 128, 1, 4, 4),
 ]
 # w4a8: the K tile must divide the segment where both scales are constant, so
@@ -86,7 +87,12 @@ _GPU_W4A8 = [
     for bk in bks
 ]
 # Weight-only float kernels: made for small M (memory-bound on the packed weights).
+# With a few tokens a 16 x 32 tile gives only N/32 programs (144 for N = 4608, about
+# one per SM); K tiles of 256-512 keep more weight bytes in flight per program.
 _GPU_FLOAT = [
+    _cfg(16, 16, 512, 1, 4, 3),
+    _cfg(16, 32, 512, 1, 8, 3),
+    _cfg(16, 32, 256, 1, 4, 4),
     _cfg(16, 32, 128, 1, 4, 4),
     _cfg(16, 64, 128, 1, 4, 4),
     _cfg(16, 64, 64, 1, 4, 4),
@@ -101,10 +107,6 @@ INT_CONFIGS = _INTERPRET_INT if INTERPRET else _GPU_INT
 W4A8_CONFIGS = _INTERPRET_INT if INTERPRET else _GPU_W4A8
 FLOAT_CONFIGS = _INTERPRET_FLOAT if INTERPRET else _GPU_FLOAT
 
-FLOAT_BLOCK_K_MAX = max(c.kwargs["BLOCK_K"] for c in FLOAT_CONFIGS)
-"""Largest K tile of the weight-only kernels; each is a power of two, so all divide this one.
-Int4 weights whose group size is a multiple of it have one scale per row in every K tile."""
-
 
 def _prune_m(configs, named_args, **kwargs):
     """Drop configs whose M tile is far above M (they only waste tuning time), keeping at least one."""
@@ -112,6 +114,15 @@ def _prune_m(configs, named_args, **kwargs):
     cap = max(16, triton.next_power_of_2(m))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+def _prune_weight_only(configs, named_args, **kwargs):
+    """For int4 weights whose groups hold whole K tiles of some configs, keep only those (the
+    others gather a scale per element: several times the shared memory); then as :func:`_prune_m`."""
+    if kwargs.get("W_INT4"):
+        aligned = [c for c in configs if kwargs["GW_ALIGN"] % c.kwargs["BLOCK_K"] == 0]
+        configs = aligned or configs
+    return _prune_m(configs, named_args, **kwargs)
 
 
 def _prune_w4a8(configs, named_args, **kwargs):
@@ -504,7 +515,9 @@ def w4a8_gemm_kernel(
 
 
 @triton.autotune(
-    configs=FLOAT_CONFIGS, key=["M_KEY", "N", "K", "GW"], prune_configs_by={"early_config_prune": _prune_m}
+    configs=FLOAT_CONFIGS,
+    key=["M_KEY", "N", "K", "GW"],
+    prune_configs_by={"early_config_prune": _prune_weight_only},
 )
 @triton.jit
 def weight_only_gemm_kernel(
@@ -521,7 +534,7 @@ def weight_only_gemm_kernel(
     M_KEY,
     GW,
     W_INT4: tl.constexpr,
-    GROUP_PER_TILE: tl.constexpr,
+    GW_ALIGN: tl.constexpr,
     PER_BYTE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -542,9 +555,10 @@ def weight_only_gemm_kernel(
     Int4 (``W_INT4``): bytes ``[N, K/2]`` with per-(row, group of GW) scale and
     zero ``[N, K/GW]``; each weight is dequantized as the reference does,
     ``(code − zero) · scale`` in the scale's dtype (zero points are integers, as
-    Q-DiT's are), then cast to x's dtype. With
-    ``GROUP_PER_TILE`` (GW a multiple of BLOCK_K) each K tile lies in one group
-    and reads one scale and zero per row; otherwise they are gathered per element,
+    Q-DiT's are), then cast to x's dtype. ``GW_ALIGN`` is the largest power of
+    two (up to 1024) dividing GW: when BLOCK_K divides it, each K tile lies in one
+    group and reads one scale and zero per row (decided per config, at compile
+    time); otherwise they are gathered per element,
     so any group size works (at the cost of [BN, BK] scale and zero tiles: on
     sm_90 those take 3-4x the shared memory and spill registers).
     """
@@ -566,7 +580,7 @@ def weight_only_gemm_kernel(
         packed = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_kb[None, :] < (K - k0) // PER_BYTE), other=0)
         if W_INT4:
             codes = tl.interleave(packed & 0xF, packed >> 4)  # [BN, BK]
-            if GROUP_PER_TILE:
+            if GW_ALIGN % BLOCK_K == 0:  # each K tile within one group
                 g_off = offs_n.to(tl.int64) * n_gw + k0 // GW
                 scale = tl.load(s_ptr + g_off, mask=mask_n, other=0.0)[:, None]
                 zero = tl.load(z_ptr + g_off, mask=mask_n, other=0.0)[:, None]

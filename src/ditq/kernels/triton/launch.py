@@ -305,6 +305,11 @@ def w4a8_linear(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype):
 # ----------------------------------------------------------------------------
 
 
+def _pow2_divisor(g: int, cap: int = 1024) -> int:
+    """The largest power of two dividing ``g``, at most ``cap`` (a compile-time constant of the kernels)."""
+    return min(g & -g, cap)
+
+
 def _weight_only(x, w_packed, scale, zero, bias, n: int, int4: bool, device):
     k = x.shape[-1]
     m = x.numel() // k
@@ -334,7 +339,7 @@ def _weight_only(x, w_packed, scale, zero, bias, n: int, int4: bool, device):
             _m_key(m),
             k // scale.shape[1] if int4 else k,
             W_INT4=int4,
-            GROUP_PER_TILE=int4 and (k // scale.shape[1]) % K.FLOAT_BLOCK_K_MAX == 0,
+            GW_ALIGN=_pow2_divisor(k // scale.shape[1]) if int4 else 1,
             PER_BYTE=2 if int4 else 4,
             HAS_BIAS=bias is not None,
             INPUT_PRECISION=precision,

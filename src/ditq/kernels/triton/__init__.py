@@ -43,6 +43,9 @@ shape class). Requires Triton >= 3.0.
 The interpreter (``TRITON_INTERPRET=1`` in the environment *before* Triton is
 imported, as Triton reads it when decorating kernels, its own included) runs
 the kernels on CPU tensors; that is how they are tested without a GPU.
+:mod:`ditq.kernels.triton.aot` compiles them for a GPU without one (``sm_90`` by
+default) and reads what they compiled to: shared memory, registers, spills, the
+tensor-core instruction, pipelining (``benchmarks/triton_compile.py``).
 """
 
 from __future__ import annotations

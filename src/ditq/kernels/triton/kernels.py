@@ -64,7 +64,7 @@ _GPU_INT = [
     _cfg(32, 128, 128, 4, 4, 4),
     _cfg(16, 64, 256, 1, 4, 4),
     _cfg(16, 32, 256, 1, 4, 4),
-    _cfg(16, 16, 128, 1, 4, 4),  # int4 in groups of 128 keeps K tiles <= 128 (_prune_weight_only)
+    _cfg(16, 16, 128, 1, 4, 4),  # a few tokens: 16-wide N tiles, twice the programs of 32
     _cfg(16, 128, 128, 1, 4, 4),
 ]
 # w4a8: the K tile must divide the segment where both scales are constant, so
@@ -93,6 +93,7 @@ _GPU_FLOAT = [
     _cfg(16, 16, 512, 1, 4, 3),
     _cfg(16, 32, 512, 1, 8, 3),
     _cfg(16, 32, 256, 1, 4, 4),
+    _cfg(16, 16, 128, 1, 4, 4),  # int4 in groups of 128 keeps K tiles <= 128 (_prune_weight_only)
     _cfg(16, 32, 128, 1, 4, 4),
     _cfg(16, 64, 128, 1, 4, 4),
     _cfg(16, 64, 64, 1, 4, 4),

@@ -6,7 +6,8 @@ allocates the output, picks launch parameters and runs a kernel of
 kernels do not handle (a dtype, a device, an empty tensor, or a w4a8 group layout
 whose constant-scale segment is not a multiple of 32 inputs), and the reference
 runs instead. Tensors must be on one CUDA device, or on the CPU when Triton's
-interpreter is on (``TRITON_INTERPRET=1`` at import; how the tests run).
+interpreter is on (``TRITON_INTERPRET=1`` at import; how the tests run), or on
+the ``meta`` device inside :func:`recording` (launches collected, not run).
 
 This module imports Triton: import it only when :func:`ditq.kernels.triton.available`.
 """

@@ -194,13 +194,21 @@ def candidates(d: dict, device: torch.device, baseline_dtype: torch.dtype) -> di
             backends.get("int4_linear", device.type),
             d["w4_float"],
         )
-    if device.type == "cpu":
+    # PyTorch's own int8 GEMM (oneDNN on CPU; cuBLASLt on CUDA, which asks M > 16) and an
+    # unfused epilogue: on a GPU, the yardstick for the Triton int8 kernels' main loop.
+    if device.type == "cpu" or xq.shape[0] > 16:
         wqt = wq.t()
 
         def int_mm():
             return torch._int_mm(xq, wqt).float() * xs * ws + b
 
-        c["torch._int_mm"] = (int_mm, n * k + 4 * n, "oneDNN", w8_float)
+        c["torch._int_mm"] = (
+            int_mm,
+            n * k + 4 * n,
+            "oneDNN" if device.type == "cpu" else "cuBLASLt",
+            w8_float,
+        )
+    if device.type == "cpu":
         with warnings.catch_warnings():  # torch.ao's quantized tensors are deprecated, still the baseline
             warnings.simplefilter("ignore")
             lin = torch.ao.nn.quantized.dynamic.Linear(k, n, dtype=torch.qint8)

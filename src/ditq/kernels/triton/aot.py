@@ -81,7 +81,8 @@ def available() -> bool:
         return False
     try:
         make_backend(GPUTarget("cuda", HOPPER, 32))
-    except Exception:  # noqa: BLE001 - a missing backend raises differently across versions
+        native_specialize_impl(BaseBackend, 16, False, True, True)  # the signature this module calls
+    except Exception:  # noqa: BLE001 - a missing backend or a changed internal raises differently
         return False
     return Path(triton.knobs.nvidia.ptxas.path).exists()
 

@@ -295,6 +295,37 @@ def test_int4_weight_only_fast_equals_reference(isa, poisoned, m, k, n):
         assert _rel(out, ref) <= 1e-5, gw
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [4, 36, 1152, 1156])
+def test_weight_only_few_tokens_fused_path_equals_buffered(isa, poisoned, monkeypatch, m, k):
+    """Up to WEIGHT_ONLY_FUSED_MAX_M tokens AVX-512 decodes weights in registers, several columns
+    at a time; each sum keeps the buffered path's order, so the numbers are the same bit for bit
+    (K tails, N not a multiple of the columns done together, both scale layouts, int4 groups)."""
+    if isa == "scalar":
+        pytest.skip("the scalar level keeps the reference")
+    g = _gen(m * 10_000 + k)
+    n = 37
+    x = torch.randn(m, k, generator=g)
+    wt = pack_ternary(torch.randint(-1, 2, (n, k), generator=g))
+    w4 = pack_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
+    bias = torch.randn(n, generator=g)
+    calls = []
+    for scale in (torch.rand(1, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1):
+        for b in (bias, None):
+            calls.append(lambda scale=scale, b=b: cpu.ternary_linear(x, wt, scale, b))
+    for gw in (16, 32, 4) if k % 32 == 0 else (4, k):
+        ws = torch.rand(n, k // gw, generator=g) + 0.01
+        wz = torch.randint(0, 16, (n, k // gw), generator=g).float()
+        calls.append(lambda ws=ws, wz=wz: cpu.int4_linear(x, w4, ws, wz, bias))
+    for call in calls:
+        fused = call()
+        monkeypatch.setattr(cpu, "WEIGHT_ONLY_FUSED_MAX_M", 0)
+        buffered = call()
+        monkeypatch.setattr(cpu, "WEIGHT_ONLY_FUSED_MAX_M", 4)
+        assert fused.shape == (m, n) and torch.isfinite(fused).all()
+        assert torch.equal(fused, buffered)
+
+
 def test_weight_only_declines_what_it_does_not_handle(built, poisoned):
     g = _gen(71)
     k, n = 64, 24

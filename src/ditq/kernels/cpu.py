@@ -114,6 +114,9 @@ AVX2_W8A8_MAX_M = 4
 # Weight-only ops: up to this many tokens ditq's GEMM (dequantized weights in a per-thread buffer);
 # beyond, blocks of columns dequantized into a buffer of DEQUANT_BLOCK_BYTES and multiplied by BLAS.
 WEIGHT_ONLY_DIRECT_MAX_M = 32
+# Up to this many tokens (at most 4), AVX-512 decodes the packed weights in registers and multiplies
+# them at once, without the buffer (the same numbers); 0 turns that path off.
+WEIGHT_ONLY_FUSED_MAX_M = 4
 DEQUANT_BLOCK_BYTES = 16 << 20
 DEQUANT_BLOCK_MIN_COLS = 256
 
@@ -191,9 +194,9 @@ def _bind(path: str) -> ctypes.CDLL:
     lib.ditq_quantize_per_token.restype = ctypes.c_int
     lib.ditq_quantize_per_token.argtypes = [p, p, p, i64, i64, i64]
     lib.ditq_ternary_wo_gemm.restype = ctypes.c_int
-    lib.ditq_ternary_wo_gemm.argtypes = [p, p, p, i64, p, p, i64, i64, i64, i64]
+    lib.ditq_ternary_wo_gemm.argtypes = [p, p, p, i64, p, p, i64, i64, i64, i64, i64]
     lib.ditq_int4_wo_gemm.restype = ctypes.c_int
-    lib.ditq_int4_wo_gemm.argtypes = [p, p, p, p, i64, p, p, i64, i64, i64, i64]
+    lib.ditq_int4_wo_gemm.argtypes = [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64]
     lib.ditq_quantize_asym.restype = ctypes.c_int
     lib.ditq_quantize_asym.argtypes = [p, p, p, p, i64, i64, i64, i64]
     lib.ditq_ternary_dequant.restype = ctypes.c_int
@@ -596,7 +599,7 @@ def ternary_linear(x, w_packed, scale, bias):
 
     def direct(x2, out):
         args = (x2.data_ptr(), wc.data_ptr(), s32.data_ptr(), per_row, _ptr(b32), out.data_ptr())
-        _check(lib.ditq_ternary_wo_gemm(*args, x2.shape[0], n, k, level))
+        _check(lib.ditq_ternary_wo_gemm(*args, x2.shape[0], n, k, level, WEIGHT_ONLY_FUSED_MAX_M))
 
     def dequant(n0, n1, buf):
         args = (wc.data_ptr(), s32.data_ptr(), per_row, n, k, n0, n1, buf.data_ptr())
@@ -618,7 +621,7 @@ def int4_linear(x, w_packed, w_scale, w_zero, bias):
 
     def direct(x2, out):
         args = (x2.data_ptr(), wc.data_ptr(), sc.data_ptr(), zc.data_ptr(), group, _ptr(b32), out.data_ptr())
-        _check(lib.ditq_int4_wo_gemm(*args, x2.shape[0], n, k, level))
+        _check(lib.ditq_int4_wo_gemm(*args, x2.shape[0], n, k, level, WEIGHT_ONLY_FUSED_MAX_M))
 
     def dequant(n0, n1, buf):
         args = (wc.data_ptr(), sc.data_ptr(), zc.data_ptr(), group, n, k, n0, n1, buf.data_ptr())

@@ -917,6 +917,108 @@ __attribute__((target("avx512f"))) void wo_tile_512(const WoGemm& g, int64_t m0,
   }
 }
 
+// A few tokens (M <= kWoFusedM), AVX-512: no buffer. Each column's 16 weights are decoded in
+// registers exactly as wo_dequant_row_512 does and multiplied into MR accumulators at once, so
+// the weight bytes are read once and the dequantized values never go to memory. NC columns are
+// done side by side so that MR * NC independent FMA chains hide the FMA latency (one token and
+// one column would be one chain). Each (token, column) sum is still one accumulator over k in
+// order, reduced at the end: the numbers of wo_tile_512, whatever M. Ternary any K (a multiple of
+// 4); int4 needs groups of 16k inputs (the caller checks).
+__attribute__((target("avx512f"))) inline __m512 wo_ternary_table_512(const WoGemm& g, int64_t n) {
+  const float s = g.scale[g.scale_per_row ? n : 0];
+  return _mm512_set_ps(0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f,
+                       s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f);
+}
+
+__attribute__((target("avx512f"))) inline __m512 wo_int4_table_512(const WoGemm& g, int64_t n, int64_t gi) {
+  const int64_t G = g.K / g.group;
+  const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  // (q - z) * s for q = 0..15, in the reference's order
+  return _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(g.zero[n * G + gi])), _mm512_set1_ps(g.scale[n * G + gi]));
+}
+
+template <int MR, int NC>
+__attribute__((target("avx512f"))) void wo_fused_cols_512(const WoGemm& g, int64_t n) {
+  const float* xr = g.x;
+  __m512 acc[MR][NC];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_setzero_ps();
+  }
+  if (!g.int4) {
+    const int64_t K16 = g.K / 16 * 16;
+    const __mmask16 tail = static_cast<__mmask16>((1u << (g.K - K16)) - 1);
+    const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    __m512 table[NC];
+    const uint8_t* r[NC];
+    DITQ_UNROLL
+    for (int c = 0; c < NC; ++c) {
+      table[c] = wo_ternary_table_512(g, n + c);
+      r[c] = g.w + (n + c) * (g.K / 4);
+    }
+    for (int64_t k = 0; k < K16; k += 16) {
+      DITQ_UNROLL
+      for (int c = 0; c < NC; ++c) {
+        uint32_t d;
+        std::memcpy(&d, r[c] + k / 4, 4);
+        const __m512 w = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d)), shifts), table[c]);
+        DITQ_UNROLL
+        for (int i = 0; i < MR; ++i) acc[i][c] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i * g.K + k), w, acc[i][c]);
+      }
+    }
+    if (tail) {  // the last K mod 16 inputs: their bytes only (never past the row), x masked to zero
+      DITQ_UNROLL
+      for (int c = 0; c < NC; ++c) {
+        uint32_t d = 0;
+        std::memcpy(&d, r[c] + K16 / 4, static_cast<size_t>((g.K - K16) / 4));
+        const __m512 w = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d)), shifts), table[c]);
+        DITQ_UNROLL
+        for (int i = 0; i < MR; ++i)
+          acc[i][c] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, xr + i * g.K + K16), w, acc[i][c]);
+      }
+    }
+  } else {
+    const int64_t G = g.K / g.group;
+    const __m512i shifts = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int64_t gi = 0; gi < G; ++gi) {
+      __m512 table[NC];
+      DITQ_UNROLL
+      for (int c = 0; c < NC; ++c) table[c] = wo_int4_table_512(g, n + c, gi);
+      const int64_t k_end = (gi + 1) * g.group;
+      for (int64_t k = gi * g.group; k < k_end; k += 16) {
+        DITQ_UNROLL
+        for (int c = 0; c < NC; ++c) {
+          const uint8_t* r = g.w + (n + c) * (g.K / 2) + k / 2;
+          const __m512i b = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r)));
+          const __m512 w = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_permutexvar_epi32(halves, b), shifts), table[c]);
+          DITQ_UNROLL
+          for (int i = 0; i < MR; ++i) acc[i][c] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i * g.K + k), w, acc[i][c]);
+        }
+      }
+    }
+  }
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int c = 0; c < NC; ++c) {
+      float v = _mm512_reduce_add_ps(acc[i][c]);
+      if (g.bias) v += g.bias[n + c];
+      g.out[i * g.N + n + c] = v;
+    }
+  }
+}
+
+// Columns [n0, n1) for MR tokens: NC = 4 / MR columns at a time (4 FMA chains), then one by one.
+template <int MR>
+__attribute__((target("avx512f"))) void wo_fused_512(const WoGemm& g, int64_t n0, int64_t n1) {
+  constexpr int NC = MR >= 4 ? 1 : 4 / MR;
+  int64_t n = n0;
+  for (; n + NC <= n1; n += NC) wo_fused_cols_512<MR, NC>(g, n);
+  for (; n < n1; ++n) wo_fused_cols_512<MR, 1>(g, n);
+}
+
 // AVX2: 8 weights per step. Ternary: two k4 bytes, lane i shifted right by 2i, an 8-entry table
 // (vpermps reads 3 index bits; the table repeats every 4). int4: one dword, lane i shifted right
 // by 4i; vpermps reads only 3 bits, so two tables (codes 0-7, 8-15) are blended on bit 3.
@@ -996,9 +1098,20 @@ __attribute__((target("avx2,fma"))) void wo_tile_256(const WoGemm& g, int64_t m0
 
 constexpr int kWoMR512 = 4;  // AVX-512: 16 accumulators + 4 weight vectors + 1 activation
 constexpr int kWoMR256 = 2;  // AVX2: 8 accumulators of 16 registers
+constexpr int kWoFusedM = 4;  // the most tokens wo_fused_512 is instantiated for
 
-void wo_gemm(WoGemm g, int64_t isa) {
+// fused_max_m: up to this many tokens (at most kWoFusedM) AVX-512 decodes weights in registers
+// (wo_fused_512); 0 keeps the buffered path for every M.
+void wo_gemm(WoGemm g, int64_t isa, int64_t fused_max_m) {
 #if DITQ_X86
+  const int64_t fused_m = std::min<int64_t>(fused_max_m, kWoFusedM);
+  if (isa == kAvx512Vnni && g.M >= 1 && g.M <= fused_m && (!g.int4 || g.group % 16 == 0)) {
+    using FusedFn = void (*)(const WoGemm&, int64_t, int64_t);
+    static const FusedFn fused[kWoFusedM + 1] = {nullptr, wo_fused_512<1>, wo_fused_512<2>, wo_fused_512<3>,
+                                                 wo_fused_512<4>};
+    at::parallel_for(0, g.N, kWoN, [&](int64_t b, int64_t e) { fused[g.M](g, b, e); });
+    return;
+  }
   if (isa == kAvx512Vnni || isa == kAvx2) {
     const bool wide = isa == kAvx512Vnni;
     const int64_t vec = wide ? 16 : 8;
@@ -1248,30 +1361,32 @@ int ditq_quantize_per_token(const float* x, int8_t* q, float* s, int64_t rows, i
 }
 
 // Weight-only ternary: x f32 [M, K], w k4 uint8 [N, K/4], scale f32 [N] (scale_per_row) or [1],
-// bias f32 [N] or null -> out f32 [M, N]. AVX2 or AVX-512.
+// bias f32 [N] or null -> out f32 [M, N]. AVX2 or AVX-512. fused_max_m: see wo_gemm.
 int ditq_ternary_wo_gemm(const float* x, const uint8_t* w, const float* scale, int64_t scale_per_row,
-                         const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t isa) {
+                         const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t isa,
+                         int64_t fused_max_m) {
   if (K % 4) {
     last_error = "ternary weights packed k4 need K divisible by 4";
     return 2;
   }
   return guarded(isa, [&] {
     WoGemm g{x, w, false, scale, scale_per_row != 0, nullptr, 0, bias, out, M, N, K, K};
-    wo_gemm(g, isa);
+    wo_gemm(g, isa, fused_max_m);
   });
 }
 
 // Weight-only int4: x f32 [M, K], w uint8 [N, K/2] (pack_int4), scale and zero f32 [N, K/group],
-// bias f32 [N] or null -> out f32 [M, N]. AVX2 or AVX-512.
+// bias f32 [N] or null -> out f32 [M, N]. AVX2 or AVX-512. fused_max_m: see wo_gemm.
 int ditq_int4_wo_gemm(const float* x, const uint8_t* w, const float* scale, const float* zero, int64_t group,
-                      const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t isa) {
+                      const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t isa,
+                      int64_t fused_max_m) {
   if (K % 2 || group <= 0 || K % group) {
     last_error = "int4 weights need an even K and a group size dividing K";
     return 2;
   }
   return guarded(isa, [&] {
     WoGemm g{x, w, true, scale, true, zero, group, bias, out, M, N, K, K};
-    wo_gemm(g, isa);
+    wo_gemm(g, isa, fused_max_m);
   });
 }
 

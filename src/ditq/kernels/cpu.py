@@ -26,17 +26,21 @@ What runs, per op (see :func:`available_backends` for this machine):
   bit. Segments must be a multiple of 8 inputs; other cases, and CPUs without
   AVX-512 VNNI, take the reference.
 * ``ternary_linear``, ``int4_linear`` (weight-only, float32 activations), on AVX2
-  and AVX-512: up to ``WEIGHT_ONLY_DIRECT_MAX_M`` tokens, ditq's fp32 GEMM: each
-  work item dequantizes 16 weight rows into a per-thread buffer (a table lookup
-  per 16 codes: ``vpermps`` on a table of the row's or group's dequantized
-  values, so the buffer holds the reference's weights bit for bit) and runs
-  4 tokens x 4 columns micro-tiles of FMAs over it; beyond, blocks of columns are
-  dequantized into a buffer of ``DEQUANT_BLOCK_BYTES`` and multiplied by BLAS, so
-  the float weight never exists whole. Only the summation order differs from
-  the reference (relative error ~4e-7). Measured (one thread, quiet machine,
-  ``docs/results/bench_kernels_cpu_weight_only.json``), x fp32 ``F.linear`` on
-  DiT-XL/2 and TerDiT-4.2B shapes: 0.65-2.2x at M = 1 (dequantization-bound),
-  1.1-2.6x at M = 16, 0.88-0.96x at M >= 512, where the reference's
+  and AVX-512: up to ``WEIGHT_ONLY_FUSED_MAX_M`` tokens (AVX-512; int4 in groups
+  of 16k inputs) the codes are decoded in registers and multiplied at once, four
+  columns' FMA chains side by side; up to ``WEIGHT_ONLY_DIRECT_MAX_M`` tokens, ditq's
+  fp32 GEMM: each work item dequantizes 16 weight rows into a per-thread buffer
+  (a table lookup per 16 codes: ``vpermps`` on a table of the row's or group's
+  dequantized values, so the buffer holds the reference's weights bit for bit)
+  and runs 4 tokens x 4 columns micro-tiles of FMAs over it (the two paths give
+  the same numbers: one accumulator per token and column, in k order); beyond,
+  blocks of columns are dequantized into a buffer of ``DEQUANT_BLOCK_BYTES`` and
+  multiplied by BLAS, so the float weight never exists whole. Only the summation
+  order differs from the reference (relative error ~4e-7). Measured (one thread,
+  quiet machine, ``docs/results/bench_kernels_cpu_weight_only*.json``), x fp32
+  ``F.linear`` on DiT-XL/2 and TerDiT-4.2B shapes: ternary 2.1-5.5x and int4
+  1.6-3.8x at M = 1 (the buffered path: 0.65-2.2x), 2.0-3.6x and 1.6-3.4x at
+  M = 4, 1.1-2.6x at M = 16, 0.88-0.96x at M >= 512, where the reference's
   dequantize-then-BLAS took 0.06-0.5x. ``w158a8_linear`` is faster than these at
   every M: the integer path is the fast one, weight-only the accurate one.
 
@@ -312,6 +316,8 @@ def available_backends(build_now: bool = False) -> dict[str, str]:
     wo = "reference"
     if level in (AVX2, AVX512_VNNI):
         wo = f"{cpp} (M <= {WEIGHT_ONLY_DIRECT_MAX_M}) / {cpp} dequant + BLAS"
+        if level == AVX512_VNNI and WEIGHT_ONLY_FUSED_MAX_M > 0:
+            wo += f"; M <= {min(WEIGHT_ONLY_FUSED_MAX_M, 4)} decoded in registers"
     return {
         "extension": ext,
         "quantize_per_token_int8": cpp or "reference",

@@ -42,6 +42,7 @@ import triton
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource, make_backend
 
+from ditq.kernels import ops
 from ditq.kernels.triton import launch
 
 try:  # Triton's C++ specialization: exactly the runtime's rules
@@ -129,16 +130,8 @@ def meta_args(op: str, m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat
     raise ValueError(f"unknown op {op!r}; one of {', '.join(OPS)}")
 
 
-OPS = (
-    "quantize_per_token_int8",
-    "quantize_per_token_asym",
-    "w8a8_linear",
-    "w158a8_linear",
-    "w4a8_linear",
-    "ternary_linear",
-    "int4_linear",
-)
-"""The ops with Triton kernels (names of :mod:`ditq.kernels.triton.launch` functions)."""
+OPS = ops.OPS
+"""The ops with Triton kernels: every ditq op (each a :mod:`ditq.kernels.triton.launch` function)."""
 
 
 def record(op: str, *args) -> list[launch.Launch]:

@@ -63,10 +63,8 @@ def test_arguments_are_specialized_as_the_runtime_does():
 
     def source(k):
         (rec,) = aot.record("w8a8_linear", *aot.meta_args("w8a8_linear", 8, k, 64))
-        fn = rec.kernel.fn
-        params = dict(zip(fn.arg_names, rec.args, strict=False))
-        params.update({name: v for name, v in rec.kwargs.items() if name in fn.arg_names})
-        params.update(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1)
+        fn = aot.jit_function(rec)
+        params = {**aot.kernel_arguments(rec), "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1}
         src = aot._source(fn, params, GPUTarget("cuda", aot.HOPPER, 32))
         return fn.arg_names, src
 

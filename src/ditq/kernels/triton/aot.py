@@ -150,14 +150,26 @@ def compile_op(op: str, *args, arch: int = HOPPER) -> list[CompiledVariant]:
     return [v for rec in record(op, *args) for v in compile_launch(rec, arch=arch)]
 
 
+def jit_function(rec: launch.Launch):
+    """The ``@triton.jit`` function a recorded launch runs (unwrapping its autotuner)."""
+    return rec.kernel.fn if isinstance(rec.kernel, triton.runtime.Autotuner) else rec.kernel
+
+
+def kernel_arguments(rec: launch.Launch) -> dict:
+    """The launch's kernel arguments by name (positional, then keywords; not the launch options)."""
+    jit_fn = jit_function(rec)
+    named = dict(zip(jit_fn.arg_names, rec.args, strict=False))
+    named.update({k: v for k, v in rec.kwargs.items() if k in jit_fn.arg_names})
+    return named
+
+
 def compile_launch(rec: launch.Launch, arch: int = HOPPER) -> list[CompiledVariant]:
     """Compile one recorded launch for ``sm_<arch>``: each config its autotuner would time, else the one."""
     kernel = rec.kernel
     tuned = isinstance(kernel, triton.runtime.Autotuner)
-    jit_fn = kernel.fn if tuned else kernel
+    jit_fn = jit_function(rec)
     options = {k: v for k, v in rec.kwargs.items() if k not in jit_fn.arg_names}
-    named = dict(zip(jit_fn.arg_names, rec.args, strict=False))  # positional first, then keywords
-    named.update({k: v for k, v in rec.kwargs.items() if k in jit_fn.arg_names})
+    named = kernel_arguments(rec)
     if tuned:
         # As Autotuner.run: positional arguments in nargs, the call's keywords to the prune hook.
         kernel.nargs = dict(zip(jit_fn.arg_names, rec.args, strict=False))

@@ -842,36 +842,52 @@ void wo_dequant_row_scalar(const WoGemm& g, int64_t n, float* buf, int64_t k0) {
 // right by 2i has its code in bits 1-0 and the table repeats every 4 entries. int4: 8 bytes =
 // inputs k..k+15; lanes 0-7 take the low dword, lanes 8-15 the high one, lane i shifted right by
 // 4 (i mod 8) has its code in bits 3-0.
+// AVX-512 decoding, shared by the buffered and the fused paths. A table holds a row's (ternary)
+// or a group's (int4) 16 dequantized values; vpermps picks each lane's by its code.
+__attribute__((target("avx512f"))) inline __m512 wo_ternary_table_512(const WoGemm& g, int64_t n) {
+  const float s = g.scale[g.scale_per_row ? n : 0];
+  return _mm512_set_ps(0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f,
+                       s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f);
+}
+
+__attribute__((target("avx512f"))) inline __m512 wo_int4_table_512(const WoGemm& g, int64_t n, int64_t gi) {
+  const int64_t G = g.K / g.group;
+  const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  // (q - z) * s for q = 0..15, in the reference's order
+  return _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(g.zero[n * G + gi])), _mm512_set1_ps(g.scale[n * G + gi]));
+}
+
+// 16 ternary weights from one dword of k4 bytes.
+__attribute__((target("avx512f"))) inline __m512 wo_ternary_decode_512(uint32_t d, __m512 table) {
+  const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d)), shifts), table);
+}
+
+// 16 int4 weights from the 8 bytes at p.
+__attribute__((target("avx512f"))) inline __m512 wo_int4_decode_512(const uint8_t* p, __m512 table) {
+  const __m512i shifts = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+  const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i b = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_permutexvar_epi32(halves, b), shifts), table);
+}
+
 __attribute__((target("avx512f"))) void wo_dequant_row_512(const WoGemm& g, int64_t n, float* buf) {
   const int64_t K16 = g.K / 16 * 16;
   if (!g.int4) {
-    const float s = g.scale[g.scale_per_row ? n : 0];
-    const __m512 table = _mm512_set_ps(0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f,
-                                       0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f);
-    const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512 table = wo_ternary_table_512(g, n);
     const uint8_t* r = g.w + n * (g.K / 4);
     for (int64_t k = 0; k < K16; k += 16) {
       uint32_t d;
       std::memcpy(&d, r + k / 4, 4);
-      const __m512i v = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d)), shifts);
-      _mm512_storeu_ps(buf + k, _mm512_permutexvar_ps(v, table));
+      _mm512_storeu_ps(buf + k, wo_ternary_decode_512(d, table));
     }
   } else if (g.group % 16 == 0) {
     const int64_t G = g.K / g.group;
-    const __m512i shifts = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
-    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const uint8_t* r = g.w + n * (g.K / 2);
     for (int64_t gi = 0; gi < G; ++gi) {
-      // (q - z) * s for q = 0..15, in the reference's order: one table per group
-      const __m512 table = _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(g.zero[n * G + gi])),
-                                         _mm512_set1_ps(g.scale[n * G + gi]));
+      const __m512 table = wo_int4_table_512(g, n, gi);  // one table per group
       const int64_t k_end = (gi + 1) * g.group;
-      for (int64_t k = gi * g.group; k < k_end; k += 16) {
-        const __m512i b = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + k / 2)));
-        const __m512i v = _mm512_srlv_epi32(_mm512_permutexvar_epi32(halves, b), shifts);
-        _mm512_storeu_ps(buf + k, _mm512_permutexvar_ps(v, table));
-      }
+      for (int64_t k = gi * g.group; k < k_end; k += 16) _mm512_storeu_ps(buf + k, wo_int4_decode_512(r + k / 2, table));
     }
   } else {
     wo_dequant_row_scalar(g, n, buf, 0);  // groups that do not align with the vectors
@@ -924,19 +940,6 @@ __attribute__((target("avx512f"))) void wo_tile_512(const WoGemm& g, int64_t m0,
 // one column would be one chain). Each (token, column) sum is still one accumulator over k in
 // order, reduced at the end: the numbers of wo_tile_512, whatever M. Ternary any K (a multiple of
 // 4); int4 needs groups of 16k inputs (the caller checks).
-__attribute__((target("avx512f"))) inline __m512 wo_ternary_table_512(const WoGemm& g, int64_t n) {
-  const float s = g.scale[g.scale_per_row ? n : 0];
-  return _mm512_set_ps(0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f,
-                       s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f);
-}
-
-__attribute__((target("avx512f"))) inline __m512 wo_int4_table_512(const WoGemm& g, int64_t n, int64_t gi) {
-  const int64_t G = g.K / g.group;
-  const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  // (q - z) * s for q = 0..15, in the reference's order
-  return _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(g.zero[n * G + gi])), _mm512_set1_ps(g.scale[n * G + gi]));
-}
-
 template <int MR, int NC>
 __attribute__((target("avx512f"))) void wo_fused_cols_512(const WoGemm& g, int64_t n) {
   const float* xr = g.x;
@@ -949,7 +952,6 @@ __attribute__((target("avx512f"))) void wo_fused_cols_512(const WoGemm& g, int64
   if (!g.int4) {
     const int64_t K16 = g.K / 16 * 16;
     const __mmask16 tail = static_cast<__mmask16>((1u << (g.K - K16)) - 1);
-    const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     __m512 table[NC];
     const uint8_t* r[NC];
     DITQ_UNROLL
@@ -962,7 +964,7 @@ __attribute__((target("avx512f"))) void wo_fused_cols_512(const WoGemm& g, int64
       for (int c = 0; c < NC; ++c) {
         uint32_t d;
         std::memcpy(&d, r[c] + k / 4, 4);
-        const __m512 w = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d)), shifts), table[c]);
+        const __m512 w = wo_ternary_decode_512(d, table[c]);
         DITQ_UNROLL
         for (int i = 0; i < MR; ++i) acc[i][c] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i * g.K + k), w, acc[i][c]);
       }
@@ -972,7 +974,7 @@ __attribute__((target("avx512f"))) void wo_fused_cols_512(const WoGemm& g, int64
       for (int c = 0; c < NC; ++c) {
         uint32_t d = 0;
         std::memcpy(&d, r[c] + K16 / 4, static_cast<size_t>((g.K - K16) / 4));
-        const __m512 w = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(d)), shifts), table[c]);
+        const __m512 w = wo_ternary_decode_512(d, table[c]);
         DITQ_UNROLL
         for (int i = 0; i < MR; ++i)
           acc[i][c] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, xr + i * g.K + K16), w, acc[i][c]);
@@ -980,8 +982,6 @@ __attribute__((target("avx512f"))) void wo_fused_cols_512(const WoGemm& g, int64
     }
   } else {
     const int64_t G = g.K / g.group;
-    const __m512i shifts = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
-    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     for (int64_t gi = 0; gi < G; ++gi) {
       __m512 table[NC];
       DITQ_UNROLL
@@ -990,9 +990,7 @@ __attribute__((target("avx512f"))) void wo_fused_cols_512(const WoGemm& g, int64
       for (int64_t k = gi * g.group; k < k_end; k += 16) {
         DITQ_UNROLL
         for (int c = 0; c < NC; ++c) {
-          const uint8_t* r = g.w + (n + c) * (g.K / 2) + k / 2;
-          const __m512i b = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r)));
-          const __m512 w = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_permutexvar_epi32(halves, b), shifts), table[c]);
+          const __m512 w = wo_int4_decode_512(g.w + (n + c) * (g.K / 2) + k / 2, table[c]);
           DITQ_UNROLL
           for (int i = 0; i < MR; ++i) acc[i][c] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i * g.K + k), w, acc[i][c]);
         }

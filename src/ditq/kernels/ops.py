@@ -847,7 +847,8 @@ def int4_linear(
     byte); ``w_scale``, ``w_zero`` float ``[N, K/g]`` (the group size g is
     ``K / w_scale.shape[1]``). The weight is dequantized in the scale's dtype
     (as :func:`ditq.quant.primitives.dequantize`) and cast to ``x.dtype``;
-    returns ``x.dtype [..., N]``. For small batches.
+    returns ``x.dtype [..., N]``. For small batches. Zero points are integers
+    (Q-DiT rounds them): the fast implementations rely on ``q − z`` being exact.
     """
     _check_int4(x, w_packed, w_scale, w_zero, bias)
     return _dispatch("int4_linear", x.device, x, w_packed, w_scale, w_zero, bias)

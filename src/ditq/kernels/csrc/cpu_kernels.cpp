@@ -1020,43 +1020,70 @@ __attribute__((target("avx512f"))) void wo_fused_512(const WoGemm& g, int64_t n0
 // AVX2: 8 weights per step. Ternary: two k4 bytes, lane i shifted right by 2i, an 8-entry table
 // (vpermps reads 3 index bits; the table repeats every 4). int4: one dword, lane i shifted right
 // by 4i; vpermps reads only 3 bits, so two tables (codes 0-7, 8-15) are blended on bit 3.
+// AVX2 decoding, shared by the buffered and the fused paths.
+__attribute__((target("avx2,fma"))) inline __m256 wo_ternary_table_256(const WoGemm& g, int64_t n) {
+  const float s = g.scale[g.scale_per_row ? n : 0];
+  return _mm256_set_ps(0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f);
+}
+
+// The two tables of an int4 group: codes 0-7 and 8-15, each (q - z) * s in the reference's order.
+struct WoInt4Tables256 {
+  __m256 lo, hi;
+};
+
+__attribute__((target("avx2,fma"))) inline WoInt4Tables256 wo_int4_tables_256(const WoGemm& g, int64_t n, int64_t gi) {
+  const int64_t G = g.K / g.group;
+  const __m256 z = _mm256_set1_ps(g.zero[n * G + gi]), s = _mm256_set1_ps(g.scale[n * G + gi]);
+  return {_mm256_mul_ps(_mm256_sub_ps(_mm256_set_ps(7, 6, 5, 4, 3, 2, 1, 0), z), s),
+          _mm256_mul_ps(_mm256_sub_ps(_mm256_set_ps(15, 14, 13, 12, 11, 10, 9, 8), z), s)};
+}
+
+// 8 ternary weights from two k4 bytes.
+__attribute__((target("avx2,fma"))) inline __m256 wo_ternary_decode_256(uint16_t d, __m256 table) {
+  const __m256i shifts = _mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0);
+  return _mm256_permutevar8x32_ps(table, _mm256_srlv_epi32(_mm256_set1_epi32(d), shifts));
+}
+
+// 8 int4 weights from the 4 bytes at p.
+__attribute__((target("avx2,fma"))) inline __m256 wo_int4_decode_256(const uint8_t* p, const WoInt4Tables256& t) {
+  const __m256i shifts = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+  uint32_t d;
+  std::memcpy(&d, p, 4);
+  const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(d)), shifts);
+  const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(v, 28));  // bit 3 -> sign bit
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, v), _mm256_permutevar8x32_ps(t.hi, v), high);
+}
+
 __attribute__((target("avx2,fma"))) void wo_dequant_row_256(const WoGemm& g, int64_t n, float* buf) {
   const int64_t K8 = g.K / 8 * 8;
   if (!g.int4) {
-    const float s = g.scale[g.scale_per_row ? n : 0];
-    const __m256 table = _mm256_set_ps(0.0f, s * 1.0f, s * 0.0f, s * -1.0f, 0.0f, s * 1.0f, s * 0.0f, s * -1.0f);
-    const __m256i shifts = _mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0);
+    const __m256 table = wo_ternary_table_256(g, n);
     const uint8_t* r = g.w + n * (g.K / 4);
     for (int64_t k = 0; k < K8; k += 8) {
       uint16_t d;
       std::memcpy(&d, r + k / 4, 2);
-      const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(d), shifts);
-      _mm256_storeu_ps(buf + k, _mm256_permutevar8x32_ps(table, v));
+      _mm256_storeu_ps(buf + k, wo_ternary_decode_256(d, table));
     }
   } else if (g.group % 8 == 0) {
     const int64_t G = g.K / g.group;
-    const __m256i shifts = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0);
-    const __m256 lo_codes = _mm256_set_ps(7, 6, 5, 4, 3, 2, 1, 0);
-    const __m256 hi_codes = _mm256_set_ps(15, 14, 13, 12, 11, 10, 9, 8);
     const uint8_t* r = g.w + n * (g.K / 2);
     for (int64_t gi = 0; gi < G; ++gi) {
-      const __m256 z = _mm256_set1_ps(g.zero[n * G + gi]), s = _mm256_set1_ps(g.scale[n * G + gi]);
-      const __m256 lo = _mm256_mul_ps(_mm256_sub_ps(lo_codes, z), s);
-      const __m256 hi = _mm256_mul_ps(_mm256_sub_ps(hi_codes, z), s);
+      const WoInt4Tables256 t = wo_int4_tables_256(g, n, gi);
       const int64_t k_end = (gi + 1) * g.group;
-      for (int64_t k = gi * g.group; k < k_end; k += 8) {
-        uint32_t d;
-        std::memcpy(&d, r + k / 2, 4);
-        const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(d)), shifts);
-        const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(v, 28));  // bit 3 -> sign bit
-        _mm256_storeu_ps(buf + k, _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, v), _mm256_permutevar8x32_ps(hi, v), high));
-      }
+      for (int64_t k = gi * g.group; k < k_end; k += 8) _mm256_storeu_ps(buf + k, wo_int4_decode_256(r + k / 2, t));
     }
   } else {
     wo_dequant_row_scalar(g, n, buf, 0);  // groups that do not align with the vectors
     return;
   }
   wo_dequant_row_scalar(g, n, buf, K8);  // the last K mod 8 inputs (K is a multiple of 4), padding
+}
+
+// 8-lane horizontal sum, in wo_tile_256's order.
+__attribute__((target("avx2,fma"))) inline float wo_hsum_256(__m256 a) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
 
 template <int MR>
@@ -1084,35 +1111,111 @@ __attribute__((target("avx2,fma"))) void wo_tile_256(const WoGemm& g, int64_t m0
     for (int j = 0; j < kWoNR; ++j) {
       const int64_t n = n0 + j;
       if (n >= g.N) break;
-      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
-      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      float v = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+      float v = wo_hsum_256(acc[i][j]);
       if (g.bias) v += g.bias[n];
       g.out[(m0 + i) * g.N + n] = v;
     }
   }
 }
+
+// A few tokens, AVX2: as wo_fused_cols_512 with 8 lanes (the numbers of wo_tile_256).
+template <int MR, int NC>
+__attribute__((target("avx2,fma"))) void wo_fused_cols_256(const WoGemm& g, int64_t n) {
+  const float* xr = g.x;
+  __m256 acc[MR][NC];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int c = 0; c < NC; ++c) acc[i][c] = _mm256_setzero_ps();
+  }
+  if (!g.int4) {
+    const int64_t K8 = g.K / 8 * 8;
+    __m256 table[NC];
+    const uint8_t* r[NC];
+    DITQ_UNROLL
+    for (int c = 0; c < NC; ++c) {
+      table[c] = wo_ternary_table_256(g, n + c);
+      r[c] = g.w + (n + c) * (g.K / 4);
+    }
+    for (int64_t k = 0; k < K8; k += 8) {
+      DITQ_UNROLL
+      for (int c = 0; c < NC; ++c) {
+        uint16_t d;
+        std::memcpy(&d, r[c] + k / 4, 2);
+        const __m256 w = wo_ternary_decode_256(d, table[c]);
+        DITQ_UNROLL
+        for (int i = 0; i < MR; ++i) acc[i][c] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i * g.K + k), w, acc[i][c]);
+      }
+    }
+    if (K8 < g.K) {  // the last 4 inputs (K is a multiple of 4): one byte, x masked to zero past K
+      const __m256i mask = _mm256_set_epi32(0, 0, 0, 0, -1, -1, -1, -1);
+      DITQ_UNROLL
+      for (int c = 0; c < NC; ++c) {
+        const __m256 w = wo_ternary_decode_256(r[c][K8 / 4], table[c]);
+        DITQ_UNROLL
+        for (int i = 0; i < MR; ++i)
+          acc[i][c] = _mm256_fmadd_ps(_mm256_maskload_ps(xr + i * g.K + K8, mask), w, acc[i][c]);
+      }
+    }
+  } else {
+    const int64_t G = g.K / g.group;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      WoInt4Tables256 t[NC];
+      DITQ_UNROLL
+      for (int c = 0; c < NC; ++c) t[c] = wo_int4_tables_256(g, n + c, gi);
+      const int64_t k_end = (gi + 1) * g.group;
+      for (int64_t k = gi * g.group; k < k_end; k += 8) {
+        DITQ_UNROLL
+        for (int c = 0; c < NC; ++c) {
+          const __m256 w = wo_int4_decode_256(g.w + (n + c) * (g.K / 2) + k / 2, t[c]);
+          DITQ_UNROLL
+          for (int i = 0; i < MR; ++i) acc[i][c] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i * g.K + k), w, acc[i][c]);
+        }
+      }
+    }
+  }
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    DITQ_UNROLL
+    for (int c = 0; c < NC; ++c) {
+      float v = wo_hsum_256(acc[i][c]);
+      if (g.bias) v += g.bias[n + c];
+      g.out[i * g.N + n + c] = v;
+    }
+  }
+}
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void wo_fused_256(const WoGemm& g, int64_t n0, int64_t n1) {
+  constexpr int NC = MR >= 4 ? 1 : 4 / MR;
+  int64_t n = n0;
+  for (; n + NC <= n1; n += NC) wo_fused_cols_256<MR, NC>(g, n);
+  for (; n < n1; ++n) wo_fused_cols_256<MR, 1>(g, n);
+}
 #endif
 
 constexpr int kWoMR512 = 4;  // AVX-512: 16 accumulators + 4 weight vectors + 1 activation
 constexpr int kWoMR256 = 2;  // AVX2: 8 accumulators of 16 registers
-constexpr int kWoFusedM = 4;  // the most tokens wo_fused_512 is instantiated for
+constexpr int kWoFusedM = 4;  // the most tokens wo_fused_512 / wo_fused_256 are instantiated for
 
-// fused_max_m: up to this many tokens (at most kWoFusedM) AVX-512 decodes weights in registers
-// (wo_fused_512); 0 keeps the buffered path for every M.
+// fused_max_m: up to this many tokens (at most kWoFusedM) the weights are decoded in registers
+// (wo_fused_512, wo_fused_256); 0 keeps the buffered path for every M.
 void wo_gemm(WoGemm g, int64_t isa, int64_t fused_max_m) {
 #if DITQ_X86
   const int64_t fused_m = std::min<int64_t>(fused_max_m, kWoFusedM);
-  if (isa == kAvx512Vnni && g.M >= 1 && g.M <= fused_m && (!g.int4 || g.group % 16 == 0)) {
+  const int64_t vec = isa == kAvx512Vnni ? 16 : 8;  // int4 groups must hold whole vectors
+  if ((isa == kAvx512Vnni || isa == kAvx2) && g.M >= 1 && g.M <= fused_m && (!g.int4 || g.group % vec == 0)) {
     using FusedFn = void (*)(const WoGemm&, int64_t, int64_t);
-    static const FusedFn fused[kWoFusedM + 1] = {nullptr, wo_fused_512<1>, wo_fused_512<2>, wo_fused_512<3>,
-                                                 wo_fused_512<4>};
-    at::parallel_for(0, g.N, kWoN, [&](int64_t b, int64_t e) { fused[g.M](g, b, e); });
+    static const FusedFn f512[kWoFusedM + 1] = {nullptr, wo_fused_512<1>, wo_fused_512<2>, wo_fused_512<3>,
+                                                wo_fused_512<4>};
+    static const FusedFn f256[kWoFusedM + 1] = {nullptr, wo_fused_256<1>, wo_fused_256<2>, wo_fused_256<3>,
+                                                wo_fused_256<4>};
+    const FusedFn fn = (isa == kAvx512Vnni ? f512 : f256)[g.M];
+    at::parallel_for(0, g.N, kWoN, [&](int64_t b, int64_t e) { fn(g, b, e); });
     return;
   }
   if (isa == kAvx512Vnni || isa == kAvx2) {
     const bool wide = isa == kAvx512Vnni;
-    const int64_t vec = wide ? 16 : 8;
     g.Kp = (g.K + vec - 1) / vec * vec;
     using TileFn = void (*)(const WoGemm&, int64_t, int64_t, const float*);
     static const TileFn t512[kWoMR512 + 1] = {nullptr, wo_tile_512<1>, wo_tile_512<2>, wo_tile_512<3>, wo_tile_512<4>};

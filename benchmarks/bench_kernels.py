@@ -324,6 +324,11 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median kept (3 CPU, 10 GPU)")
     p.add_argument("--min-ms", type=float, default=None, help="shortest timing of one repeat (20 CPU, 5 GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument(
+        "--isa",
+        default=None,
+        help="cap ditq's CPU kernels at this instruction set (avx2, scalar; default: best)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -348,6 +353,11 @@ def main(argv=None) -> dict:
     notes = []
     if args.device.type == "cpu":
         cpu.build()
+        if args.isa:
+            cpu.set_isa(args.isa)
+            notes.append(
+                f"ditq's CPU kernels capped at {args.isa} (the fp32 baseline still uses the best BLAS)"
+            )
         if max(args.m) > 1024:
             notes.append("M above 1024 on CPU takes long; the default caps M at 1024")
     results = {

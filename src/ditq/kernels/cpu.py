@@ -26,8 +26,8 @@ What runs, per op (see :func:`available_backends` for this machine):
   bit. Segments must be a multiple of 8 inputs; other cases, and CPUs without
   AVX-512 VNNI, take the reference.
 * ``ternary_linear``, ``int4_linear`` (weight-only, float32 activations), on AVX2
-  and AVX-512: up to ``WEIGHT_ONLY_FUSED_MAX_M`` tokens (AVX-512; int4 in groups
-  of 16k inputs) the codes are decoded in registers and multiplied at once, four
+  and AVX-512: up to ``WEIGHT_ONLY_FUSED_MAX_M`` tokens (int4 in groups of whole
+  vectors) the codes are decoded in registers and multiplied at once, four
   columns' FMA chains side by side; up to ``WEIGHT_ONLY_DIRECT_MAX_M`` tokens, ditq's
   fp32 GEMM: each work item dequantizes 16 weight rows into a per-thread buffer
   (a table lookup per 16 codes: ``vpermps`` on a table of the row's or group's
@@ -118,8 +118,8 @@ AVX2_W8A8_MAX_M = 4
 # Weight-only ops: up to this many tokens ditq's GEMM (dequantized weights in a per-thread buffer);
 # beyond, blocks of columns dequantized into a buffer of DEQUANT_BLOCK_BYTES and multiplied by BLAS.
 WEIGHT_ONLY_DIRECT_MAX_M = 32
-# Up to this many tokens (at most 4), AVX-512 decodes the packed weights in registers and multiplies
-# them at once, without the buffer (the same numbers); 0 turns that path off.
+# Up to this many tokens (at most 4), the packed weights are decoded in registers (AVX2, AVX-512) and
+# multiplied at once, without the buffer (the same numbers); 0 turns that path off.
 WEIGHT_ONLY_FUSED_MAX_M = 4
 DEQUANT_BLOCK_BYTES = 16 << 20
 DEQUANT_BLOCK_MIN_COLS = 256
@@ -316,7 +316,7 @@ def available_backends(build_now: bool = False) -> dict[str, str]:
     wo = "reference"
     if level in (AVX2, AVX512_VNNI):
         wo = f"{cpp} (M <= {WEIGHT_ONLY_DIRECT_MAX_M}) / {cpp} dequant + BLAS"
-        if level == AVX512_VNNI and WEIGHT_ONLY_FUSED_MAX_M > 0:
+        if WEIGHT_ONLY_FUSED_MAX_M > 0:
             wo += f"; M <= {min(WEIGHT_ONLY_FUSED_MAX_M, 4)} decoded in registers"
     return {
         "extension": ext,

@@ -5,7 +5,8 @@ and other registry names get random weights at their real shapes, adaLN and
 the final layer included, so outputs are not trivially zero) the script builds
 in memory, round-to-nearest and without calibration:
 
-* ``fp32``: the float model (the baseline);
+* ``fp32``: the float model (the baseline), run in ``--dtype`` like the others
+  (bfloat16 on CUDA by default: the GPU targets are against bf16 eager);
 * ``w8a8``: Q-DiT layers with symmetric per-channel int8 weights and dynamic
   symmetric per-token int8 activations (``w8a8_linear``);
 * ``w4a8``: Q-DiT W4A8 with groups of 128 (asymmetric 4-bit weights, dynamic
@@ -132,10 +133,12 @@ def step_fn(model: torch.nn.Module, cfg: bool):
     )
 
 
-def step_inputs(config, batch: int, cfg: bool, step: int, device: torch.device, seed: int):
+def step_inputs(
+    config, batch: int, cfg: bool, step: int, device: torch.device, seed: int, dtype=torch.float32
+):
     g = torch.Generator().manual_seed(seed + step)
     shape = (config.in_channels, config.input_size, config.input_size)
-    x = torch.randn(batch, *shape, generator=g)
+    x = torch.randn(batch, *shape, generator=g).to(dtype)
     y = torch.randint(0, config.num_classes, (batch,), generator=g)
     if cfg:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, config.num_classes)])
@@ -145,16 +148,16 @@ def step_inputs(config, batch: int, cfg: bool, step: int, device: torch.device, 
 
 # ----------------------------------------------------------------------------- one setting
 def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
-    device, sync = args.device, synchronizer(args.device)
+    device, sync, dtype = args.device, synchronizer(args.device), getattr(torch, args.dtype)
     fns = {v: step_fn(m, cfg) for v, m in loaded.items()}
     times: dict[str, list[float]] = {v: [] for v in loaded}
     peak: dict[str, int | None] = dict.fromkeys(loaded)
     with torch.inference_mode():
-        warm = step_inputs(fp_config, args.batch_size, cfg, -1, device, args.seed)
+        warm = step_inputs(fp_config, args.batch_size, cfg, -1, device, args.seed, dtype)
         for fn in fns.values():  # warm-up: builds the CPU kernels, prepacks weights
             fn(*warm[:2], **warm[2])
         for step in range(args.steps):
-            x, t, kw = step_inputs(fp_config, args.batch_size, cfg, step, device, args.seed)
+            x, t, kw = step_inputs(fp_config, args.batch_size, cfg, step, device, args.seed, dtype)
             for v, fn in fns.items():
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -162,7 +165,7 @@ def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
                 if device.type == "cuda":
                     peak[v] = max(peak[v] or 0, torch.cuda.max_memory_allocated(device))
         # one step's output: kernels vs the same model's fake-quant / float path, and vs FP
-        x, t, kw = step_inputs(fp_config, args.batch_size, cfg, 0, device, args.seed)
+        x, t, kw = step_inputs(fp_config, args.batch_size, cfg, 0, device, args.seed, dtype)
         ref_fp = fns["fp32"](x, t, **kw).float() if "fp32" in fns else None
         diffs = {}
         for v, m in loaded.items():
@@ -193,7 +196,7 @@ def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
                 "K": c.hidden_size,
                 "N": int(c.hidden_size * c.mlp_ratio),
                 "ms": ms,
-                "baseline": "fp32 model",
+                "baseline": f"float model ({args.dtype})",
                 "baseline_ms": base_ms,
                 "speedup": None if base_ms is None else base_ms / ms,
                 "weight_bytes": held_bytes(m) + pre,
@@ -232,13 +235,14 @@ def render(results: dict) -> str:
         + (f", GPU {m['gpu']}" if "gpu" in m else "")
         + f"; torch {m['torch']}, Python {m['python']}; {m['date']}",
         f"load average before/after: {m['load_average']} / {results.get('load_average_after')}",
-        f"model {a['model']}, batch {a['batch_size']}, median of {a['steps']} steps, kernel backend "
+        f"model {a['model']} in {a['dtype']}, batch {a['batch_size']}, median of {a['steps']} steps, "
+        "kernel backend "
         f"{a['backend']} ({results['rows'][0]['resolved_backend'] if results['rows'] else '-'}); "
         f"CPU kernels: {results['cpu_backends'].get('extension', '-')}",
         "",
     ]
     header = [
-        "variant", "cfg", "M", "ms/step", "fp32 ms", "speedup", "weights MB", "ckpt MB",
+        "variant", "cfg", "M", "ms/step", "float ms", "speedup", "weights MB", "ckpt MB",
         "max|d| vs fake", "max|d| vs fp", "kernels",
     ]  # fmt: skip
     rows = [
@@ -267,10 +271,17 @@ def parse_args(argv=None):
     p.add_argument("--cfg", default="on,off", help="guidance settings to time: on, off or on,off")
     p.add_argument("--steps", type=int, default=5, help="timed steps per setting (median kept)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="float dtype of the models and activations (default: bfloat16 on CUDA, float32 on CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
         if v not in VARIANTS:
@@ -315,7 +326,9 @@ def main(argv=None) -> dict:
                 gc.collect()
                 log(f"  {v}: {paths[v].stat().st_size / 2**20:.2f} MB in {time.perf_counter() - t0:.1f} s")
         args.ckpt_bytes = {v: p.stat().st_size for v, p in paths.items()}
-        loaded = {v: load_model(p, device=args.device) for v, p in paths.items()}
+        # the float parts (and the quantized layers' scales and biases) in --dtype; packed codes stay
+        dtype = getattr(torch, args.dtype)
+        loaded = {v: load_model(p, device=args.device).to(dtype) for v, p in paths.items()}
         for cfg in args.cfg:
             results["rows"] += bench_setting(loaded, cfg, args, fp_config)
     if args.device.type == "cpu" and args.backend == "auto":

@@ -193,9 +193,8 @@ def compile_launch(rec: launch.Launch, arch: int = HOPPER) -> list[CompiledVaria
         try:
             _compile_into(variant, jit_fn, params, opts, arch)
         except Exception as e:  # noqa: BLE001 - a compile error is a result to report, not a crash
-            variant.error = (
-                f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
-            )
+            lines = str(e).strip().splitlines()
+            variant.error = f"{type(e).__name__}: {lines[-1][:300] if lines else ''}"
         out.append(variant)
     return out
 

@@ -262,6 +262,8 @@ def _small_args():
     return {
         "quantize_per_token_int8": (x, 0),
         "quantize_per_token_asym": (x, 8, 4),
+        "layernorm_modulate_quantize_int8": (x.reshape(1, 3, 16), x[:1], x[1:2], 1e-6),
+        "gelu_quantize_int8": (x,),
         "w8a8_linear": (xq, xs, w8, ws, b, torch.float32),
         "w158a8_linear": (xq, xs, w2, ws[:1], None, torch.bfloat16),
         "w4a8_linear": (aq, asx, azx, a4, asw, azw, ab, torch.float32),

@@ -322,6 +322,9 @@ def available_backends(build_now: bool = False) -> dict[str, str]:
         "extension": ext,
         "quantize_per_token_int8": cpp or "reference",
         "quantize_per_token_asym": cpp or "reference",
+        # No CPU kernels: on CPUs the linears dominate and these passes are a few percent of a step.
+        "layernorm_modulate_quantize_int8": "reference",
+        "gelu_quantize_int8": "reference",
         "w8a8_linear": w8,
         "w158a8_linear": cpp if level in (AVX2, AVX512_VNNI) else "reference",
         "w4a8_linear": cpp if level == AVX512_VNNI else "reference",

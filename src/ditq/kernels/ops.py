@@ -31,6 +31,11 @@ the same name below; arguments are checked, with a one-line :class:`KernelError`
 
     quantize_per_token_int8(x, group=0)              -> (q int8, scale float32)
     quantize_per_token_asym(x, bits, group=0)        -> (q uint8, scale float32, zero float32), Q-DiT's rule
+    layernorm_modulate_quantize_int8(x, shift, scale, eps)
+                                                     -> (q int8, scale float32): DiT's norm + adaLN
+                                                     modulation, then quantize_per_token_int8, one pass
+    gelu_quantize_int8(x)                            -> (q int8, scale float32): GELU (tanh), then
+                                                     quantize_per_token_int8, one pass
     w8a8_linear(xq, xs, wq, ws, bias, out_dtype)     int8 activations x int8 weights
     w158a8_linear(xq, xs, w_packed, w_scale, bias, out_dtype)
                                                      int8 activations x ternary (2-bit "k4") weights
@@ -78,6 +83,8 @@ RANGE_EPS = 1e-5
 OPS = (
     "quantize_per_token_int8",
     "quantize_per_token_asym",
+    "layernorm_modulate_quantize_int8",
+    "gelu_quantize_int8",
     "w8a8_linear",
     "w158a8_linear",
     "w4a8_linear",
@@ -482,6 +489,20 @@ def ref_quantize_per_token_asym(x: Tensor, bits: int, group: int = 0) -> tuple[T
     return q, scale.squeeze(-1), zero.squeeze(-1)
 
 
+def ref_layernorm_modulate_quantize_int8(
+    x: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`layernorm_modulate_quantize_int8`: the unfused composition, in ``x``'s dtype."""
+    normed = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    modulated = normed * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return ref_quantize_per_token_int8(modulated)
+
+
+def ref_gelu_quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`gelu_quantize_int8`: the unfused composition, in ``x``'s dtype."""
+    return ref_quantize_per_token_int8(F.gelu(x, approximate="tanh"))
+
+
 def ref_w8a8_linear(
     xq: Tensor, xs: Tensor, wq: Tensor, ws: Tensor, bias: Tensor | None = None, out_dtype=torch.float32
 ) -> Tensor:
@@ -569,6 +590,8 @@ def ref_int4_linear(
 REFERENCE: dict[str, Callable] = {
     "quantize_per_token_int8": ref_quantize_per_token_int8,
     "quantize_per_token_asym": ref_quantize_per_token_asym,
+    "layernorm_modulate_quantize_int8": ref_layernorm_modulate_quantize_int8,
+    "gelu_quantize_int8": ref_gelu_quantize_int8,
     "w8a8_linear": ref_w8a8_linear,
     "w158a8_linear": ref_w158a8_linear,
     "w4a8_linear": ref_w4a8_linear,
@@ -652,6 +675,83 @@ def _(x, bits, group=0):
     lead = (*x.shape[:-1], k // g)
     f32 = torch.float32
     return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(lead, dtype=f32), x.new_empty(lead, dtype=f32)
+
+
+_PRODUCER_NOTE = """
+    A fast implementation computes the producer in float32 with its own rounding
+    (the order of a sum, a library's ``tanh``), so a value one unit in the last
+    place away from the reference's can move its code by one where it lies at a
+    rounding boundary: codes agree with the reference's except for such rare
+    off-by-ones, the scales to float32 rounding. Rounding to ``x``'s dtype
+    between steps is kept, so bfloat16 inputs give bfloat16 eager's numbers.
+"""
+
+
+def _check_layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> int:
+    op = "layernorm_modulate_quantize_int8"
+    _check_tensor(op, "x", x, "float", dim=3)
+    b, _, k = x.shape
+    if k == 0:
+        _fail(op, f"x must be [B, T, K] with K >= 1, got shape {tuple(x.shape)}")
+    for name, t in (("shift", shift), ("scale", scale)):
+        _check_tensor(op, name, t, (x.dtype,), dim=2)
+        if tuple(t.shape) != (b, k):
+            _fail(op, f"{name} must be [B, K] = [{b}, {k}] (one row per sample), got {tuple(t.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+        _fail(op, f"eps must be a positive finite number, got {eps!r}")
+    return k
+
+
+@torch.library.custom_op(f"{NAMESPACE}::layernorm_modulate_quantize_int8", mutates_args=())
+def layernorm_modulate_quantize_int8(
+    x: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """DiT's pre-linear activation in one pass: LayerNorm (no affine), adaLN modulation, int8 per token.
+
+    ``x``: float ``[B, T, K]``; ``shift``, ``scale``: ``[B, K]`` in ``x``'s dtype
+    (one row per sample, broadcast over its T tokens). Computes
+    ``quantize_per_token_int8(layer_norm(x, eps) * (1 + scale) + shift)``: ``q``
+    int8 ``[B, T, K]`` and ``scale`` float32 ``[B, T, 1]``, without writing the
+    normalized or modulated activations (two thirds of the bytes such a block
+    moves before its ``qkv`` and ``fc1`` linears on a GPU).
+    """
+    _check_layernorm_modulate(x, shift, scale, eps)
+    return _dispatch("layernorm_modulate_quantize_int8", x.device, x, shift, scale, eps)
+
+
+layernorm_modulate_quantize_int8.__doc__ += _PRODUCER_NOTE
+
+
+@layernorm_modulate_quantize_int8.register_fake
+def _(x, shift, scale, eps):
+    _check_layernorm_modulate(x, shift, scale, eps)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def _check_gelu_quantize(x: Tensor) -> int:
+    return _check_acts("gelu_quantize_int8", x, "x", "float", max_k=False)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::gelu_quantize_int8", mutates_args=())
+def gelu_quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The MLP's hidden activation in one pass: GELU (tanh approximation), then int8 per token.
+
+    ``x``: float ``[..., K]`` (the ``fc1`` output). Computes
+    ``quantize_per_token_int8(gelu(x, approximate="tanh"))``: ``q`` int8
+    ``[..., K]`` and ``scale`` float32 ``[..., 1]``, without writing the GELU
+    output (the largest activation of a DiT block: 4x the hidden size).
+    """
+    _check_gelu_quantize(x)
+    return _dispatch("gelu_quantize_int8", x.device, x)
+
+
+gelu_quantize_int8.__doc__ += _PRODUCER_NOTE
+
+
+@gelu_quantize_int8.register_fake
+def _(x):
+    _check_gelu_quantize(x)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
 def _check_w8a8(xq, xs, wq, ws, bias, out_dtype) -> int:

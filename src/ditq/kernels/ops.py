@@ -24,7 +24,9 @@ only where it declines a call). :func:`available_backends` lists what this
 machine has; asking for anything else is a one-line :class:`KernelError`.
 :func:`has_fast_impl` tells layers (``ditq.quant``) whether an op would run a
 fast implementation, so that they can keep their float path where only an
-emulating reference exists.
+emulating reference exists; :func:`should_fuse` tells a model whether to run
+a producer fused with its consumer's activation quantization and hand the
+consumer :class:`Int8Tokens`.
 
 Ops (call them as ``torch.ops.ditq.<name>`` or through the Python functions of
 the same name below; arguments are checked, with a one-line :class:`KernelError`)::
@@ -62,6 +64,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -307,6 +310,47 @@ def has_fast_impl(
             return _cpu_unavailable() is None
         return report[op] != "reference"
     return True
+
+
+@dataclass(frozen=True)
+class Int8Tokens:
+    """Activations already quantized per token by :func:`quantize_per_token_int8`'s rule.
+
+    What a producer fused with its quantization (:func:`layernorm_modulate_quantize_int8`,
+    :func:`gelu_quantize_int8`) hands to the next integer linear instead of floats:
+    ``q`` int8 ``[..., K]``, ``scale`` float32 ``[..., 1]``, and ``dtype``, the
+    float dtype the activations had (the linear's output dtype). A layer takes
+    them when its ``takes_int8_tokens(x)`` says so (see :func:`should_fuse`).
+    """
+
+    q: Tensor
+    scale: Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+
+def should_fuse(op: str, consumer, x: Tensor) -> bool:
+    """Whether a producer of ``x``'s kind should run the fused ``op`` and hand :class:`Int8Tokens` to
+    ``consumer`` rather than floats that ``consumer`` quantizes itself.
+
+    Yes when ``consumer`` (any module) has a ``takes_int8_tokens(x)`` method that
+    returns True (it would quantize ``x`` by the same rule and run an integer
+    kernel) and ``op`` runs a fast implementation on ``x``'s device; under the
+    ``"reference"`` backend too (both ways then run references, the fused one
+    being the unfused composition). Elsewhere the unfused path is as fast and
+    already has its own kernels.
+    """
+    takes = getattr(consumer, "takes_int8_tokens", None)
+    if not callable(takes) or not takes(x):
+        return False
+    return _backend == "reference" or has_fast_impl(op, x.device, build=False)
 
 
 def _dispatch(op: str, device: torch.device, *args):

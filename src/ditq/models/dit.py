@@ -22,6 +22,7 @@ from ditq.models.layers import (
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
     modulate,
+    norm_modulate,
 )
 
 
@@ -105,8 +106,10 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=1
         )  # each (N, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
+        h = norm_modulate(self.norm1, x, shift_msa, scale_msa, self.attn.qkv)  # (N, T, D), or int8 codes
+        x = x + gate_msa.unsqueeze(1) * self.attn(h)  # (N, T, D)
+        h = norm_modulate(self.norm2, x, shift_mlp, scale_mlp, self.mlp.fc1)  # (N, T, D), or int8 codes
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(h)  # (N, T, D)
         return x
 
 

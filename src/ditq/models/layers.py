@@ -2,6 +2,13 @@
 
 Module and parameter names follow facebookresearch/DiT (and the timm modules
 it uses) so that official state dicts load with ``strict=True``.
+
+Quantized deployment: when the linear after a LayerNorm-modulate or a GELU is
+an integer one (a ``ditq.quant`` layer whose ``takes_int8_tokens`` says so),
+the producer runs fused with that linear's int8 activation quantization
+(:func:`ditq.kernels.ops.should_fuse`) and hands it
+:class:`~ditq.kernels.ops.Int8Tokens`: the float activation in between is never
+written. This is the only place models meet kernels; they never import quant.
 """
 
 from __future__ import annotations
@@ -13,10 +20,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditq.kernels import ops
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation ``x * (1 + scale) + shift`` with per-sample (N, D) shift/scale."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def norm_modulate(
+    norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, consumer: nn.Module
+) -> torch.Tensor | ops.Int8Tokens:
+    """``modulate(norm(x), shift, scale)``, the input of ``consumer``; when ``consumer`` is an integer
+    linear that quantizes its input to int8 per token, those codes instead, made in one pass."""
+    fusable = norm.weight is None and shift.dtype == scale.dtype == x.dtype
+    if fusable and ops.should_fuse("layernorm_modulate_quantize_int8", consumer, x):
+        return ops.Int8Tokens(*ops.layernorm_modulate_quantize_int8(x, shift, scale, norm.eps), x.dtype)
+    return modulate(norm(x), shift, scale)
 
 
 #################################################################################
@@ -130,8 +150,12 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor | ops.Int8Tokens) -> torch.Tensor:
+        h = self.fc1(x)  # (..., hidden)
+        if ops.should_fuse("gelu_quantize_int8", self.fc2, h):
+            # An integer fc2: GELU and its int8 quantization in one pass over the largest activation.
+            return self.fc2(ops.Int8Tokens(*ops.gelu_quantize_int8(h), h.dtype))
+        return self.fc2(self.act(h))
 
 
 #################################################################################

@@ -574,7 +574,17 @@ class QuantLinear(nn.Module):
             return None
         return op
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_int8_tokens(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` would quantize ``x`` with :func:`ditq.kernels.ops.quantize_per_token_int8`
+        (8-bit symmetric per token) and run an integer op: then ``forward`` also takes
+        :class:`~ditq.kernels.ops.Int8Tokens` made by a producer fused with that quantization."""
+        aq = self.act_quant
+        int8_tokens = aq.sym and aq.bits == 8 and aq.group == 0
+        return int8_tokens and self.kernel_for(x) in ("w8a8_linear", "w4a8_linear")
+
+    def forward(self, x: torch.Tensor | ops.Int8Tokens) -> torch.Tensor:
+        if isinstance(x, ops.Int8Tokens):
+            return self._int8_tokens_forward(x)
         op = self.kernel_for(x)
         if op is not None:
             return self._kernel_forward(op, x)
@@ -588,15 +598,31 @@ class QuantLinear(nn.Module):
         return F.linear(x, w, b)  # [..., out]
 
     def _kernel_forward(self, op: str, x: torch.Tensor) -> torch.Tensor:
-        b = self.bias.detach() if self.bias is not None else None
         if op == "int4_linear":
             wp, zero = self._int4_weight()
-            return ops.int4_linear(x, wp, self.w_scale, zero, b)  # [..., out], x.dtype
+            return ops.int4_linear(x, wp, self.w_scale, zero, self._bias())  # [..., out], x.dtype
         xq, xs, xz = self._quantize_input(x)  # integer codes [..., in], scales (and zeros) [..., G]
+        return self._integer_linear(op, xq, xs, xz, x.dtype)
+
+    def _int8_tokens_forward(self, x: ops.Int8Tokens) -> torch.Tensor:
+        op = self.kernel_op
+        aq = self.act_quant
+        if op not in ("w8a8_linear", "w4a8_linear") or not (aq.sym and aq.bits == 8 and aq.group == 0):
+            raise InvalidArgumentError(
+                f"this layer ({self.w_bits}-bit weights, {aq.bits}-bit activations, group {aq.group}, "
+                f"sym={aq.sym}) does not take int8 per-token codes; pass floats"
+            )
+        return self._integer_linear(op, x.q, x.scale, None, x.dtype)
+
+    def _integer_linear(self, op: str, xq, xs, xz, out_dtype: torch.dtype) -> torch.Tensor:
+        """The integer op ``op`` on input codes ``xq`` with scales ``xs`` (zero points ``xz`` or None)."""
         if op == "w8a8_linear":
-            return ops.w8a8_linear(xq, xs, self.qweight, self.w_scale, b, x.dtype)
+            return ops.w8a8_linear(xq, xs, self.qweight, self.w_scale, self._bias(), out_dtype)
         wp, zero = self._int4_weight()
-        return ops.w4a8_linear(xq, xs, xz, wp, self.w_scale, zero, b, x.dtype)
+        return ops.w4a8_linear(xq, xs, xz, wp, self.w_scale, zero, self._bias(), out_dtype)
+
+    def _bias(self) -> torch.Tensor | None:
+        return self.bias.detach() if self.bias is not None else None
 
     def _quantize_input(self, x: torch.Tensor):
         """The input's integer codes with its scales and zero points (None when symmetric), per token

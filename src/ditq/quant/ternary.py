@@ -355,7 +355,17 @@ class TernaryLinear(nn.Module):
             return None
         return op
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_int8_tokens(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` would quantize ``x`` with :func:`ditq.kernels.ops.quantize_per_token_int8`
+        and run ``w158a8_linear``: then ``forward`` also takes :class:`~ditq.kernels.ops.Int8Tokens`
+        made by a producer fused with that quantization."""
+        return self.kernel_for(x) == "w158a8_linear"
+
+    def forward(self, x: torch.Tensor | ops.Int8Tokens) -> torch.Tensor:
+        if isinstance(x, ops.Int8Tokens):
+            if self.act_bits != 8:
+                raise InvalidArgumentError("a weight-only ternary layer takes float inputs, not int8 codes")
+            return ops.w158a8_linear(x.q, x.scale, self.weight, self.alphas, self.bias, x.dtype)  # [..., out]
         op = self.kernel_for(x)
         if op == "w158a8_linear":
             xq, xs = ops.quantize_per_token_int8(x)  # int8 [..., in], float32 [..., 1]

@@ -14,6 +14,13 @@ in memory, round-to-nearest and without calibration:
 * ``w1.58a8`` / ``w1.58a16``: TerDiT ternary layers (adaLN included) with int8
   activations (``w158a8_linear``) or float ones (``ternary_linear``).
 
+With ``--fusion both`` (the default on CUDA) the int8-activation variants
+(``w8a8``, ``w1.58a8``) are also timed as ``<variant>/unfused``: the same
+loaded model with producer fusion off (``ditq.kernels.use_fusion(False)``), so
+each integer linear quantizes its own float input instead of taking the codes
+of a LayerNorm-modulate or GELU fused with that quantization. Where the fused
+ops have no fast implementation (CPU), both rows run the same path.
+
 Each variant is saved as its checkpoint (``ditq ptq`` / ``ditq export``
 format) and loaded back the way ``ditq sample`` loads it (meta device, packed
 codes), so what is timed is the deployed model. Per variant and guidance
@@ -72,6 +79,8 @@ QDIT = {
     "w4a8": quant.QDiTConfig(w_bits=4, a_bits=8, w_group=128),
 }
 TERNARY = {"w1.58a8": 8, "w1.58a16": None}
+FUSABLE = ("w8a8", "w1.58a8")  # int8 per-token activations: their producers can hand them int8 codes
+UNFUSED = "/unfused"
 CFG_SCALE = 1.5
 
 
@@ -123,14 +132,23 @@ def prepacked_bytes(model: torch.nn.Module, device: torch.device) -> int:
     return total
 
 
-def step_fn(model: torch.nn.Module, cfg: bool):
-    """What a sampler calls once per step: the model, or its guided form over a doubled batch."""
+def step_fn(model: torch.nn.Module, cfg: bool, fusion: bool = True):
+    """What a sampler calls once per step: the model, or its guided form over a doubled batch;
+    with ``fusion=False`` run with producer fusion off."""
     c = model.config
-    if not cfg:
-        return model
-    return ClassifierFreeGuidance(
-        model, CFG_SCALE, 3 if c.in_channels == 4 else None, learn_sigma=c.learn_sigma
-    )
+    fn = model
+    if cfg:
+        fn = ClassifierFreeGuidance(
+            model, CFG_SCALE, 3 if c.in_channels == 4 else None, learn_sigma=c.learn_sigma
+        )
+    if fusion:
+        return fn
+
+    def unfused(*args, **kwargs):
+        with ops.use_fusion(False):
+            return fn(*args, **kwargs)
+
+    return unfused
 
 
 def step_inputs(
@@ -149,7 +167,7 @@ def step_inputs(
 # ----------------------------------------------------------------------------- one setting
 def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
     device, sync, dtype = args.device, synchronizer(args.device), getattr(torch, args.dtype)
-    fns = {v: step_fn(m, cfg) for v, m in loaded.items()}
+    fns = {v: step_fn(m, cfg, fusion=not v.endswith(UNFUSED)) for v, m in loaded.items()}
     times: dict[str, list[float]] = {v: [] for v in loaded}
     peak: dict[str, int | None] = dict.fromkeys(loaded)
     with torch.inference_mode():
@@ -202,7 +220,8 @@ def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
                 "weight_bytes": held_bytes(m) + pre,
                 "prepacked_bytes": pre,
                 "peak_cuda_bytes": peak[v],
-                "ckpt_bytes": args.ckpt_bytes[v],
+                "ckpt_bytes": args.ckpt_bytes[v.removesuffix(UNFUSED)],
+                "fusion": not v.endswith(UNFUSED),
                 "max_abs_diff_vs_fake_quant": diffs[v][0],
                 "max_abs_diff_vs_fp": diffs[v][1],
                 "batch": args.batch_size,
@@ -277,11 +296,19 @@ def parse_args(argv=None):
         choices=["float32", "bfloat16", "float16"],
         help="float dtype of the models and activations (default: bfloat16 on CUDA, float32 on CPU)",
     )
+    p.add_argument(
+        "--fusion",
+        default=None,
+        choices=["on", "off", "both"],
+        help="producers fused with int8 quantization: on, off, or both side by side "
+        "(default: both on CUDA, on on CPU, where the fused ops have no kernels)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
+    args.fusion = args.fusion or ("both" if args.device.type == "cuda" else "on")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
         if v not in VARIANTS:
@@ -329,6 +356,12 @@ def main(argv=None) -> dict:
         # the float parts (and the quantized layers' scales and biases) in --dtype; packed codes stay
         dtype = getattr(torch, args.dtype)
         loaded = {v: load_model(p, device=args.device).to(dtype) for v, p in paths.items()}
+        if args.fusion == "both":
+            for v in FUSABLE:
+                if v in loaded:
+                    loaded[v + UNFUSED] = loaded[v]  # the same model, timed with fusion off
+        elif args.fusion == "off":
+            ops.set_fusion(False)
         for cfg in args.cfg:
             results["rows"] += bench_setting(loaded, cfg, args, fp_config)
     if args.device.type == "cpu" and args.backend == "auto":

@@ -63,8 +63,7 @@ def _calls(monkeypatch) -> dict[str, int]:
 
 
 def _unfused(model, x, t, y):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "should_fuse", lambda *a: False)
+    with ops.use_fusion(False):
         return model(x, t, y)
 
 
@@ -114,6 +113,18 @@ def test_auto_backend_fuses_only_where_the_fused_op_is_fast(monkeypatch):
         model(x, t, y)
     assert ops.has_fast_impl("layernorm_modulate_quantize_int8", "cpu") is False
     assert counts == dict.fromkeys(FUSED, 0)
+
+
+def test_fusion_can_be_turned_off(monkeypatch):
+    model, (x, t, y) = _model("w8a8"), _inputs()
+    ops.set_backend("reference")
+    counts = _calls(monkeypatch)
+    with torch.no_grad(), ops.use_fusion(False):
+        model(x, t, y)
+    assert counts == dict.fromkeys(FUSED, 0)
+    with torch.no_grad():
+        model(x, t, y)  # restored on leaving the block
+    assert counts["gelu_quantize_int8"] == TINY.depth
 
 
 def test_a_layer_that_does_not_take_int8_codes_says_so():

@@ -3,7 +3,9 @@
     packing  pack/unpack functions for int8, int4 (2 per byte) and 2-bit/ternary weights
              (the official TerDiT layout and ditq's kernel layout), documented bit by bit
     ops      the low-bit operators (torch.ops.ditq.*), each with a plain-PyTorch reference, and
-             the choice of backend (auto | reference | cpu | triton: set_backend, use_backend)
+             the choice of backend (auto | reference | cpu | triton: set_backend, use_backend);
+             producers fused with int8 quantization hand Int8Tokens to integer linears
+             (should_fuse; set_fusion / use_fusion turn that off)
     cpu      their CPU implementations (C++ kernels built on first use, with fallbacks)
     triton   their CUDA implementations (Triton kernels, registered when a GPU is present;
              tested on CPU in Triton's interpreter)
@@ -14,19 +16,25 @@
 from ditq.kernels import cpu, ops
 from ditq.kernels.ops import (
     BACKENDS,
+    Int8Tokens,
     KernelError,
     available_backends,
     check_backend,
+    gelu_quantize_int8,
     get_backend,
     has_fast_impl,
     int4_linear,
+    layernorm_modulate_quantize_int8,
     quantize_per_token_asym,
     quantize_per_token_int8,
     register_impl,
     resolve_backend,
     set_backend,
+    set_fusion,
+    should_fuse,
     ternary_linear,
     use_backend,
+    use_fusion,
     w4a8_linear,
     w8a8_linear,
     w158a8_linear,
@@ -47,6 +55,7 @@ from ditq.kernels.packing import (
 
 __all__ = [
     "BACKENDS",
+    "Int8Tokens",
     "KernelError",
     "LAYOUTS_2BIT",
     "PackingError",
@@ -54,9 +63,11 @@ __all__ = [
     "check_backend",
     "check_codes",
     "cpu",
+    "gelu_quantize_int8",
     "get_backend",
     "has_fast_impl",
     "int4_linear",
+    "layernorm_modulate_quantize_int8",
     "ops",
     "pack_2bit",
     "pack_int4",
@@ -68,11 +79,14 @@ __all__ = [
     "repack_2bit",
     "resolve_backend",
     "set_backend",
+    "set_fusion",
+    "should_fuse",
     "ternary_linear",
     "unpack_2bit",
     "unpack_int4",
     "unpack_ternary",
     "use_backend",
+    "use_fusion",
     "w4a8_linear",
     "w8a8_linear",
     "w158a8_linear",

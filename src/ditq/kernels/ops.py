@@ -336,6 +336,31 @@ class Int8Tokens:
         return self.q.device
 
 
+_fusion = True  # see set_fusion
+
+
+def set_fusion(enabled: bool) -> bool:
+    """Let models run producers fused with their consumer's int8 quantization (default) or not
+    (``False``: every integer linear quantizes its own float input); returns the previous setting.
+
+    The numbers move by at most a code at rounding boundaries (see
+    :func:`layernorm_modulate_quantize_int8`); the switch is there to measure and to compare.
+    """
+    global _fusion
+    previous, _fusion = _fusion, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def use_fusion(enabled: bool) -> Iterator[bool]:
+    """``with use_fusion(False): ...``: :func:`set_fusion` for the block, restored after."""
+    previous = set_fusion(enabled)
+    try:
+        yield bool(enabled)
+    finally:
+        set_fusion(previous)
+
+
 def should_fuse(op: str, consumer, x: Tensor) -> bool:
     """Whether a producer of ``x``'s kind should run the fused ``op`` and hand :class:`Int8Tokens` to
     ``consumer`` rather than floats that ``consumer`` quantizes itself.
@@ -345,8 +370,10 @@ def should_fuse(op: str, consumer, x: Tensor) -> bool:
     kernel) and ``op`` runs a fast implementation on ``x``'s device; under the
     ``"reference"`` backend too (both ways then run references, the fused one
     being the unfused composition). Elsewhere the unfused path is as fast and
-    already has its own kernels.
+    already has its own kernels. Never while :func:`set_fusion` has turned fusion off.
     """
+    if not _fusion:
+        return False
     takes = getattr(consumer, "takes_int8_tokens", None)
     if not callable(takes) or not takes(x):
         return False

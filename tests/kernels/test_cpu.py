@@ -95,6 +95,51 @@ def test_quantize_asym_fast_equals_reference(isa, poisoned, shape, group, bits):
 
 
 # ----------------------------------------------------------------------------
+# Producers fused with int8 quantization: LayerNorm-modulate, GELU
+# ----------------------------------------------------------------------------
+
+
+def _codes_agree(q, s, qr, sr, s_rtol=1e-6):
+    """Codes equal but for rare off-by-ones at rounding boundaries; scales to float32 rounding."""
+    d = (q.int() - qr.int()).abs()
+    assert d.max() <= 1 and (d > 0).sum() <= max(2, q.numel() // 2000), f"{(d > 0).sum()} codes differ"
+    torch.testing.assert_close(s, sr, rtol=s_rtol, atol=0)
+
+
+LN_SHAPES = [(1, 1, 1), (2, 3, 7), (3, 5, 100), (2, 17, 128), (1, 4, 1152), (2, 2, 4609)]
+
+
+@pytest.mark.parametrize("b,t,k", LN_SHAPES)
+def test_layernorm_modulate_quantize_fast_matches_reference(isa, poisoned, b, t, k):
+    g = _gen(k)
+    x = torch.randn(b, t, k, generator=g) * 4 + 2
+    shift, scale = torch.randn(b, k, generator=g), torch.randn(b, k, generator=g)
+    x[0, 0] = 5.0  # a constant row: variance 0, normalized to 0, codes from shift alone
+    for eps in (1e-6, 1e-2):
+        q, s = cpu.layernorm_modulate_quantize_int8(x, shift, scale, eps)
+        _codes_agree(q, s, *ops.ref_layernorm_modulate_quantize_int8(x, shift, scale, eps))
+    x16, shift16, scale16 = x.bfloat16(), shift.bfloat16(), scale.bfloat16()
+    assert cpu.layernorm_modulate_quantize_int8(x16, shift16, scale16, 1e-6) is NotImplemented
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 100), (4, 512), (2, 3, 4608)])
+def test_gelu_quantize_fast_matches_reference(isa, poisoned, shape):
+    x = torch.randn(shape, generator=_gen(shape[-1])) * torch.rand(*shape[:-1], 1, generator=_gen(2)) * 6
+    x.view(-1, shape[-1])[0] = 0.0  # an all-zero row: the 1e-5 floor
+    q, s = cpu.gelu_quantize_int8(x)
+    qr, sr = ops.ref_gelu_quantize_int8(x)
+    # PyTorch's 0.5 x (1 + tanh u) cancels for negative x; ours (x * sigmoid 2u) does not: the scales of
+    # rows whose GELU outputs are all tiny differ (the float64 value decides for ours, below).
+    big = sr > 1e-3
+    _codes_agree(q, s * big, qr, sr * big)
+    xd = x.double()
+    exact = 0.5 * xd * (1 + torch.tanh(0.7978845608028654 * (xd + 0.044715 * xd**3)))
+    amax = exact.abs().amax(-1, keepdim=True).clamp(min=1e-5).float() / 127
+    assert ((s - amax).abs() <= (sr - amax).abs() + 1e-6 * amax).all()
+    assert cpu.gelu_quantize_int8(x.bfloat16()) is NotImplemented
+
+
+# ----------------------------------------------------------------------------
 # W8A8 and W1.58A8
 # ----------------------------------------------------------------------------
 

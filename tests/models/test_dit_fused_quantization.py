@@ -105,14 +105,17 @@ def test_no_fusion_on_the_fake_quant_path_or_with_gradients(monkeypatch):
     assert counts == dict.fromkeys(FUSED, 0)
 
 
-def test_auto_backend_fuses_only_where_the_fused_op_is_fast(monkeypatch):
-    # No CPU kernels for the fused ops: on CPU the unfused path (with ditq's quantizer) runs.
+def test_auto_backend_runs_the_cpu_kernels_of_the_fused_ops(monkeypatch):
+    if not ops.has_fast_impl("layernorm_modulate_quantize_int8", "cpu"):
+        pytest.skip("no C++ CPU kernels here")
     model, (x, t, y) = _model("w8a8"), _inputs()
-    counts = _calls(monkeypatch)
     with torch.no_grad():
-        model(x, t, y)
-    assert ops.has_fast_impl("layernorm_modulate_quantize_int8", "cpu") is False
-    assert counts == dict.fromkeys(FUSED, 0)
+        expected = _unfused(model, x, t, y)
+        counts = _calls(monkeypatch)
+        out = model(x, t, y)
+    assert counts == {"layernorm_modulate_quantize_int8": 2 * TINY.depth, "gelu_quantize_int8": TINY.depth}
+    # The kernels' LayerNorm sums and exp round differently: a code may move by one.
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
 
 
 def test_fusion_can_be_turned_off(monkeypatch):

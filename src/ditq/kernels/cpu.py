@@ -13,6 +13,15 @@ What runs, per op (see :func:`available_backends` for this machine):
   the ``"k4"`` layout directly (``vpmaddubsw``) and int8 uses PyTorch's own
   integer GEMM (``torch._int_mm``, oneDNN), which beat our AVX2 int8 kernel
   beyond a few tokens.
+* ``layernorm_modulate_quantize_int8``, ``gelu_quantize_int8`` (float32 inputs;
+  others take the reference): per row, the producer (LayerNorm with float64
+  sums then adaLN modulation in the reference's order; GELU as
+  ``x / (1 + exp(-2u))`` with a Cephes ``exp`` in vector registers) into a
+  per-thread buffer, quantized there by the ``quantize_per_token_int8`` code;
+  AVX-512 and AVX2 paths. The float activation never goes to memory: on this
+  machine (one thread, 4096 tokens) GELU then quantization 2.4-4x faster than
+  PyTorch's GELU plus ditq's quantizer, LayerNorm-modulate-quantize 2-3x.
+  Codes equal the reference's but for rare off-by-ones at rounding boundaries.
 * ``w4a8_linear`` (Q-DiT's group-wise int4 weights, int8 or uint8 activations
   with zero points): on AVX-512 VNNI, the same 6 x 64 micro-kernel against int4
   codes prepacked 8 inputs per dword pair (two nibbles per byte, unpacked in
@@ -197,6 +206,10 @@ def _bind(path: str) -> ctypes.CDLL:
     lib.ditq_w4a8_gemm.argtypes = [p, i64, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64]
     lib.ditq_quantize_per_token.restype = ctypes.c_int
     lib.ditq_quantize_per_token.argtypes = [p, p, p, i64, i64, i64]
+    lib.ditq_gelu_quantize.restype = ctypes.c_int
+    lib.ditq_gelu_quantize.argtypes = [p, p, p, i64, i64, i64]
+    lib.ditq_layernorm_modulate_quantize.restype = ctypes.c_int
+    lib.ditq_layernorm_modulate_quantize.argtypes = [p, p, p, p, p, i64, i64, i64, ctypes.c_double, i64]
     lib.ditq_ternary_wo_gemm.restype = ctypes.c_int
     lib.ditq_ternary_wo_gemm.argtypes = [p, p, p, i64, p, p, i64, i64, i64, i64, i64]
     lib.ditq_int4_wo_gemm.restype = ctypes.c_int
@@ -322,9 +335,8 @@ def available_backends(build_now: bool = False) -> dict[str, str]:
         "extension": ext,
         "quantize_per_token_int8": cpp or "reference",
         "quantize_per_token_asym": cpp or "reference",
-        # No CPU kernels: on CPUs the linears dominate and these passes are a few percent of a step.
-        "layernorm_modulate_quantize_int8": "reference",
-        "gelu_quantize_int8": "reference",
+        "layernorm_modulate_quantize_int8": cpp or "reference",  # float32 inputs
+        "gelu_quantize_int8": cpp or "reference",
         "w8a8_linear": w8,
         "w158a8_linear": cpp if level in (AVX2, AVX512_VNNI) else "reference",
         "w4a8_linear": cpp if level == AVX512_VNNI else "reference",
@@ -472,6 +484,24 @@ def quantize_per_token_int8(x: torch.Tensor, group: int):
 
 def quantize_per_token_asym(x: torch.Tensor, bits: int, group: int):
     return _quantize_rows("ditq_quantize_asym", x, group, torch.uint8, 2, bits)
+
+
+def gelu_quantize_int8(x: torch.Tensor):
+    # float32 only: other dtypes round between the steps (the reference runs for them)
+    if x.dtype != torch.float32:
+        return NotImplemented
+    return _quantize_rows("ditq_gelu_quantize", x, 0, torch.int8, 1)
+
+
+def layernorm_modulate_quantize_int8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
+    if _lib() is None or x.numel() == 0 or x.dtype != torch.float32:
+        return NotImplemented
+    b, t, k = x.shape
+    xf, sh, sc = x.contiguous(), shift.contiguous(), scale.contiguous()
+    q, s = _alloc(x.shape, torch.int8), _alloc((b, t, 1), torch.float32)
+    ptrs = (xf.data_ptr(), sh.data_ptr(), sc.data_ptr(), q.data_ptr(), s.data_ptr())
+    _check(_state.lib.ditq_layernorm_modulate_quantize(*ptrs, b, t, k, float(eps), isa()))
+    return q, s
 
 
 def _int_mm_w8a8(x2, xs32, wq, ws32, b32):
@@ -641,6 +671,8 @@ def int4_linear(x, w_packed, w_scale, w_zero, bias):
 
 ops.register_impl("quantize_per_token_int8", "cpu", quantize_per_token_int8)
 ops.register_impl("quantize_per_token_asym", "cpu", quantize_per_token_asym)
+ops.register_impl("layernorm_modulate_quantize_int8", "cpu", layernorm_modulate_quantize_int8)
+ops.register_impl("gelu_quantize_int8", "cpu", gelu_quantize_int8)
 ops.register_impl("ternary_linear", "cpu", ternary_linear)
 ops.register_impl("int4_linear", "cpu", int4_linear)
 ops.register_impl("w4a8_linear", "cpu", w4a8_linear)

@@ -378,6 +378,32 @@ DITQ_AVX512 void quantize_row_512(const float* x, int64_t n, int8_t* q, float* s
 // ---------------------------------------------------------------------------------------------
 #define DITQ_AVX2 __attribute__((target("avx2,fma")))
 
+// quantize_row_512 in 8 lanes (the same rule and roundings: bit-identical codes and scale).
+DITQ_AVX2 void quantize_row_256(const float* x, int64_t n, int8_t* q, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  float amax = _mm_cvtss_f32(m4);
+  for (; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
+  amax = std::max(amax, 1e-5f);
+  const float inv = (1.0f / amax) * 127.0f;  // what `127.0 / a` computes in PyTorch
+  *s = amax / 127.0f;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+  for (k = 0; k + 8 <= n; k += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + k), vinv);
+    v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // half to even
+    const __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(w, w));
+  }
+  for (; k < n; ++k) q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, std::nearbyint(x[k] * inv))));
+}
+
 DITQ_AVX2 inline __m128i reduce4_256(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
   const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
   return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));  // [a0 a1 a2 a3]
@@ -764,23 +790,238 @@ void w4a8_gemm(W4Gemm g, bool x_unsigned, int64_t isa) {
 
 // Per-token (per row of `group` values) absmax int8 quantization, BitNet b1.58's rule in float32:
 // a = max(max|x|, 1e-5), q = clamp(round_half_even(x * ((1 / a) * 127)), -128, 127), s = a / 127.
+void quantize_row_scalar(const float* xr, int64_t n, int8_t* q, float* s) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(xr[k]));
+  amax = std::max(amax, 1e-5f);
+  const float inv = (1.0f / amax) * 127.0f;  // what `127.0 / a` computes in PyTorch
+  *s = amax / 127.0f;
+  for (int64_t k = 0; k < n; ++k)
+    q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, std::nearbyint(xr[k] * inv))));
+}
+
+void quantize_row(const float* x, int64_t n, int8_t* q, float* s, int64_t isa) {
+#if DITQ_X86
+  if (isa == kAvx512Vnni) return quantize_row_512(x, n, q, s);
+  if (isa == kAvx2) return quantize_row_256(x, n, q, s);
+#endif
+  quantize_row_scalar(x, n, q, s);
+}
+
 void quantize_per_token(const float* xp, int8_t* qp, float* sp, int64_t rows, int64_t group, int64_t isa) {
   at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) quantize_row(xp + r * group, group, qp + r * group, sp + r, isa);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Producers fused with per-token int8 quantization: LayerNorm + adaLN modulation, GELU (tanh)
+// ---------------------------------------------------------------------------------------------
+// A row's producer values go to a thread-local buffer (a few KB, cache-resident) and are quantized
+// there by quantize_row: the float activation is never written to memory and read back, once per
+// elementwise op, as the unfused PyTorch ops do. Same steps and roundings as the references
+// (ops.ref_layernorm_modulate_quantize_int8, ref_gelu_quantize_int8) in float32; only a sum's order
+// and exp's last bits differ, which can move a code by one at a rounding boundary.
+
+constexpr float kGeluBeta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5);  // sqrt(2 / pi), as PyTorch
+constexpr float kGeluKappa = 0.044715f;
+
+// GELU (tanh) as x * sigmoid(2u) = x / (1 + exp(-2u)), u = beta (x + kappa x^3): equal to
+// 0.5 x (1 + tanh(u)) without its cancellation for negative x.
+inline float gelu_scalar(float x) {
+  const float u = kGeluBeta * (x + kGeluKappa * (x * x * x));
+  return x / (1.0f + std::exp(-2.0f * u));
+}
+
+void layernorm_modulate_row_scalar(const float* x, const float* shift, const float* scale, int64_t n, float eps,
+                                   float* out) {
+  double sum = 0.0;
+  for (int64_t k = 0; k < n; ++k) sum += x[k];
+  const float mean = static_cast<float>(sum / n);
+  double ss = 0.0;
+  for (int64_t k = 0; k < n; ++k) ss += static_cast<double>(x[k] - mean) * (x[k] - mean);
+  const float rstd = 1.0f / std::sqrt(static_cast<float>(ss / n) + eps);
+  for (int64_t k = 0; k < n; ++k) {
+    const float y = (x[k] - mean) * rstd;
+    const float t = 1.0f + scale[k];
+    const float m = y * t;
+    out[k] = m + shift[k];
+  }
+}
+
+#if DITQ_X86
+// exp(v) for |v| <= 88: Cephes' expf (range reduction by ln 2, degree-6 polynomial), about 1 ulp.
+DITQ_AVX512 inline __m512 exp_512(__m512 v) {
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+DITQ_AVX512 void gelu_row_512(const float* x, int64_t n, float* out) {
+  const __m512 beta = _mm512_set1_ps(kGeluBeta), kappa = _mm512_set1_ps(kGeluKappa);
+  const __m512 one = _mm512_set1_ps(1.0f), m2 = _mm512_set1_ps(-2.0f);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mask = n - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - k)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, x + k);
+    const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+    const __m512 u = _mm512_mul_ps(beta, _mm512_add_ps(v, _mm512_mul_ps(kappa, cube)));
+    const __m512 e = exp_512(_mm512_mul_ps(m2, u));
+    _mm512_mask_storeu_ps(out + k, mask, _mm512_div_ps(v, _mm512_add_ps(one, e)));
+  }
+}
+
+DITQ_AVX512 void layernorm_modulate_row_512(const float* x, const float* shift, const float* scale, int64_t n,
+                                            float eps, float* out) {
+  auto tail = [n](int64_t k) {
+    return n - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - k)) - 1);
+  };
+  __m512d sum = _mm512_setzero_pd();  // float64 sums: the mean and variance to float32 accuracy
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(tail(k), x + k);
+    sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+  }
+  const float mean = static_cast<float>(_mm512_reduce_add_pd(sum) / n);
+  const __m512 vmean = _mm512_set1_ps(mean);
+  __m512d ss = _mm512_setzero_pd();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mask = tail(k);
+    const __m512 d = _mm512_maskz_sub_ps(mask, _mm512_maskz_loadu_ps(mask, x + k), vmean);
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+    ss = _mm512_fmadd_pd(lo, lo, _mm512_fmadd_pd(hi, hi, ss));
+  }
+  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(_mm512_reduce_add_pd(ss) / n) + eps));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mask = tail(k);
+    const __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + k), vmean), rstd);
+    const __m512 t = _mm512_add_ps(one, _mm512_maskz_loadu_ps(mask, scale + k));
+    _mm512_mask_storeu_ps(out + k, mask, _mm512_add_ps(_mm512_mul_ps(y, t), _mm512_maskz_loadu_ps(mask, shift + k)));
+  }
+}
+
+// exp_512 in 8 lanes; 2^n built in the exponent field (n in [-126, 127] after the clamp).
+DITQ_AVX2 inline __m256 exp_256(__m256 v) {
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+DITQ_AVX2 void gelu_row_256(const float* x, int64_t n, float* out) {
+  const __m256 beta = _mm256_set1_ps(kGeluBeta), kappa = _mm256_set1_ps(kGeluKappa);
+  const __m256 one = _mm256_set1_ps(1.0f), m2 = _mm256_set1_ps(-2.0f);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+    const __m256 u = _mm256_mul_ps(beta, _mm256_add_ps(v, _mm256_mul_ps(kappa, cube)));
+    _mm256_storeu_ps(out + k, _mm256_div_ps(v, _mm256_add_ps(one, exp_256(_mm256_mul_ps(m2, u)))));
+  }
+  for (; k < n; ++k) out[k] = gelu_scalar(x[k]);
+}
+
+DITQ_AVX2 void layernorm_modulate_row_256(const float* x, const float* shift, const float* scale, int64_t n,
+                                          float eps, float* out) {
+  __m256d sum = _mm256_setzero_pd();  // float64 sums, as in the AVX-512 path
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+  alignas(32) double part[4];
+  _mm256_store_pd(part, sum);
+  double total = (part[0] + part[1]) + (part[2] + part[3]);
+  for (; k < n; ++k) total += x[k];
+  const float mean = static_cast<float>(total / n);
+  const __m256 vmean = _mm256_set1_ps(mean);
+  __m256d ss = _mm256_setzero_pd();
+  for (k = 0; k + 8 <= n; k += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + k), vmean);
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+    ss = _mm256_fmadd_pd(lo, lo, _mm256_fmadd_pd(hi, hi, ss));
+  }
+  _mm256_store_pd(part, ss);
+  double sq = (part[0] + part[1]) + (part[2] + part[3]);
+  for (; k < n; ++k) sq += static_cast<double>(x[k] - mean) * (x[k] - mean);
+  const float rstd = 1.0f / std::sqrt(static_cast<float>(sq / n) + eps);
+  const __m256 vrstd = _mm256_set1_ps(rstd), one = _mm256_set1_ps(1.0f);
+  for (k = 0; k + 8 <= n; k += 8) {
+    const __m256 y = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + k), vmean), vrstd);
+    const __m256 t = _mm256_add_ps(one, _mm256_loadu_ps(scale + k));
+    _mm256_storeu_ps(out + k, _mm256_add_ps(_mm256_mul_ps(y, t), _mm256_loadu_ps(shift + k)));
+  }
+  for (; k < n; ++k) {
+    const float y = (x[k] - mean) * rstd;
+    const float t = 1.0f + scale[k];
+    const float m = y * t;
+    out[k] = m + shift[k];
+  }
+}
+#endif
+
+// x [rows, K] -> GELU(x) quantized per row.
+void gelu_quantize(const float* x, int8_t* q, float* s, int64_t rows, int64_t K, int64_t isa) {
+  at::parallel_for(0, rows, 4, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(K);
     for (int64_t r = b; r < e; ++r) {
+      const float* xr = x + r * K;
 #if DITQ_X86
       if (isa == kAvx512Vnni) {
-        quantize_row_512(xp + r * group, group, qp + r * group, sp + r);
-        continue;
-      }
+        gelu_row_512(xr, K, buf.data());
+      } else if (isa == kAvx2) {
+        gelu_row_256(xr, K, buf.data());
+      } else
 #endif
-      const float* xr = xp + r * group;
-      float amax = 0.0f;
-      for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(xr[k]));
-      amax = std::max(amax, 1e-5f);
-      const float inv = (1.0f / amax) * 127.0f;  // what `127.0 / a` computes in PyTorch
-      sp[r] = amax / 127.0f;
-      for (int64_t k = 0; k < group; ++k)
-        qp[r * group + k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, std::nearbyint(xr[k] * inv))));
+      {
+        for (int64_t k = 0; k < K; ++k) buf[k] = gelu_scalar(xr[k]);
+      }
+      quantize_row(buf.data(), K, q + r * K, s + r, isa);
+    }
+  });
+}
+
+// x [B, T, K], shift and scale [B, K] -> (LayerNorm(x) * (1 + scale) + shift) quantized per row.
+void layernorm_modulate_quantize(const float* x, const float* shift, const float* scale, int8_t* q, float* s,
+                                 int64_t B, int64_t T, int64_t K, float eps, int64_t isa) {
+  at::parallel_for(0, B * T, 4, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(K);
+    for (int64_t r = b; r < e; ++r) {
+      const float* sh = shift + (r / T) * K;
+      const float* sc = scale + (r / T) * K;
+#if DITQ_X86
+      if (isa == kAvx512Vnni) {
+        layernorm_modulate_row_512(x + r * K, sh, sc, K, eps, buf.data());
+      } else if (isa == kAvx2) {
+        layernorm_modulate_row_256(x + r * K, sh, sc, K, eps, buf.data());
+      } else
+#endif
+      {
+        layernorm_modulate_row_scalar(x + r * K, sh, sc, K, eps, buf.data());
+      }
+      quantize_row(buf.data(), K, q + r * K, s + r, isa);
     }
   });
 }
@@ -1459,6 +1700,18 @@ int ditq_w4a8_gemm(const uint8_t* xq, int64_t x_unsigned, const float* xs, const
 // x f32 [rows * group] -> q int8 [rows * group], s f32 [rows]: one absmax scale per `group` values
 int ditq_quantize_per_token(const float* x, int8_t* q, float* s, int64_t rows, int64_t group, int64_t isa) {
   return guarded(isa, [&] { quantize_per_token(x, q, s, rows, group, isa); });
+}
+
+// GELU (tanh) then per-token int8: x f32 [rows, K] -> q int8 [rows, K], s f32 [rows].
+int ditq_gelu_quantize(const float* x, int8_t* q, float* s, int64_t rows, int64_t K, int64_t isa) {
+  return guarded(isa, [&] { gelu_quantize(x, q, s, rows, K, isa); });
+}
+
+// LayerNorm (no affine, eps) + adaLN modulation then per-token int8: x f32 [B, T, K], shift and
+// scale f32 [B, K] -> q int8 [B, T, K], s f32 [B * T].
+int ditq_layernorm_modulate_quantize(const float* x, const float* shift, const float* scale, int8_t* q, float* s,
+                                     int64_t B, int64_t T, int64_t K, double eps, int64_t isa) {
+  return guarded(isa, [&] { layernorm_modulate_quantize(x, shift, scale, q, s, B, T, K, static_cast<float>(eps), isa); });
 }
 
 // Weight-only ternary: x f32 [M, K], w k4 uint8 [N, K/4], scale f32 [N] (scale_per_row) or [1],

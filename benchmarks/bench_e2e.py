@@ -14,12 +14,12 @@ in memory, round-to-nearest and without calibration:
 * ``w1.58a8`` / ``w1.58a16``: TerDiT ternary layers (adaLN included) with int8
   activations (``w158a8_linear``) or float ones (``ternary_linear``).
 
-With ``--fusion both`` (the default on CUDA) the int8-activation variants
+With ``--fusion both`` (the default) the int8-activation variants
 (``w8a8``, ``w1.58a8``) are also timed as ``<variant>/unfused``: the same
 loaded model with producer fusion off (``ditq.kernels.use_fusion(False)``), so
 each integer linear quantizes its own float input instead of taking the codes
-of a LayerNorm-modulate or GELU fused with that quantization. Where the fused
-ops have no fast implementation (CPU), both rows run the same path.
+of a LayerNorm-modulate or GELU fused with that quantization (ditq's C++
+kernels on CPU for float32, Triton on CUDA; elsewhere both rows run the same path).
 
 Each variant is saved as its checkpoint (``ditq ptq`` / ``ditq export``
 format) and loaded back the way ``ditq sample`` loads it (meta device, packed
@@ -298,17 +298,15 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--fusion",
-        default=None,
+        default="both",
         choices=["on", "off", "both"],
-        help="producers fused with int8 quantization: on, off, or both side by side "
-        "(default: both on CUDA, on on CPU, where the fused ops have no kernels)",
+        help="producers fused with int8 quantization: on, off, or both side by side (default both)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
-    args.fusion = args.fusion or ("both" if args.device.type == "cuda" else "on")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
         if v not in VARIANTS:

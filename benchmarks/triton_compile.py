@@ -2,7 +2,8 @@
 what each autotuning config compiled to.
 
 For every op and shape of ``bench_kernels.py`` (DiT-XL/2 and TerDiT-4.2B layers,
-M in {1, 16, 512, 8192}) the host code's real launch is recorded on ``meta``
+M in {1, 16, 512, 8192}; the fused LayerNorm and GELU quantizers at the DiT
+layers they feed) the host code's real launch is recorded on ``meta``
 tensors and compiled for ``sm_<arch>`` once per autotuning config its pruning
 keeps (:mod:`ditq.kernels.triton.aot`). Per variant: shared memory, registers,
 stack (spills), the tensor-core instruction (``wgmma`` / ``mma.sync``), the
@@ -29,6 +30,11 @@ from ditq.kernels.triton import aot
 
 GEMM_OPS = ("w8a8_linear", "w158a8_linear", "w4a8_linear", "ternary_linear", "int4_linear")
 QUANT_OPS = ("quantize_per_token_int8", "quantize_per_token_asym")
+PRODUCER_LAYERS = {  # fused producer + quantizer -> the layers whose input it makes (others skipped)
+    "layernorm_modulate_quantize_int8": ("DiT-XL/2 qkv", "DiT-XL/2 fc1"),
+    "gelu_quantize_int8": ("DiT-XL/2 fc2",),
+}
+"""DiT blocks only: TerDiT's (Large-DiT's) use RMSNorm and a SwiGLU, not these producers."""
 
 
 def log(msg: str) -> None:
@@ -117,7 +123,11 @@ def parse_args(argv=None):
     p.add_argument("--arch", type=int, default=aot.HOPPER, help="compute capability x10 (90: H100/H200)")
     p.add_argument("--shapes", default="dit,terdit", help="comma-separated of " + ",".join(SHAPES))
     p.add_argument("--m", default="1,16,512,8192", help="token counts")
-    p.add_argument("--ops", default=",".join(QUANT_OPS + GEMM_OPS), help="comma-separated op names")
+    p.add_argument(
+        "--ops",
+        default=",".join(QUANT_OPS + tuple(PRODUCER_LAYERS) + GEMM_OPS),
+        help="comma-separated op names",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -152,6 +162,8 @@ def main(argv=None) -> dict:
         for label, k, n in SHAPES[shape_set]:
             for m in args.m:
                 for op in args.ops:
+                    if op in PRODUCER_LAYERS and label not in PRODUCER_LAYERS[op]:
+                        continue
                     log(f"{op} {label} M={m}")
                     results["rows"] += rows_for(op, label, m, k, n, args.arch)
     rows = results["rows"]

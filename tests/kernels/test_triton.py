@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -161,6 +162,114 @@ def test_quantize_asym_equals_reference(poisoned, shape, group, bits, dtype):
     qr, sr, zr = ops.ref_quantize_per_token_asym(x, bits, group)
     assert q.dtype == torch.uint8 and s.dtype == z.dtype == torch.float32
     assert torch.equal(q.cpu(), qr) and torch.equal(s.cpu(), sr) and torch.equal(z.cpu(), zr)
+
+
+# ----------------------------------------------------------------------------
+# layernorm_modulate_quantize_int8, gelu_quantize_int8 (a producer, then quantize_per_token_int8)
+# ----------------------------------------------------------------------------
+
+PRODUCER_SCALE_RTOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+"""Scales: float32 rounding of the row's mean and rstd (float32; seen: 2.4e-7); one unit of the dtype
+at max |m| (16-bit, where that value rounds the other way; seen: equal)."""
+
+PRODUCER_CODE_MISMATCH = 1e-3
+"""Most codes (a fraction) one off the reference's: values at a rounding boundary (seen: 1e-5 or less)."""
+
+
+def _near_codes(out, ref, dtype) -> None:
+    """Codes within one of the reference's, rarely off; scales within PRODUCER_SCALE_RTOL; no poison."""
+    (q, s), (qr, sr) = [t.cpu() for t in out], [t.cpu() for t in ref]
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert q.shape == qr.shape and s.shape == sr.shape
+    assert (q != -128).all() and torch.isfinite(s).all(), "unwritten (poisoned) outputs"
+    diff = (q.int() - qr.int()).abs()
+    assert diff.max().item() <= 1, f"codes {diff.max().item()} apart"
+    off = int((diff > 0).sum())
+    assert off <= math.ceil(PRODUCER_CODE_MISMATCH * q.numel()), f"{off} of {q.numel()} codes off by one"
+    torch.testing.assert_close(s, sr, rtol=PRODUCER_SCALE_RTOL[dtype], atol=0)
+
+
+# (B, T, K, dtype, eps, magnitude)
+LN_CASES = [
+    (2, 3, 1152, torch.float32, 1e-6, 1.0),  # DiT's K: two tokens per program
+    (1, 1, 7, torch.bfloat16, 1e-6, 1.0),  # one token
+    (3, 1, 100, torch.float16, 1e-5, 1.0),
+    (2, 5, 100, torch.bfloat16, 1e-5, 1e4),  # large magnitudes
+    (3, 2, 7, torch.float32, 0.5, 1.0),  # eps as large as some variances
+    (2, 2, 1, torch.float32, 1e-6, 1.0),  # K = 1: x - mean = 0, so m = shift
+    (1, 2, 1152, torch.float16, 1e-6, 100.0),
+    (1, 2, 8200, torch.bfloat16, 1e-6, 1.0),  # rows longer than one chunk: read four times
+    (2, 1, 8200, torch.float32, 1e-5, 1.0),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,t,k,dtype,eps,mag", LN_CASES)
+def test_layernorm_modulate_quantize_near_reference(poisoned, b, t, k, dtype, eps, mag):
+    x = torch.randn(b, t, k, generator=_gen(30)) * _rand((b, t, 1), 31, 0.01, 20)
+    x = (x + 3 * torch.randn(b, t, 1, generator=_gen(32))) * mag  # token means far from 0
+    shift = 0.5 * torch.randn(b, k, generator=_gen(33))
+    scale = 0.5 * torch.randn(b, k, generator=_gen(34))
+    x[0, 0], shift[0] = 0, 0  # an all-zero token of a sample without shift: the 1e-5 floor on max |m|
+    x, shift, scale = x.to(dtype), shift.to(dtype), scale.to(dtype)
+    out = poisoned.layernorm_modulate_quantize_int8(*_dev(x, shift, scale), eps)
+    ref = ops.ref_layernorm_modulate_quantize_int8(x, shift, scale, eps)
+    _near_codes(out, ref, dtype)
+    assert out[1].shape == (b, t, 1) and (out[0][0, 0] == 0).all()
+
+
+# (shape, dtype, magnitude)
+GELU_CASES = [
+    ((2, 3, 1152), torch.float32, 1.0),
+    ((1, 7), torch.bfloat16, 1.0),
+    ((5, 100), torch.float16, 1.0),
+    ((4, 1), torch.float32, 1.0),
+    ((2, 2, 4608), torch.bfloat16, 1.0),  # DiT's fc2 input
+    ((3, 100), torch.bfloat16, 1e3),  # large magnitudes: GELU(x) = x or -0
+    ((2, 1152), torch.float16, 100.0),
+    ((2, 8200), torch.float32, 1.0),  # rows longer than one chunk: read twice
+    ((1, 2, 8200), torch.float16, 1.0),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,dtype,mag", GELU_CASES)
+def test_gelu_quantize_near_reference(poisoned, shape, dtype, mag):
+    x = torch.randn(shape, generator=_gen(40)) * _rand((*shape[:-1], 1), 41, 0.01, 20) * mag
+    x.view(-1, shape[-1])[0] = 0  # an all-zero token: the 1e-5 floor on max |GELU(x)|
+    x = x.to(dtype)
+    out = poisoned.gelu_quantize_int8(x.to(DEVICE))
+    _near_codes(out, ops.ref_gelu_quantize_int8(x), dtype)
+    assert out[1].shape == (*shape[:-1], 1)
+
+
+@needs_kernels
+def test_producer_quantizers_decline_float64(launch):
+    """float64 (and mixed dtypes) are declined, so the op runs its reference."""
+    x = torch.randn(2, 3, 24, generator=_gen(50), dtype=torch.float64)
+    shift, scale = torch.randn(2, 2, 24, generator=_gen(51), dtype=torch.float64)
+    x, shift, scale = _dev(x, shift, scale)
+    assert launch.layernorm_modulate_quantize_int8(x, shift, scale, 1e-6) is NotImplemented
+    assert launch.gelu_quantize_int8(x) is NotImplemented
+    x32, s16 = x.float(), shift.half()  # mixed dtypes (the op's checks refuse them first)
+    assert launch.layernorm_modulate_quantize_int8(x32, s16, s16, 1e-6) is NotImplemented
+
+    # Through the op, with the Triton functions as the implementations of the tensors' device
+    # (on CPU tensors, the interpreter's): the reference's numbers.
+    names, dev = ("layernorm_modulate_quantize_int8", "gelu_quantize_int8"), x.device.type
+    before = {name: ops.registered_impl(name, dev) for name in names}
+    try:
+        for name in names:
+            ops.register_impl(name, dev, getattr(launch, name))
+        with ops.use_backend("auto"):
+            out = ops.layernorm_modulate_quantize_int8(x, shift, scale, 1e-6)
+            ref = ops.ref_layernorm_modulate_quantize_int8(x, shift, scale, 1e-6)
+            assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
+            out, ref = ops.gelu_quantize_int8(x), ops.ref_gelu_quantize_int8(x)
+            assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
+    finally:
+        for name, fn in before.items():
+            ops.register_impl(name, dev, fn)
 
 
 # ----------------------------------------------------------------------------
@@ -418,6 +527,23 @@ def test_gpu_quantize_at_dit_shapes(dtype, group):
     q, s, z = ops.quantize_per_token_asym(x, 8, group)
     ref = ops.ref_quantize_per_token_asym(x, 8, group)
     assert all(torch.equal(a, b) for a, b in zip((q, s, z), ref, strict=True))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_producer_quantizers_at_dit_shapes(launch, dtype):
+    """DiT-XL/2 at batch 64: the norm before qkv / fc1 (K = 1152) and the GELU before fc2 (K = 4608),
+    against PyTorch eager on the GPU (CUDA's LayerNorm and GELU kernels)."""
+    assert ops.registered_impl("gelu_quantize_int8", "cuda") is launch.gelu_quantize_int8
+    b, t, k = 64, 256, 1152
+    x = (torch.randn(b, t, k, generator=_gen(0)) * 3 + 1).to(dtype).cuda()
+    shift = (0.5 * torch.randn(b, k, generator=_gen(1))).to(dtype).cuda()
+    scale = (0.5 * torch.randn(b, k, generator=_gen(2))).to(dtype).cuda()
+    out = ops.layernorm_modulate_quantize_int8(x, shift, scale, 1e-6)
+    _near_codes(out, ops.ref_layernorm_modulate_quantize_int8(x, shift, scale, 1e-6), dtype)
+    h = (torch.randn(b, t, 4 * k, generator=_gen(3)) * 2).to(dtype).cuda()
+    _near_codes(ops.gelu_quantize_int8(h), ops.ref_gelu_quantize_int8(h), dtype)
 
 
 @pytest.mark.gpu

@@ -103,3 +103,17 @@ def test_row_quantizers_compile_for_hopper_without_fma(op):
     assert v.error is None and not v.spills and v.mma == "none"
     assert v.fma_f32 == 0  # bit-exact codes: every product rounded before it is added
     assert v.programs == 256  # rows of 1152 in 2048-wide tiles, 2 rows per program
+
+
+@needs_nvidia_backend
+@pytest.mark.parametrize(
+    "op,k,programs", [("layernorm_modulate_quantize_int8", 1152, 8192), ("gelu_quantize_int8", 4608, 16384)]
+)
+def test_fused_producer_quantizers_compile_for_hopper(op, k, programs):
+    """DiT-XL/2 at batch 64 (256 tokens each): the norm before qkv / fc1, the GELU before fc2."""
+    (v,) = aot.compile_op(op, *aot.meta_args(op, 64 * 256, k, 1))
+    assert v.error is None and not v.spills and v.mma == "none"
+    assert v.programs == programs  # rows of 1152 two per 2048-wide tile; rows of 4608 one per program
+    if op == "layernorm_modulate_quantize_int8":
+        assert v.fma_f32 == 0  # mean, variance, modulation and codes: every product rounded before a sum
+    # The GELU has FMAs by design: PyTorch's kKappa * x^3 + x as CUDA compiles it, and libdevice's tanh.

@@ -337,6 +337,211 @@ def quantize_asym_rows_kernel(
 
 
 # ----------------------------------------------------------------------------
+# layernorm_modulate_quantize_int8, gelu_quantize_int8: a producer, then
+# quantize_per_token_int8's rule, in one pass
+# ----------------------------------------------------------------------------
+
+GELU_BETA = tl.constexpr(1.41421356237309504880 * 1.12837916709551257390 * 0.5)
+"""PyTorch's ``kBeta = M_SQRT2 * M_2_SQRTPI * 0.5`` (sqrt(2 / pi)), rounded to float32 where used."""
+
+GELU_KAPPA = tl.constexpr(0.044715)
+"""PyTorch's ``kKappa`` of the tanh GELU, rounded to float32 where used."""
+
+
+@triton.jit
+def _round_to(y, dtype: tl.constexpr):
+    """float32 ``y`` rounded to ``dtype`` (nearest even) and kept as float32: what storing a step's
+    result in ``dtype`` does in PyTorch eager. Nothing for float32.
+
+    Compiled, LLVM turns a rounded float32 sum or product of two 16-bit values into one 16-bit
+    instruction (``add.rn.bf16x2``, ``mul.rn.bf16x2``): the same numbers, as float32 holds more
+    than twice their precision plus two bits (so rounding twice equals rounding once)."""
+    if dtype != tl.float32:
+        y = _cast(y, dtype).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _int8_codes(m, inv, USE_RINT: tl.constexpr):
+    """int8 ``clamp(round(m * inv), -128, 127)`` of a [rows, cols] tile (``inv = 127 / a`` per row):
+    quantize_rows_kernel's codes, round half to even, bit for bit."""
+    v = m * inv[:, None]
+    if USE_RINT:
+        r = libdevice.rint(v)
+    else:
+        r = (v + 12582912.0) - 12582912.0  # as in quantize_rows_kernel (|v| <= 127, FMA fusion off)
+    return tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _modulate(x, mask, mean, rstd, scale, shift, dtype: tl.constexpr):
+    """``layer_norm(x) * (1 + scale) + shift`` of a float32 [rows, cols] tile as PyTorch eager computes
+    it in ``dtype``: ``(x - mean) * rstd`` in float32, then each of the three steps rounded to
+    ``dtype``. Zero where ``mask`` is off (so that it never counts in max |m|)."""
+    n = _round_to((x - mean[:, None]) * rstd[:, None], dtype)
+    m = _round_to(n * _round_to(1.0 + scale, dtype), dtype)
+    m = _round_to(m + shift, dtype)
+    return tl.where(mask, m, 0.0)
+
+
+@triton.jit
+def layernorm_modulate_quantize_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    ROWS,
+    G,
+    shift_ptr,
+    scale_ptr,
+    T,
+    EPS,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    USE_RINT: tl.constexpr,
+):
+    """DiT's LayerNorm (no affine) + adaLN modulation + absmax int8 of ``ROWS`` tokens of ``G`` inputs.
+
+    Token r belongs to sample r // T, whose ``shift`` and ``scale`` rows (``[B, G]``,
+    x's dtype) it reads. Mean, then biased variance of the deviations (two
+    passes, float32), ``rstd = 1 / sqrt(var + EPS)`` with IEEE-rounded square root
+    and division. A row that fits one BLOCK_G chunk stays in registers; a longer
+    one is read four times (sum, squared deviations, max |m|, codes).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < ROWS
+    base = rows.to(tl.int64)[:, None] * G
+    pbase = (rows // T).to(tl.int64)[:, None] * G  # the sample's shift / scale row
+    cols = tl.arange(0, BLOCK_G)
+    dtype = x_ptr.dtype.element_ty
+    n_in = tl.full((BLOCK_R,), 1.0, tl.float32) * G
+    if ONE_CHUNK:
+        mask = row_mask[:, None] & (cols[None, :] < G)
+        x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.math.div_rn(tl.sum(x, axis=1), n_in)
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.math.div_rn(tl.sum(d * d, axis=1), n_in)
+    else:
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            acc += tl.sum(tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32), 1)
+        mean = tl.math.div_rn(acc, n_in)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, x - mean[:, None], 0.0)
+            acc += tl.sum(d * d, axis=1)
+        var = tl.math.div_rn(acc, n_in)
+    rstd = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), tl.math.sqrt_rn(var + EPS))
+    if ONE_CHUNK:
+        sc = tl.load(scale_ptr + pbase + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + pbase + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        m = _modulate(x, mask, mean, rstd, sc, sh, dtype)
+        amax = tl.max(tl.abs(m), axis=1)
+    else:
+        amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sc = tl.load(scale_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            m = _modulate(x, mask, mean, rstd, sc, sh, dtype)
+            amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
+    amax = tl.maximum(amax, 1e-5)  # ops.ACT_EPS; then quantize_rows_kernel's numbers
+    inv = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), amax) * 127.0
+    tl.store(s_ptr + rows, tl.math.div_rn(amax, tl.full((BLOCK_R,), 127.0, tl.float32)), mask=row_mask)
+    if ONE_CHUNK:
+        tl.store(q_ptr + base + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
+    else:
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sc = tl.load(scale_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            m = _modulate(x, mask, mean, rstd, sc, sh, dtype)
+            tl.store(q_ptr + base + c0 + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
+
+
+@triton.jit
+def _tanh_f64(z):
+    """tanh of float32 ``z``, computed in float64 and rounded to float32: the interpreter's stand-in
+    for libdevice's. ``tanh(a) = e / (e + 2)`` with ``e = expm1(2a)``, ``a = min(|z|, 20)``, and
+    ``expm1(y) = (u - 1) * y / log(u)`` for ``u = exp(y) != 1`` (Kahan's; ``y`` where u rounds to 1),
+    accurate to a few float64 units: correctly rounded float32 but for a vanishing fraction of ``z``."""
+    a = tl.minimum(tl.abs(z.to(tl.float64)), 20.0)
+    y = 2.0 * a
+    u = tl.exp(y)
+    one = u == 1.0
+    e = tl.where(one, y, (u - 1.0) * y / tl.where(one, 1.0, tl.log(u)))
+    t = e / (e + 2.0)
+    return tl.where(z < 0, -t, t).to(tl.float32)
+
+
+@triton.jit
+def _gelu_tanh(x, USE_RINT: tl.constexpr):
+    """PyTorch's ``gelu(x, approximate="tanh")`` in float32:
+    ``0.5 * x * (1 + tanh(kBeta * (x + kKappa * x^3)))`` in its order, with the FMA
+    ``kKappa * x^3 + x`` that CUDA's compiler (and PyTorch's vectorized CPU code)
+    makes of it; tanh is libdevice's (CUDA's ``tanhf``, as eager's) when compiled."""
+    inner = GELU_BETA * tl.fma(x * x * x, GELU_KAPPA, x)
+    if USE_RINT:
+        t = libdevice.tanh(inner)
+    else:
+        t = _tanh_f64(inner)
+    return (0.5 * x) * (1.0 + t)
+
+
+@triton.jit
+def gelu_quantize_rows_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    ROWS,
+    G,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    USE_RINT: tl.constexpr,
+):
+    """GELU (tanh) rounded to x's dtype, then absmax int8, of ``ROWS`` rows of ``G`` inputs.
+
+    As :func:`quantize_rows_kernel`: BLOCK_R rows per program, a row in registers
+    when it fits one BLOCK_G chunk, else read twice (GELU computed twice).
+    ``USE_RINT``: compiled, so libdevice's ``rint`` and ``tanh``.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < ROWS
+    base = rows.to(tl.int64)[:, None] * G
+    cols = tl.arange(0, BLOCK_G)
+    dtype = x_ptr.dtype.element_ty
+    if ONE_CHUNK:  # masked inputs read as 0, whose GELU is 0
+        mask = row_mask[:, None] & (cols[None, :] < G)
+        x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        m = _round_to(_gelu_tanh(x, USE_RINT), dtype)
+        amax = tl.max(tl.abs(m), axis=1)
+    else:
+        amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            m = _round_to(_gelu_tanh(x, USE_RINT), dtype)
+            amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
+    amax = tl.maximum(amax, 1e-5)  # ops.ACT_EPS; then quantize_rows_kernel's numbers
+    inv = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), amax) * 127.0
+    tl.store(s_ptr + rows, tl.math.div_rn(amax, tl.full((BLOCK_R,), 127.0, tl.float32)), mask=row_mask)
+    if ONE_CHUNK:
+        tl.store(q_ptr + base + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
+    else:
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            m = _round_to(_gelu_tanh(x, USE_RINT), dtype)
+            tl.store(q_ptr + base + c0 + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
+
+
+# ----------------------------------------------------------------------------
 # w8a8_linear and w158a8_linear: int8 x (int8 | ternary) -> int32, fused epilogue
 # ----------------------------------------------------------------------------
 

@@ -3,9 +3,10 @@
 Each function takes the op's arguments (already checked by :mod:`ditq.kernels.ops`),
 allocates the output, picks launch parameters and runs a kernel of
 :mod:`ditq.kernels.triton.kernels`; or returns ``NotImplemented`` for a call the
-kernels do not handle (a dtype, a device, an empty tensor, or a w4a8 group layout
-whose constant-scale segment is not a multiple of 32 inputs), and the reference
-runs instead. Tensors must be on one CUDA device, or on the CPU when Triton's
+kernels do not handle (a dtype, such as float64 for the fused LayerNorm and GELU
+quantizers; a device, an empty tensor, or a w4a8 group layout whose
+constant-scale segment is not a multiple of 32 inputs), and the reference runs
+instead. Tensors must be on one CUDA device, or on the CPU when Triton's
 interpreter is on (``TRITON_INTERPRET=1`` at import; how the tests run), or on
 the ``meta`` device inside :func:`recording` (launches collected, not run).
 
@@ -30,9 +31,13 @@ DOT_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 """Activation dtypes of the weight-only kernels (``tl.dot`` operand types)."""
 
 QUANT_ONE_CHUNK_MAX = 8192
-"""Longest row :func:`quantize_per_token_int8` keeps in registers; longer rows are read twice."""
+"""Longest row the row quantizers keep in registers; longer rows are read again (twice, or four times
+for :func:`layernorm_modulate_quantize_int8`)."""
 
-_QUANT_TILE = 4096  # elements per program in quantize_per_token_int8 (rows x columns)
+PRODUCER_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+"""Activation dtypes of the fused producer + quantizer kernels (float64: the reference runs)."""
+
+_QUANT_TILE = 4096  # elements per program in the row quantizers (rows x columns)
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -175,6 +180,32 @@ def quantize_per_token_asym(x: torch.Tensor, bits: int, group: int):
     """Triton implementation of :func:`ditq.kernels.ops.quantize_per_token_asym`: bit-exact codes,
     scales and zero points."""
     return _quantize_rows(K.quantize_asym_rows_kernel, x, group, torch.uint8, 2, float(2**bits - 1))
+
+
+# ----------------------------------------------------------------------------
+# layernorm_modulate_quantize_int8, gelu_quantize_int8
+# ----------------------------------------------------------------------------
+
+
+def layernorm_modulate_quantize_int8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
+    """Triton implementation of :func:`ditq.kernels.ops.layernorm_modulate_quantize_int8` (16- and 32-bit
+    float ``x``; ``shift`` and ``scale`` in its dtype): codes within one of the reference's at rounding
+    boundaries, scales to float32 rounding."""
+    if _device_of(x, shift, scale) is None or x.dtype not in PRODUCER_FLOAT or x.dim() != 3:
+        return NotImplemented
+    b, t, k = x.shape
+    if shift.dtype != x.dtype or scale.dtype != x.dtype or shift.shape != (b, k) or scale.shape != (b, k):
+        return NotImplemented
+    args = (shift.contiguous(), scale.contiguous(), t, float(eps))
+    return _quantize_rows(K.layernorm_modulate_quantize_kernel, x, 0, torch.int8, 1, *args)
+
+
+def gelu_quantize_int8(x: torch.Tensor):
+    """Triton implementation of :func:`ditq.kernels.ops.gelu_quantize_int8` (16- and 32-bit float ``x``):
+    codes within one of the reference's at rounding boundaries, scales to float32 rounding."""
+    if x.dtype not in PRODUCER_FLOAT:
+        return NotImplemented
+    return _quantize_rows(K.gelu_quantize_rows_kernel, x, 0, torch.int8, 1)
 
 
 # ----------------------------------------------------------------------------

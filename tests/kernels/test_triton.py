@@ -459,6 +459,47 @@ def test_register_makes_the_kernels_the_cuda_implementations(launch):
             ops.register_impl(op, "cuda", fn)
 
 
+@needs_kernels
+@pytest.mark.parametrize("kind", ["w8a8", "ternary-a8"])
+def test_dit_with_the_fused_producer_kernels_matches_the_unfused_one(launch, monkeypatch, kind):
+    """A tiny deployed DiT whose blocks hand the Triton producers' int8 codes to their integer linears."""
+    from ditq import quant
+    from ditq.models import DiT, DiTConfig
+
+    fused_ops = ("layernorm_modulate_quantize_int8", "gelu_quantize_int8")
+    calls = dict.fromkeys(fused_ops, 0)
+    for name in fused_ops:
+        kernel = getattr(launch, name)
+
+        def counted(*args, _fn=kernel, _name=name):
+            calls[_name] += 1
+            return _fn(*args)
+
+        # CPU tensors in the interpreter: the Triton kernels stand in for the CPU implementations
+        monkeypatch.setitem(ops._IMPLS[name], "cpu" if INTERPRET else "cuda", counted)
+    if INTERPRET:
+        monkeypatch.setattr(ops, "has_fast_impl", lambda *a, **k: True)
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(depth=2, hidden_size=64, num_heads=2, patch_size=4, input_size=8, in_channels=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    if kind == "w8a8":
+        quant.quantize_(model, quant.QDiTConfig(w_bits=8, a_bits=8, w_group=0, w_sym=True, a_sym=True))
+    else:
+        quant.quantize_(model, quant.TernaryQATConfig(act_bits=8))
+        quant.quantize_(model, quant.TernaryQATConfig(act_bits=8, step="convert"))
+    model = model.eval().to(DEVICE)
+    x = torch.randn(2, 1, 8, 8, generator=_gen(0)).to(DEVICE)
+    t, y = torch.tensor([10.0, 900.0], device=DEVICE), torch.tensor([1, 1000], device=DEVICE)
+    with torch.no_grad():
+        out = model(x, t, y)
+        with ops.use_fusion(False):
+            expected = model(x, t, y)
+    assert calls == {"layernorm_modulate_quantize_int8": 4, "gelu_quantize_int8": 2}
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
 def test_import_without_triton_never_fails(monkeypatch):
     """With Triton missing, the package imports, registers nothing and says why it is unavailable."""
     for name in [

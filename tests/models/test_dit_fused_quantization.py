@@ -150,3 +150,11 @@ def test_gpu_fused_block_matches_the_unfused_one(monkeypatch, kind):
         out = model(x, t, y).float()
     assert counts == {"layernorm_modulate_quantize_int8": 2 * TINY.depth, "gelu_quantize_int8": TINY.depth}
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_no_fusion_on_cpu_for_dtypes_its_kernels_decline(monkeypatch):
+    model, (x, t, y) = _model("w8a8", torch.bfloat16), _inputs(torch.bfloat16)
+    counts = _calls(monkeypatch)
+    with torch.no_grad():
+        model(x, t, y)
+    assert counts == dict.fromkeys(FUSED, 0)

@@ -377,7 +377,11 @@ def should_fuse(op: str, consumer, x: Tensor) -> bool:
     takes = getattr(consumer, "takes_int8_tokens", None)
     if not callable(takes) or not takes(x):
         return False
-    return _backend == "reference" or has_fast_impl(op, x.device, build=False)
+    if _backend == "reference":
+        return True
+    if x.device.type == "cpu" and x.dtype != torch.float32:
+        return False  # the CPU kernels of the fused ops take float32 (they decline the rest)
+    return has_fast_impl(op, x.device, build=False)
 
 
 def _dispatch(op: str, device: torch.device, *args):

@@ -197,6 +197,30 @@ def _store_tile(out_ptr, y, offs_m, offs_n, mask_m, mask_n, N):
 
 
 @triton.jit
+def _absmax_inv(amax, s_ptr, rows, row_mask, BLOCK_R: tl.constexpr):
+    """Store each row's scale ``a / 127`` (``a = max(max|x|, 1e-5)``, ops.ACT_EPS) and return
+    ``127 / a``, the reference's numbers exactly: ``(1 / a) * 127`` with IEEE-rounded divisions
+    (Triton's plain "/" is an approximate one on NVIDIA GPUs)."""
+    amax = tl.maximum(amax, 1e-5)
+    tl.store(s_ptr + rows, tl.math.div_rn(amax, tl.full((BLOCK_R,), 127.0, tl.float32)), mask=row_mask)
+    return tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), amax) * 127.0
+
+
+@triton.jit
+def _int8_codes(m, inv, USE_RINT: tl.constexpr):
+    """int8 ``clamp(round(m * inv), -128, 127)`` of a [rows, cols] tile (``inv = 127 / a`` per row),
+    rounding half to even as ``torch.round``. The interpreter has no libdevice: adding and removing
+    1.5 * 2^23 rounds half to even in float32 for |v| < 2^22 (here |v| <= 127); the launch turns FMA
+    fusion off, so v is rounded before the addition."""
+    v = m * inv[:, None]
+    if USE_RINT:
+        r = libdevice.rint(v)
+    else:
+        r = (v + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int8)
+
+
+@triton.jit
 def quantize_rows_kernel(
     x_ptr,
     q_ptr,
@@ -228,33 +252,14 @@ def quantize_rows_kernel(
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
             x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    amax = tl.maximum(amax, 1e-5)  # ops.ACT_EPS
-    # The reference's numbers exactly: 127 / a is (1 / a) * 127 with an IEEE-rounded
-    # division (Triton's plain "/" is an approximate one on NVIDIA GPUs).
-    inv = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), amax) * 127.0
-    tl.store(s_ptr + rows, tl.math.div_rn(amax, tl.full((BLOCK_R,), 127.0, tl.float32)), mask=row_mask)
+    inv = _absmax_inv(amax, s_ptr, rows, row_mask, BLOCK_R)
     if ONE_CHUNK:
-        v = x * inv[:, None]
-        if USE_RINT:
-            r = libdevice.rint(v)  # round half to even, as torch.round
-        else:
-            # The interpreter has no libdevice. Adding and removing 1.5 * 2^23 rounds
-            # half to even in float32 for |v| < 2^22 (here |v| <= 127); the launch
-            # turns FMA fusion off, so v is rounded before the addition.
-            r = (v + 12582912.0) - 12582912.0
-        q = tl.minimum(tl.maximum(r, -128.0), 127.0)
-        tl.store(q_ptr + base + cols[None, :], q.to(tl.int8), mask=mask)
+        tl.store(q_ptr + base + cols[None, :], _int8_codes(x, inv, USE_RINT), mask=mask)
     else:
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
             x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            v = x * inv[:, None]
-            if USE_RINT:
-                r = libdevice.rint(v)
-            else:
-                r = (v + 12582912.0) - 12582912.0
-            q = tl.minimum(tl.maximum(r, -128.0), 127.0)
-            tl.store(q_ptr + base + c0 + cols[None, :], q.to(tl.int8), mask=mask)
+            tl.store(q_ptr + base + c0 + cols[None, :], _int8_codes(x, inv, USE_RINT), mask=mask)
 
 
 # ----------------------------------------------------------------------------
@@ -362,18 +367,6 @@ def _round_to(y, dtype: tl.constexpr):
 
 
 @triton.jit
-def _int8_codes(m, inv, USE_RINT: tl.constexpr):
-    """int8 ``clamp(round(m * inv), -128, 127)`` of a [rows, cols] tile (``inv = 127 / a`` per row):
-    quantize_rows_kernel's codes, round half to even, bit for bit."""
-    v = m * inv[:, None]
-    if USE_RINT:
-        r = libdevice.rint(v)
-    else:
-        r = (v + 12582912.0) - 12582912.0  # as in quantize_rows_kernel (|v| <= 127, FMA fusion off)
-    return tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int8)
-
-
-@triton.jit
 def _modulate(x, mask, mean, rstd, scale, shift, dtype: tl.constexpr):
     """``layer_norm(x) * (1 + scale) + shift`` of a float32 [rows, cols] tile as PyTorch eager computes
     it in ``dtype``: ``(x - mean) * rstd`` in float32, then each of the three steps rounded to
@@ -449,9 +442,7 @@ def layernorm_modulate_quantize_kernel(
             sh = tl.load(shift_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             m = _modulate(x, mask, mean, rstd, sc, sh, dtype)
             amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
-    amax = tl.maximum(amax, 1e-5)  # ops.ACT_EPS; then quantize_rows_kernel's numbers
-    inv = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), amax) * 127.0
-    tl.store(s_ptr + rows, tl.math.div_rn(amax, tl.full((BLOCK_R,), 127.0, tl.float32)), mask=row_mask)
+    inv = _absmax_inv(amax, s_ptr, rows, row_mask, BLOCK_R)  # then quantize_rows_kernel's numbers
     if ONE_CHUNK:
         tl.store(q_ptr + base + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
     else:
@@ -528,9 +519,7 @@ def gelu_quantize_rows_kernel(
             x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             m = _round_to(_gelu_tanh(x, USE_RINT), dtype)
             amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
-    amax = tl.maximum(amax, 1e-5)  # ops.ACT_EPS; then quantize_rows_kernel's numbers
-    inv = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), amax) * 127.0
-    tl.store(s_ptr + rows, tl.math.div_rn(amax, tl.full((BLOCK_R,), 127.0, tl.float32)), mask=row_mask)
+    inv = _absmax_inv(amax, s_ptr, rows, row_mask, BLOCK_R)  # then quantize_rows_kernel's numbers
     if ONE_CHUNK:
         tl.store(q_ptr + base + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
     else:

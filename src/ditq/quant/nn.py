@@ -578,9 +578,12 @@ class QuantLinear(nn.Module):
         """Whether ``forward(x)`` would quantize ``x`` with :func:`ditq.kernels.ops.quantize_per_token_int8`
         (8-bit symmetric per token) and run an integer op: then ``forward`` also takes
         :class:`~ditq.kernels.ops.Int8Tokens` made by a producer fused with that quantization."""
+        return self._int8_token_inputs() and self.kernel_for(x) in ("w8a8_linear", "w4a8_linear")
+
+    def _int8_token_inputs(self) -> bool:
+        """Whether the integer ops quantize this layer's input by quantize_per_token_int8's rule."""
         aq = self.act_quant
-        int8_tokens = aq.sym and aq.bits == 8 and aq.group == 0
-        return int8_tokens and self.kernel_for(x) in ("w8a8_linear", "w4a8_linear")
+        return aq.sym and aq.bits == 8 and aq.group == 0
 
     def forward(self, x: torch.Tensor | ops.Int8Tokens) -> torch.Tensor:
         if isinstance(x, ops.Int8Tokens):
@@ -607,7 +610,7 @@ class QuantLinear(nn.Module):
     def _int8_tokens_forward(self, x: ops.Int8Tokens) -> torch.Tensor:
         op = self.kernel_op
         aq = self.act_quant
-        if op not in ("w8a8_linear", "w4a8_linear") or not (aq.sym and aq.bits == 8 and aq.group == 0):
+        if op not in ("w8a8_linear", "w4a8_linear") or not self._int8_token_inputs():
             raise InvalidArgumentError(
                 f"this layer ({self.w_bits}-bit weights, {aq.bits}-bit activations, group {aq.group}, "
                 f"sym={aq.sym}) does not take int8 per-token codes; pass floats"
@@ -628,7 +631,7 @@ class QuantLinear(nn.Module):
         """The input's integer codes with its scales and zero points (None when symmetric), per token
         or token group: the values :class:`ActQuantizer` fake-quantizes to."""
         aq = self.act_quant
-        if aq.sym and aq.bits == 8 and aq.group == 0:
+        if self._int8_token_inputs():
             xq, xs = ops.quantize_per_token_int8(x)  # the same rule; a fast kernel on CPU
             return xq, xs, None
         if not aq.sym and aq.dynamic and aq.group >= 0 and x.dtype == torch.float32:

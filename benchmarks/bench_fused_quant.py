@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from _common import finish, format_table, machine_info, median, synchronizer, time_call
 
 from ditq.kernels import cpu, ops
+from ditq.models.layers import modulate
 
 # (name, samples B, tokens per sample T, hidden K): DiT-XL/2 at 256 px with guidance, the embedded model
 MODELS = {
@@ -36,10 +37,6 @@ FUSED_OP = {
     "layernorm_modulate (qkv, fc1)": "layernorm_modulate_quantize_int8",
     "gelu (fc2)": "gelu_quantize_int8",
 }
-
-
-def _modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def cases(model: str, device: torch.device, dtype: torch.dtype, seed: int):
@@ -61,7 +58,7 @@ def cases(model: str, device: torch.device, dtype: torch.dtype, seed: int):
         (
             "layernorm_modulate (qkv, fc1)",
             (b, t, k),
-            lambda: ops.quantize_per_token_int8(_modulate(F.layer_norm(x, (k,), eps=1e-6), shift, scale)),
+            lambda: ops.quantize_per_token_int8(modulate(F.layer_norm(x, (k,), eps=1e-6), shift, scale)),
             lambda: ops.layernorm_modulate_quantize_int8(x, shift, scale, 1e-6),
             ln_unfused,
             ln_fused,

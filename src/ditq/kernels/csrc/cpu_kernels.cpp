@@ -67,6 +67,11 @@ int64_t detect_isa() {
   return kScalar;
 }
 
+// AVX-512 lane mask of the first min(left, 16) lanes (none for left <= 0): a row's tail.
+inline uint16_t lanes16(int64_t left) {
+  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<uint16_t>((1u << left) - 1);
+}
+
 constexpr int kPanel = 64;     // AVX-512: output columns per prepacked panel (4 vectors of 16)
 constexpr int kMR512 = 6;      // AVX-512: tokens per micro-tile (24 accumulators of 32 registers)
 constexpr int kNR = 4;         // AVX2: weight rows (output columns) per micro-tile
@@ -160,7 +165,7 @@ inline void store4(const Gemm& g, int64_t m, int64_t n0, int64_t nr, __m128i tot
 DITQ_AVX512 inline void store16(const Gemm& g, int64_t m, int64_t n, __m512i acc) {
   const int64_t left = g.N - n;
   if (left <= 0) return;
-  const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+  const __mmask16 mask = lanes16(left);
   if (g.offset) acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(g.offset * g.xsum[m]));
   __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(g.xs[m]));
   v = _mm512_mul_ps(v, g.ws_per_row ? _mm512_maskz_loadu_ps(mask, g.ws + n) : _mm512_set1_ps(g.ws[0]));
@@ -323,7 +328,7 @@ DITQ_AVX512 void tile_w4_vnni(const W4Gemm& g, int64_t m0, int64_t n0) {
     for (int j = 0; j < 4; ++j) {
       if (j >= nv) break;
       const int64_t n = n0 + 16 * j;
-      const __mmask16 mask = left - 16 * j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (left - 16 * j)) - 1);
+      const __mmask16 mask = lanes16(left - 16 * j);
       const __m512 wsv = _mm512_maskz_loadu_ps(mask, ws_row + n);
       const __m512i wzv = _mm512_maskz_loadu_epi32(mask, wz_row + n);
       DITQ_UNROLL
@@ -341,7 +346,7 @@ DITQ_AVX512 void tile_w4_vnni(const W4Gemm& g, int64_t m0, int64_t n0) {
   for (int j = 0; j < 4; ++j) {
     if (j >= nv) break;
     const int64_t n = n0 + 16 * j;
-    const __mmask16 mask = left - 16 * j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (left - 16 * j)) - 1);
+    const __mmask16 mask = lanes16(left - 16 * j);
     const __m512 b = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n) : _mm512_setzero_ps();
     DITQ_UNROLL
     for (int i = 0; i < MR; ++i) {
@@ -871,7 +876,7 @@ DITQ_AVX512 void gelu_row_512(const float* x, int64_t n, float* out) {
   const __m512 beta = _mm512_set1_ps(kGeluBeta), kappa = _mm512_set1_ps(kGeluKappa);
   const __m512 one = _mm512_set1_ps(1.0f), m2 = _mm512_set1_ps(-2.0f);
   for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 mask = n - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - k)) - 1);
+    const __mmask16 mask = lanes16(n - k);
     const __m512 v = _mm512_maskz_loadu_ps(mask, x + k);
     const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
     const __m512 u = _mm512_mul_ps(beta, _mm512_add_ps(v, _mm512_mul_ps(kappa, cube)));
@@ -882,12 +887,9 @@ DITQ_AVX512 void gelu_row_512(const float* x, int64_t n, float* out) {
 
 DITQ_AVX512 void layernorm_modulate_row_512(const float* x, const float* shift, const float* scale, int64_t n,
                                             float eps, float* out) {
-  auto tail = [n](int64_t k) {
-    return n - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - k)) - 1);
-  };
   __m512d sum = _mm512_setzero_pd();  // float64 sums: the mean and variance to float32 accuracy
   for (int64_t k = 0; k < n; k += 16) {
-    const __m512 v = _mm512_maskz_loadu_ps(tail(k), x + k);
+    const __m512 v = _mm512_maskz_loadu_ps(lanes16(n - k), x + k);
     sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
     sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
   }
@@ -895,7 +897,7 @@ DITQ_AVX512 void layernorm_modulate_row_512(const float* x, const float* shift, 
   const __m512 vmean = _mm512_set1_ps(mean);
   __m512d ss = _mm512_setzero_pd();
   for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 mask = tail(k);
+    const __mmask16 mask = lanes16(n - k);
     const __m512 d = _mm512_maskz_sub_ps(mask, _mm512_maskz_loadu_ps(mask, x + k), vmean);
     const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
     const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
@@ -904,7 +906,7 @@ DITQ_AVX512 void layernorm_modulate_row_512(const float* x, const float* shift, 
   const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(_mm512_reduce_add_pd(ss) / n) + eps));
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 mask = tail(k);
+    const __mmask16 mask = lanes16(n - k);
     const __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + k), vmean), rstd);
     const __m512 t = _mm512_add_ps(one, _mm512_maskz_loadu_ps(mask, scale + k));
     _mm512_mask_storeu_ps(out + k, mask, _mm512_add_ps(_mm512_mul_ps(y, t), _mm512_maskz_loadu_ps(mask, shift + k)));
@@ -1149,8 +1151,7 @@ __attribute__((target("avx512f"))) void wo_tile_512(const WoGemm& g, int64_t m0,
   }
   const float* xr = g.x + m0 * g.K;
   for (int64_t k = 0; k < g.Kp; k += 16) {
-    const __mmask16 mask = k + 16 <= g.K ? static_cast<__mmask16>(0xFFFF)
-                                         : static_cast<__mmask16>((1u << (g.K - k)) - 1);
+    const __mmask16 mask = lanes16(g.K - k);
     __m512 w[kWoNR];
     DITQ_UNROLL
     for (int j = 0; j < kWoNR; ++j) w[j] = _mm512_loadu_ps(wb + j * g.Kp + k);
@@ -1192,7 +1193,7 @@ __attribute__((target("avx512f"))) void wo_fused_cols_512(const WoGemm& g, int64
   }
   if (!g.int4) {
     const int64_t K16 = g.K / 16 * 16;
-    const __mmask16 tail = static_cast<__mmask16>((1u << (g.K - K16)) - 1);
+    const __mmask16 tail = lanes16(g.K - K16);
     __m512 table[NC];
     const uint8_t* r[NC];
     DITQ_UNROLL
@@ -1531,7 +1532,7 @@ DITQ_AVX512 void quantize_asym_row_512(const float* x, int64_t n, uint8_t* q, fl
     vmin = _mm512_min_ps(vmin, v);
     vmax = _mm512_max_ps(vmax, v);
   }
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - k)) - 1);
+  const __mmask16 tail = lanes16(n - k);
   if (tail) {
     vmin = _mm512_mask_min_ps(vmin, tail, vmin, _mm512_maskz_loadu_ps(tail, x + k));
     vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, x + k));

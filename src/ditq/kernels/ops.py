@@ -38,6 +38,11 @@ the same name below; arguments are checked, with a one-line :class:`KernelError`
                                                      modulation, then quantize_per_token_int8, one pass
     gelu_quantize_int8(x)                            -> (q int8, scale float32): GELU (tanh), then
                                                      quantize_per_token_int8, one pass
+    rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps)
+                                                     -> (q int8, scale float32): Large-DiT's RMSNorm +
+                                                     adaLN modulation, then quantize_per_token_int8
+    swiglu_quantize_int8(gate, up)                   -> (q int8, scale float32): silu(gate) * up, then
+                                                     quantize_per_token_int8, one pass
     w8a8_linear(xq, xs, wq, ws, bias, out_dtype)     int8 activations x int8 weights
     w158a8_linear(xq, xs, w_packed, w_scale, bias, out_dtype)
                                                      int8 activations x ternary (2-bit "k4") weights
@@ -88,6 +93,8 @@ OPS = (
     "quantize_per_token_asym",
     "layernorm_modulate_quantize_int8",
     "gelu_quantize_int8",
+    "rmsnorm_modulate_quantize_int8",
+    "swiglu_quantize_int8",
     "w8a8_linear",
     "w158a8_linear",
     "w4a8_linear",
@@ -578,6 +585,23 @@ def ref_gelu_quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     return ref_quantize_per_token_int8(F.gelu(x, approximate="tanh"))
 
 
+def ref_rmsnorm_modulate_quantize_int8(
+    x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`rmsnorm_modulate_quantize_int8`: the unfused composition, in ``x``'s dtype
+    (``ditq.models.layers.RMSNorm``'s math: the mean of squares in float32, the normalized value
+    rounded to ``x``'s dtype before the weight multiplies it)."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    normed = weight * (x * torch.rsqrt(variance + eps)).to(x.dtype)
+    modulated = normed * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return ref_quantize_per_token_int8(modulated)
+
+
+def ref_swiglu_quantize_int8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`swiglu_quantize_int8`: the unfused composition, in the inputs' dtype."""
+    return ref_quantize_per_token_int8(F.silu(gate) * up)
+
+
 def ref_w8a8_linear(
     xq: Tensor, xs: Tensor, wq: Tensor, ws: Tensor, bias: Tensor | None = None, out_dtype=torch.float32
 ) -> Tensor:
@@ -667,6 +691,8 @@ REFERENCE: dict[str, Callable] = {
     "quantize_per_token_asym": ref_quantize_per_token_asym,
     "layernorm_modulate_quantize_int8": ref_layernorm_modulate_quantize_int8,
     "gelu_quantize_int8": ref_gelu_quantize_int8,
+    "rmsnorm_modulate_quantize_int8": ref_rmsnorm_modulate_quantize_int8,
+    "swiglu_quantize_int8": ref_swiglu_quantize_int8,
     "w8a8_linear": ref_w8a8_linear,
     "w158a8_linear": ref_w158a8_linear,
     "w4a8_linear": ref_w4a8_linear,
@@ -762,8 +788,9 @@ _PRODUCER_NOTE = """
 """
 
 
-def _check_layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> int:
-    op = "layernorm_modulate_quantize_int8"
+def _check_layernorm_modulate(
+    x: Tensor, shift: Tensor, scale: Tensor, eps: float, op: str = "layernorm_modulate_quantize_int8"
+) -> int:
     _check_tensor(op, "x", x, "float", dim=3)
     b, _, k = x.shape
     if k == 0:
@@ -827,6 +854,74 @@ gelu_quantize_int8.__doc__ += _PRODUCER_NOTE
 def _(x):
     _check_gelu_quantize(x)
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def _check_rmsnorm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float) -> int:
+    op = "rmsnorm_modulate_quantize_int8"
+    k = _check_layernorm_modulate(x, shift, scale, eps, op)
+    _check_tensor(op, "weight", weight, (x.dtype,), dim=1)
+    if weight.shape[0] != k:
+        _fail(op, f"weight must be [K] = [{k}], got {tuple(weight.shape)}")
+    return k
+
+
+@torch.library.custom_op(f"{NAMESPACE}::rmsnorm_modulate_quantize_int8", mutates_args=())
+def rmsnorm_modulate_quantize_int8(
+    x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Large-DiT's (TerDiT's) pre-linear activation in one pass: RMSNorm with its weight, adaLN
+    modulation, int8 per token.
+
+    ``x``: float ``[B, T, K]``; ``weight``: ``[K]``; ``shift``, ``scale``:
+    ``[B, K]``; all in ``x``'s dtype. Computes
+    ``quantize_per_token_int8(weight * x * rsqrt(mean(x², -1) + eps) * (1 + scale) + shift)``
+    with :class:`ditq.models.layers.RMSNorm`'s roundings: ``q`` int8 ``[B, T, K]``
+    and ``scale`` float32 ``[B, T, 1]``. One call feeds all the linears that read
+    the block's normalized input (``wq``, ``wk``, ``wv``; ``w1``, ``w3``).
+    """
+    _check_rmsnorm_modulate(x, weight, shift, scale, eps)
+    return _dispatch("rmsnorm_modulate_quantize_int8", x.device, x, weight, shift, scale, eps)
+
+
+rmsnorm_modulate_quantize_int8.__doc__ += _PRODUCER_NOTE
+
+
+@rmsnorm_modulate_quantize_int8.register_fake
+def _(x, weight, shift, scale, eps):
+    _check_rmsnorm_modulate(x, weight, shift, scale, eps)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def _check_swiglu_quantize(gate: Tensor, up: Tensor) -> int:
+    op = "swiglu_quantize_int8"
+    k = _check_acts(op, gate, "gate", "float", max_k=False)
+    _check_tensor(op, "up", up, (gate.dtype,))
+    if up.shape != gate.shape:
+        _fail(op, f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
+    return k
+
+
+@torch.library.custom_op(f"{NAMESPACE}::swiglu_quantize_int8", mutates_args=())
+def swiglu_quantize_int8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """SwiGLU's hidden activation in one pass: ``silu(gate) * up``, then int8 per token.
+
+    ``gate``, ``up``: float ``[..., K]``, same shape and dtype (the ``w1`` and
+    ``w3`` outputs of a Large-DiT feed-forward). Computes
+    ``quantize_per_token_int8(silu(gate) * up)``: ``q`` int8 ``[..., K]`` and
+    ``scale`` float32 ``[..., 1]``, without writing the product (the input of ``w2``).
+    """
+    _check_swiglu_quantize(gate, up)
+    return _dispatch("swiglu_quantize_int8", gate.device, gate, up)
+
+
+swiglu_quantize_int8.__doc__ += _PRODUCER_NOTE
+
+
+@swiglu_quantize_int8.register_fake
+def _(gate, up):
+    _check_swiglu_quantize(gate, up)
+    scales = gate.new_empty((*gate.shape[:-1], 1), dtype=torch.float32)
+    return gate.new_empty(gate.shape, dtype=torch.int8), scales
 
 
 def _check_w8a8(xq, xs, wq, ws, bias, out_dtype) -> int:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditq.errors import InvalidArgumentError
-from ditq.models.layers import LabelEmbedder, RMSNorm, TimestepEmbedder, modulate
+from ditq.kernels import ops
+from ditq.models.layers import LabelEmbedder, RMSNorm, TimestepEmbedder, modulate, norm_modulate
 
 LABEL_ORDERS = ("identity", "lexicographic")
 """How class ids map to the rows of the label table (see :attr:`LargeDiTConfig.label_order`)."""
@@ -179,7 +180,7 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(dim, eps=1e-5) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(dim, eps=1e-5) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | ops.Int8Tokens, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.q_norm(self.wq(x)), self.k_norm(self.wk(x)), self.wv(x)  # each (B, T, D)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, hd)
@@ -200,8 +201,12 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor | ops.Int8Tokens) -> torch.Tensor:
+        gate, up = self.w1(x), self.w3(x)  # each (..., hidden)
+        if gate.dtype == up.dtype and ops.should_fuse("swiglu_quantize_int8", self.w2, gate):
+            # An integer w2: the product and its int8 quantization in one pass over the widest activations.
+            return self.w2(ops.Int8Tokens(*ops.swiglu_quantize_int8(gate, up), gate.dtype))
+        return self.w2(F.silu(gate) * up)
 
 
 #################################################################################
@@ -229,9 +234,10 @@ class TransformerBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=1
         )  # each (N, D)
-        h = modulate(self.attention_norm(x), shift_msa, scale_msa)  # (N, T, D)
-        x = x + gate_msa.unsqueeze(1) * self.attention(h, cos, sin)  # (N, T, D)
-        h = modulate(self.ffn_norm(x), shift_mlp, scale_mlp)  # (N, T, D)
+        attn, ffn = self.attention, self.feed_forward
+        h = norm_modulate(self.attention_norm, x, shift_msa, scale_msa, attn.wq, attn.wk, attn.wv)  # or codes
+        x = x + gate_msa.unsqueeze(1) * attn(h, cos, sin)  # (N, T, D)
+        h = norm_modulate(self.ffn_norm, x, shift_mlp, scale_mlp, ffn.w1, ffn.w3)  # (N, T, D), or codes
         return x + gate_mlp.unsqueeze(1) * self.feed_forward(h)  # (N, T, D)
 
 

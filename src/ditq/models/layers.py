@@ -3,10 +3,10 @@
 Module and parameter names follow facebookresearch/DiT (and the timm modules
 it uses) so that official state dicts load with ``strict=True``.
 
-Quantized deployment: when the linear after a LayerNorm-modulate or a GELU is
-an integer one (a ``ditq.quant`` layer whose ``takes_int8_tokens`` says so),
-the producer runs fused with that linear's int8 activation quantization
-(:func:`ditq.kernels.ops.should_fuse`) and hands it
+Quantized deployment: when the linears after a LayerNorm- or RMSNorm-modulate,
+a GELU or a SwiGLU are integer ones (``ditq.quant`` layers whose
+``takes_int8_tokens`` says so), the producer runs fused with their int8
+activation quantization (:func:`ditq.kernels.ops.should_fuse`) and hands them
 :class:`~ditq.kernels.ops.Int8Tokens`: the float activation in between is never
 written. This is the only place models meet kernels; they never import quant.
 """
@@ -29,14 +29,32 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def norm_modulate(
-    norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, consumer: nn.Module
+    norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *consumers: nn.Module
 ) -> torch.Tensor | ops.Int8Tokens:
-    """``modulate(norm(x), shift, scale)``, the input of ``consumer``; when ``consumer`` is an integer
-    linear that quantizes its input to int8 per token, those codes instead, made in one pass."""
-    fusable = norm.weight is None and shift.dtype == scale.dtype == x.dtype
-    if fusable and ops.should_fuse("layernorm_modulate_quantize_int8", consumer, x):
-        return ops.Int8Tokens(*ops.layernorm_modulate_quantize_int8(x, shift, scale, norm.eps), x.dtype)
+    """``modulate(norm(x), shift, scale)``, the input of ``consumers`` (the linears that read it); when
+    they are all integer linears that quantize their input to int8 per token, those codes instead,
+    made in one pass and shared.
+
+    ``norm``: a LayerNorm without affine parameters (DiT) or an :class:`RMSNorm` (Large-DiT);
+    any other norm (or mixed dtypes) runs unfused.
+    """
+    if shift.dtype == scale.dtype == x.dtype:
+        if isinstance(norm, nn.LayerNorm) and norm.weight is None:
+            if _fuse("layernorm_modulate_quantize_int8", consumers, x):
+                codes = ops.layernorm_modulate_quantize_int8(x, shift, scale, norm.eps)
+                return ops.Int8Tokens(*codes, x.dtype)
+        elif isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype:
+            # The fused op has no gradient: only where nothing would flow back to the norm's weight.
+            no_grad = not (torch.is_grad_enabled() and norm.weight.requires_grad)
+            if no_grad and _fuse("rmsnorm_modulate_quantize_int8", consumers, x):
+                codes = ops.rmsnorm_modulate_quantize_int8(x, norm.weight, shift, scale, norm.eps)
+                return ops.Int8Tokens(*codes, x.dtype)
     return modulate(norm(x), shift, scale)
+
+
+def _fuse(op: str, consumers: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
+    """Whether every consumer of ``x`` takes the int8 codes that the fused ``op`` makes."""
+    return bool(consumers) and all(ops.should_fuse(op, c, x) for c in consumers)
 
 
 #################################################################################

@@ -95,7 +95,7 @@ def test_quantize_asym_fast_equals_reference(isa, poisoned, shape, group, bits):
 
 
 # ----------------------------------------------------------------------------
-# Producers fused with int8 quantization: LayerNorm-modulate, GELU
+# Producers fused with int8 quantization: LayerNorm-modulate, GELU, RMSNorm-modulate, SwiGLU
 # ----------------------------------------------------------------------------
 
 
@@ -137,6 +137,111 @@ def test_gelu_quantize_fast_matches_reference(isa, poisoned, shape):
     amax = exact.abs().amax(-1, keepdim=True).clamp(min=1e-5).float() / 127
     assert ((s - amax).abs() <= (sr - amax).abs() + 1e-6 * amax).all()
     assert cpu.gelu_quantize_int8(x.bfloat16()) is NotImplemented
+
+
+# RMSNorm rows: random, a zero row (r = 1 / sqrt(eps): codes from shift alone), huge and tiny rows
+RMS_SHAPES = [(1, 1, 1), (2, 3, 7), (3, 5, 100), (1, 4, 1152), (2, 2, 1001), (1, 3, 3072)]
+
+
+def _rms_args(b, t, k, seed):
+    g = _gen(seed)
+    x = torch.randn(b, t, k, generator=g) * 3 + 1
+    weight = torch.randn(k, generator=g) * 0.5 + 1
+    shift, scale = torch.randn(b, k, generator=g), torch.randn(b, k, generator=g)
+    x[-1, -1] *= 1e6
+    x[0, -1] *= 1e-4  # mean of squares ~1e-7: eps matters
+    x[0, 0] = 0.0
+    return x, weight, shift, scale
+
+
+@pytest.mark.parametrize("b,t,k", RMS_SHAPES)
+def test_rmsnorm_modulate_quantize_fast_matches_reference(isa, poisoned, b, t, k):
+    x, weight, shift, scale = _rms_args(b, t, k, seed=k + 1)
+    for eps in (1e-6, 1e-2):
+        q, s = cpu.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps)
+        _codes_agree(q, s, *ops.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps))
+    assert all(map(torch.equal, (q, s), ops.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps)))
+    for dtype in (torch.bfloat16, torch.float64):  # declined: the reference, which rounds to dtype
+        args = (x.to(dtype), weight.to(dtype), shift.to(dtype), scale.to(dtype), 1e-6)
+        assert cpu.rmsnorm_modulate_quantize_int8(*args) is NotImplemented
+        out, ref = ops.rmsnorm_modulate_quantize_int8(*args), ops.ref_rmsnorm_modulate_quantize_int8(*args)
+        assert all(map(torch.equal, out, ref))
+
+
+def test_rmsnorm_float64_sum_is_closer_than_pytorch(isa):
+    """Where our scales differ from PyTorch's (its float32 mean of float32 squares moves r by an ulp),
+    ours are mostly the closer ones to float64 math. Unit weight, no modulation: the scale is
+    fl(fl(max|x| * r) / 127), so it follows r."""
+    b, t, k, eps = 4, 1000, 1152, 1e-6
+    x = torch.randn(b, t, k, generator=_gen(17)) * 3 + 1
+    args = (x, torch.ones(k), torch.zeros(b, k), torch.zeros(b, k), eps)
+    _, s = cpu.rmsnorm_modulate_quantize_int8(*args)
+    _, sr = ops.ref_rmsnorm_modulate_quantize_int8(*args)
+    xd = x.double()
+    exact = xd.abs().amax(-1, keepdim=True) / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps) / 127
+    differ = s != sr
+    ours, theirs = (s.double() - exact).abs()[differ], (sr.double() - exact).abs()[differ]
+    assert differ.sum() >= 100  # about a fifth of the rows
+    assert (ours < theirs).sum() > 1.5 * (theirs < ours).sum()
+    assert ours.sum() < 0.85 * theirs.sum()
+
+
+SWIGLU_SHAPES = [(1, 1), (3, 7), (2, 5, 100), (4, 1152), (3, 1001), (2, 3072), (1, 8192)]
+
+
+@pytest.mark.parametrize("shape", SWIGLU_SHAPES)
+def test_swiglu_quantize_fast_matches_reference(isa, poisoned, shape):
+    g = _gen(shape[-1] + 2)
+    gate = torch.randn(shape, generator=g) * 4
+    up = torch.randn(shape, generator=g) * torch.rand(*shape[:-1], 1, generator=g) * 6
+    gate.view(-1, shape[-1])[0] = 0.0  # silu(0) = 0: an all-zero row, the 1e-5 floor
+    q, s = cpu.swiglu_quantize_int8(gate, up)
+    _codes_agree(q, s, *ops.ref_swiglu_quantize_int8(gate, up))
+    assert all(map(torch.equal, (q, s), ops.swiglu_quantize_int8(gate, up)))
+    # our exp is Cephes' (PyTorch's silu: SLEEF's), each about an ulp: both near the float64 value
+    gd = gate.double()
+    exact = (gd / (1 + torch.exp(-gd)) * up.double()).abs().amax(-1, keepdim=True).clamp(min=1e-5) / 127
+    torch.testing.assert_close(s.double(), exact, rtol=4e-7, atol=0)
+    for dtype in (torch.bfloat16, torch.float64):
+        args = (gate.to(dtype), up.to(dtype))
+        assert cpu.swiglu_quantize_int8(*args) is NotImplemented
+        assert all(map(torch.equal, ops.swiglu_quantize_int8(*args), ops.ref_swiglu_quantize_int8(*args)))
+
+
+def test_swiglu_quantize_extreme_gates(isa, poisoned):
+    # around exp's overflow (PyTorch: g / inf = -0; the vector paths clamp exp and store 0) and
+    # its underflow (1 + exp(-g) = 1): no NaN, the reference's codes
+    edge = [-1e30, -100.0, -88.8, -88.72, -88.5, -88.3, -87.5, -87.3, -20.0, -1e-30, 0.0, 1e-30]
+    edge = torch.tensor(edge + [20.0, 87.3, 88.3, 88.8, 100.0, 1e30])
+    k = 37  # vector body and tail
+    gate = edge[torch.randint(len(edge), (8, k), generator=_gen(5))]
+    gate[1, : len(edge)] = edge
+    up = torch.randn(8, k, generator=_gen(6)) * 3
+    gate[0] = -100.0  # only overflowing exps: silu -0, the 1e-5 floor
+    gate[2] = -gate[2].abs().clamp(min=50)  # all large negative
+    gate[3] = torch.linspace(-3e-30, 3e-30, k)  # tiny: below the floor
+    q, s = cpu.swiglu_quantize_int8(gate, up)
+    qr, sr = ops.ref_swiglu_quantize_int8(gate, up)
+    assert not s.isnan().any() and torch.equal(q, qr) and torch.equal(s, sr)
+    assert (q[[0, 2, 3]] == 0).all() and (s[[0, 2, 3]] == torch.tensor(1e-5) / 127).all()
+
+
+def test_fused_producers_two_threads_split_the_work_the_same(built, poisoned):
+    x, weight, shift, scale = _rms_args(3, 70, 260, seed=25)
+    gate, up = torch.randn(2, 150, 520, generator=_gen(26)), torch.randn(2, 150, 520, generator=_gen(27))
+    one = (
+        *cpu.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-6),
+        *cpu.swiglu_quantize_int8(gate, up),
+    )
+    torch.set_num_threads(2)
+    try:
+        two = (
+            *cpu.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-6),
+            *cpu.swiglu_quantize_int8(gate, up),
+        )
+    finally:
+        torch.set_num_threads(1)
+    assert all(map(torch.equal, one, two))
 
 
 # ----------------------------------------------------------------------------
@@ -465,6 +570,9 @@ def test_available_backends_names_each_op(built):
     backends = cpu.available_backends()
     assert backends["extension"].startswith(f"built ({cpu.ISAS[built]})")
     assert set(ops.OPS) <= set(backends)
+    producers = ("layernorm_modulate_quantize_int8", "gelu_quantize_int8")
+    for op in (*producers, "rmsnorm_modulate_quantize_int8", "swiglu_quantize_int8"):
+        assert backends[op] == f"cpp-{cpu.ISAS[built]}"
     if built == cpu.AVX512_VNNI:
         assert backends["w8a8_linear"] == backends["w158a8_linear"] == "cpp-avx512_vnni"
         assert backends["w4a8_linear"] == "cpp-avx512_vnni"

@@ -13,15 +13,20 @@ What runs, per op (see :func:`available_backends` for this machine):
   the ``"k4"`` layout directly (``vpmaddubsw``) and int8 uses PyTorch's own
   integer GEMM (``torch._int_mm``, oneDNN), which beat our AVX2 int8 kernel
   beyond a few tokens.
-* ``layernorm_modulate_quantize_int8``, ``gelu_quantize_int8`` (float32 inputs;
-  others take the reference): per row, the producer (LayerNorm with float64
-  sums then adaLN modulation in the reference's order; GELU as
-  ``x / (1 + exp(-2u))`` with a Cephes ``exp`` in vector registers) into a
-  per-thread buffer, quantized there by the ``quantize_per_token_int8`` code;
-  AVX-512 and AVX2 paths. The float activation never goes to memory: on this
-  machine (one thread, 4096 tokens) GELU then quantization 2.4-4x faster than
-  PyTorch's GELU plus ditq's quantizer, LayerNorm-modulate-quantize 2-3x.
-  Codes equal the reference's but for rare off-by-ones at rounding boundaries.
+* ``layernorm_modulate_quantize_int8``, ``gelu_quantize_int8``,
+  ``rmsnorm_modulate_quantize_int8``, ``swiglu_quantize_int8`` (float32 inputs;
+  others take the reference): per row, the producer (LayerNorm, RMSNorm with
+  float64 sums, then the weight and adaLN modulation in the reference's order,
+  each step rounded as eager does; GELU as ``x / (1 + exp(-2u))``, SiLU as
+  PyTorch's ``g / (1 + exp(-g))``, with a Cephes ``exp`` in vector registers)
+  into a per-thread buffer, quantized there by the ``quantize_per_token_int8``
+  code; AVX-512 and AVX2 paths. The float activation never goes to memory: on
+  this machine (one thread, 4096 tokens) GELU then quantization 2.4-4x faster
+  than PyTorch's GELU plus ditq's quantizer, LayerNorm-modulate-quantize 2-3x;
+  RMSNorm-modulate-quantize 8.4x the eager composition on ``[8, 256, 3072]``
+  (6.6 against 55 ms), SwiGLU-quantize 5.2x on ``[2048, 8192]`` (21 against
+  110 ms; reading gate and up is most of it). Codes equal the reference's but
+  for rare off-by-ones at rounding boundaries.
 * ``w4a8_linear`` (Q-DiT's group-wise int4 weights, int8 or uint8 activations
   with zero points): on AVX-512 VNNI, the same 6 x 64 micro-kernel against int4
   codes prepacked 8 inputs per dword pair (two nibbles per byte, unpacked in
@@ -210,6 +215,10 @@ def _bind(path: str) -> ctypes.CDLL:
     lib.ditq_gelu_quantize.argtypes = [p, p, p, i64, i64, i64]
     lib.ditq_layernorm_modulate_quantize.restype = ctypes.c_int
     lib.ditq_layernorm_modulate_quantize.argtypes = [p, p, p, p, p, i64, i64, i64, ctypes.c_double, i64]
+    lib.ditq_rmsnorm_modulate_quantize.restype = ctypes.c_int
+    lib.ditq_rmsnorm_modulate_quantize.argtypes = [p, p, p, p, p, p, i64, i64, i64, ctypes.c_double, i64]
+    lib.ditq_swiglu_quantize.restype = ctypes.c_int
+    lib.ditq_swiglu_quantize.argtypes = [p, p, p, p, i64, i64, i64]
     lib.ditq_ternary_wo_gemm.restype = ctypes.c_int
     lib.ditq_ternary_wo_gemm.argtypes = [p, p, p, i64, p, p, i64, i64, i64, i64, i64]
     lib.ditq_int4_wo_gemm.restype = ctypes.c_int
@@ -337,6 +346,8 @@ def available_backends(build_now: bool = False) -> dict[str, str]:
         "quantize_per_token_asym": cpp or "reference",
         "layernorm_modulate_quantize_int8": cpp or "reference",  # float32 inputs
         "gelu_quantize_int8": cpp or "reference",
+        "rmsnorm_modulate_quantize_int8": cpp or "reference",
+        "swiglu_quantize_int8": cpp or "reference",
         "w8a8_linear": w8,
         "w158a8_linear": cpp if level in (AVX2, AVX512_VNNI) else "reference",
         "w4a8_linear": cpp if level == AVX512_VNNI else "reference",
@@ -501,6 +512,30 @@ def layernorm_modulate_quantize_int8(x: torch.Tensor, shift: torch.Tensor, scale
     q, s = _alloc(x.shape, torch.int8), _alloc((b, t, 1), torch.float32)
     ptrs = (xf.data_ptr(), sh.data_ptr(), sc.data_ptr(), q.data_ptr(), s.data_ptr())
     _check(_state.lib.ditq_layernorm_modulate_quantize(*ptrs, b, t, k, float(eps), isa()))
+    return q, s
+
+
+def rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps: float):
+    """RMSNorm (float64 sum of squares) * weight, adaLN modulation, int8 per token: float32 only."""
+    if _lib() is None or x.numel() == 0 or x.dtype != torch.float32 or not _all_cpu(x, weight, shift, scale):
+        return NotImplemented
+    b, t, k = x.shape
+    args = (x.contiguous(), weight.contiguous(), shift.contiguous(), scale.contiguous())
+    q, s = _alloc(x.shape, torch.int8), _alloc((b, t, 1), torch.float32)
+    ptrs = (*(a.data_ptr() for a in args), q.data_ptr(), s.data_ptr())
+    _check(_state.lib.ditq_rmsnorm_modulate_quantize(*ptrs, b, t, k, float(eps), isa()))
+    return q, s
+
+
+def swiglu_quantize_int8(gate, up):
+    """``silu(gate) * up`` quantized per token, one pass: float32 only."""
+    if _lib() is None or gate.numel() == 0 or gate.dtype != torch.float32 or not _all_cpu(gate, up):
+        return NotImplemented
+    k = gate.shape[-1]
+    g, u = gate.contiguous(), up.contiguous()
+    q, s = _alloc(gate.shape, torch.int8), _alloc((*gate.shape[:-1], 1), torch.float32)
+    ptrs = (g.data_ptr(), u.data_ptr(), q.data_ptr(), s.data_ptr())
+    _check(_state.lib.ditq_swiglu_quantize(*ptrs, g.numel() // k, k, isa()))
     return q, s
 
 
@@ -673,6 +708,8 @@ ops.register_impl("quantize_per_token_int8", "cpu", quantize_per_token_int8)
 ops.register_impl("quantize_per_token_asym", "cpu", quantize_per_token_asym)
 ops.register_impl("layernorm_modulate_quantize_int8", "cpu", layernorm_modulate_quantize_int8)
 ops.register_impl("gelu_quantize_int8", "cpu", gelu_quantize_int8)
+ops.register_impl("rmsnorm_modulate_quantize_int8", "cpu", rmsnorm_modulate_quantize_int8)
+ops.register_impl("swiglu_quantize_int8", "cpu", swiglu_quantize_int8)
 ops.register_impl("ternary_linear", "cpu", ternary_linear)
 ops.register_impl("int4_linear", "cpu", int4_linear)
 ops.register_impl("w4a8_linear", "cpu", w4a8_linear)

@@ -99,6 +99,23 @@ def test_saved_quantized_checkpoints_reload_to_identical_outputs(tmp_path, cache
         models.load(path)
 
 
+def test_a_quantized_large_dit_reloads_as_a_large_dit(tmp_path):
+    # ditq ptq calibrates DiTs only; a Large-DiT quantized through the API saves and reloads too.
+    torch.manual_seed(0)
+    config = models.LargeDiTConfig(dim=64, n_layers=2, n_heads=4, input_size=16, in_channels=1)
+    model = models.LargeDiT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    config = quant.QDiTConfig(w_bits=8, a_bits=8, w_group=0, w_sym=True, a_sym=True)
+    quant.quantize_(model.eval(), config)
+    back = ptq.load_model(ptq.save_quantized(model, tmp_path / "q.safetensors", config, command="test"))
+    assert isinstance(back, models.LargeDiT)
+    x, t, y = _inputs()
+    with torch.no_grad():
+        assert torch.equal(back(x, t, y), model(x, t, y))
+
+
 def test_load_model_passes_float_checkpoints_to_models_load(tmp_path):
     model = _dit()
     models.save(model, tmp_path / "fp.safetensors")

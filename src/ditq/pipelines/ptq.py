@@ -272,7 +272,7 @@ def load_quantized(
     except InvalidArgumentError as e:
         raise CheckpointError(f"{path}: its quant_config does not parse: {e}") from None
     with torch.device("meta"):  # shapes only: the file's tensors are adopted below
-        model = DiT(config)
+        model = registry.build_model(config)  # a DiT, or a Large-DiT quantized through the API
     try:
         quant.load_quantized_state_dict(
             model, ckpt.load_tensors(path), qconfig, layout=layout, packed=packed, assign=True

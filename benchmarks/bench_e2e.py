@@ -199,6 +199,9 @@ def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
     base_ms = median(times["fp32"]) * 1e3 if "fp32" in times else None
     c = fp_config
     tokens = (args.batch_size * (2 if cfg else 1)) * (c.input_size // c.patch_size) ** 2
+    # width and MLP width: DiT's hidden_size and mlp_ratio, Large-DiT's dim and SwiGLU width
+    width = getattr(c, "hidden_size", None) or c.dim
+    mlp = int(c.hidden_size * c.mlp_ratio) if hasattr(c, "mlp_ratio") else c.ffn_hidden
     for v, m in loaded.items():
         ms = median(times[v]) * 1e3
         plan = quant.kernel_plan(m, device)
@@ -211,8 +214,8 @@ def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
                 "op": v,
                 "model": args.model,
                 "M": tokens,
-                "K": c.hidden_size,
-                "N": int(c.hidden_size * c.mlp_ratio),
+                "K": width,
+                "N": mlp,
                 "ms": ms,
                 "baseline": f"float model ({args.dtype})",
                 "baseline_ms": base_ms,

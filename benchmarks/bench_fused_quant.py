@@ -8,7 +8,9 @@ LayerNorm, ``1 + scale``, the product and the sum (adaLN modulation), then
 activation is never written. Per DiT layer that feeds an integer linear (qkv and
 fc1: LayerNorm-modulate over the hidden size; fc2: GELU over 4x it), this times
 both ways side by side at the tokens of one sampling step and reports bytes
-moved by each (counted: every tensor an op reads and writes once).
+moved by each (counted: every tensor an op reads and writes once). Large-DiT
+(TerDiT) blocks do the same with RMSNorm-modulate (``rmsnorm_modulate_quantize_int8``,
+before wq/wk/wv and w1/w3) and SwiGLU (``swiglu_quantize_int8``, before w2).
 
     python benchmarks/bench_fused_quant.py --device cpu --threads 1 --json out/fused_cpu.json
     python benchmarks/bench_fused_quant.py --device cuda --dtype bfloat16 --json out/fused_cuda.json
@@ -24,53 +26,80 @@ import torch.nn.functional as F
 from _common import finish, format_table, machine_info, median, synchronizer, time_call
 
 from ditq.kernels import cpu, ops
-from ditq.models.layers import modulate
+from ditq.models.layers import RMSNorm, modulate
 
-# (name, samples B, tokens per sample T, hidden K): DiT-XL/2 at 256 px with guidance, the embedded model
+# name: (family, samples B, tokens per sample T, hidden K, MLP width): DiT-XL/2 at 256 px with guidance
+# (32 images), the embedded model, TerDiT-4.2B at 256 px (4 images with guidance)
 MODELS = {
-    "DiT-XL/2": (64, 256, 1152),
-    "ditq-fmnist": (32, 64, 128),
+    "DiT-XL/2": ("dit", 64, 256, 1152, 4608),
+    "ditq-fmnist": ("dit", 32, 64, 128, 512),
+    "TerDiT-4.2B": ("large-dit", 8, 256, 3072, 8192),
 }
 
 
 FUSED_OP = {
     "layernorm_modulate (qkv, fc1)": "layernorm_modulate_quantize_int8",
     "gelu (fc2)": "gelu_quantize_int8",
+    "rmsnorm_modulate (wq/wk/wv, w1/w3)": "rmsnorm_modulate_quantize_int8",
+    "swiglu (w2)": "swiglu_quantize_int8",
 }
 
 
 def cases(model: str, device: torch.device, dtype: torch.dtype, seed: int):
     """(producer, shape, unfused fn, fused fn, unfused bytes, fused bytes) for one model."""
-    b, t, k = MODELS[model]
+    family, b, t, k, hidden = MODELS[model]
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, t, k, generator=g).to(dtype).to(device)
-    shift = torch.randn(b, k, generator=g).to(dtype).to(device)
-    scale = torch.randn(b, k, generator=g).to(dtype).to(device)
-    h = (torch.randn(b, t, 4 * k, generator=g) * 2).to(dtype).to(device)
-    e = x.element_size()
-    n, nh, rows = x.numel(), h.numel(), b * t
-    # unfused LayerNorm-modulate: norm (r x, w n), mul (r n, w m), add (r m, w m), quantize (r m, w q + s)
-    ln_unfused = n * e * 7 + n + rows * 4
-    ln_fused = n * e + n + rows * 4
-    gelu_unfused = nh * e * 3 + nh + rows * 4  # GELU (r h, w g), quantize (r g, w q + s)
-    gelu_fused = nh * e + nh + rows * 4
-    return [
-        (
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dtype).to(device)
+
+    x, shift, scale = randn(b, t, k), randn(b, k), randn(b, k)
+    e, n, rows = x.element_size(), x.numel(), b * t
+    codes = n + rows * 4  # what every quantizer writes: int8 codes and a float32 scale per token
+    if family == "dit":
+        h = randn(b, t, hidden, std=2.0)
+        nh = h.numel()
+        # LayerNorm (r x, w n), mul (r n, w m), add (r m, w m), quantize (r m)
+        norm_case = (
             "layernorm_modulate (qkv, fc1)",
-            (b, t, k),
             lambda: ops.quantize_per_token_int8(modulate(F.layer_norm(x, (k,), eps=1e-6), shift, scale)),
             lambda: ops.layernorm_modulate_quantize_int8(x, shift, scale, 1e-6),
-            ln_unfused,
-            ln_fused,
-        ),
-        (
+            n * e * 7 + codes,
+        )
+        hidden_case = (
             "gelu (fc2)",
-            (b, t, 4 * k),
             lambda: ops.quantize_per_token_int8(F.gelu(h, approximate="tanh")),
             lambda: ops.gelu_quantize_int8(h),
-            gelu_unfused,
-            gelu_fused,
-        ),
+            nh * e * 3 + nh + rows * 4,  # GELU (r h, w g), quantize (r g)
+            nh * e + nh + rows * 4,
+        )
+    else:
+        norm = RMSNorm(k).to(dtype).to(device)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        weight = norm.weight.detach()
+        gate, up = randn(b, t, hidden, std=2.0), randn(b, t, hidden)
+        nh = gate.numel()
+        # RMSNorm (see layers.RMSNorm): x.float() (16-bit x only), pow (r, w float32), mean (r),
+        # x * rsqrt (r x, w float32), .to(dtype) (16-bit only), weight * (r, w); then as LayerNorm's
+        casts = 0 if e == 4 else n * e + n * 4
+        norm_case = (
+            "rmsnorm_modulate (wq/wk/wv, w1/w3)",
+            lambda: ops.quantize_per_token_int8(modulate(norm(x), shift, scale)),
+            lambda: ops.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, norm.eps),
+            2 * casts + n * 4 * 3 + n * e + n * 4 + n * e * 2 + n * e * 5 + codes,
+        )
+        hidden_case = (
+            "swiglu (w2)",
+            lambda: ops.quantize_per_token_int8(F.silu(gate) * up),
+            lambda: ops.swiglu_quantize_int8(gate, up),
+            nh * e * 6 + nh + rows * 4,  # silu (r g, w s), mul (r s, r u, w p), quantize (r p)
+            nh * e * 2 + nh + rows * 4,
+        )
+    producer, unfused, fused, unfused_bytes = norm_case
+    return [
+        (producer, (b, t, k), unfused, fused, unfused_bytes, n * e + codes),
+        (hidden_case[0], (b, t, hidden), *hidden_case[1:]),
     ]
 
 

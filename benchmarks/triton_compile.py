@@ -2,14 +2,14 @@
 what each autotuning config compiled to.
 
 For every op and shape of ``bench_kernels.py`` (DiT-XL/2 and TerDiT-4.2B layers,
-M in {1, 16, 512, 8192}; the fused LayerNorm and GELU quantizers at the DiT
-layers they feed) the host code's real launch is recorded on ``meta``
-tensors and compiled for ``sm_<arch>`` once per autotuning config its pruning
-keeps (:mod:`ditq.kernels.triton.aot`). Per variant: shared memory, registers,
-stack (spills), the tensor-core instruction (``wgmma`` / ``mma.sync``), the
-number of software-pipelined loads, programs, programs per SM and waves on an
-H200 (132 SMs). Static facts, not timings: they show whether a kernel can
-reach the ceiling and what a GPU run would find.
+M in {1, 16, 512, 8192}; the fused producer quantizers at the layers they feed:
+LayerNorm and GELU in DiT, RMSNorm and SwiGLU in TerDiT) the host code's real
+launch is recorded on ``meta`` tensors and compiled for ``sm_<arch>`` once per
+autotuning config its pruning keeps (:mod:`ditq.kernels.triton.aot`). Per
+variant: shared memory, registers, stack (spills), the tensor-core instruction
+(``wgmma`` / ``mma.sync``), the number of software-pipelined loads, programs,
+programs per SM and waves on an H200 (132 SMs). Static facts, not timings: they
+show whether a kernel can reach the ceiling and what a GPU run would find.
 
     python benchmarks/triton_compile.py --arch 90 --json docs/results/triton_compile_sm90.json
 """
@@ -33,8 +33,10 @@ QUANT_OPS = ("quantize_per_token_int8", "quantize_per_token_asym")
 PRODUCER_LAYERS = {  # fused producer + quantizer -> the layers whose input it makes (others skipped)
     "layernorm_modulate_quantize_int8": ("DiT-XL/2 qkv", "DiT-XL/2 fc1"),
     "gelu_quantize_int8": ("DiT-XL/2 fc2",),
+    "rmsnorm_modulate_quantize_int8": ("TerDiT-4.2B attn", "TerDiT-4.2B w1/w3"),
+    "swiglu_quantize_int8": ("TerDiT-4.2B w2",),
 }
-"""DiT blocks only: TerDiT's (Large-DiT's) use RMSNorm and a SwiGLU, not these producers."""
+"""DiT blocks use LayerNorm and GELU; TerDiT's (Large-DiT's) RMSNorm and a SwiGLU."""
 
 
 def log(msg: str) -> None:

@@ -165,7 +165,7 @@ def test_quantize_asym_equals_reference(poisoned, shape, group, bits, dtype):
 
 
 # ----------------------------------------------------------------------------
-# layernorm_modulate_quantize_int8, gelu_quantize_int8 (a producer, then quantize_per_token_int8)
+# the fused producers (layernorm_modulate, gelu, rmsnorm_modulate, swiglu; then quantize_per_token_int8)
 # ----------------------------------------------------------------------------
 
 PRODUCER_SCALE_RTOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
@@ -243,6 +243,67 @@ def test_gelu_quantize_near_reference(poisoned, shape, dtype, mag):
     assert out[1].shape == (*shape[:-1], 1)
 
 
+# (B, T, K, dtype, eps, magnitude)
+RMS_CASES = [
+    (2, 3, 1152, torch.float32, 1e-5, 1.0),  # two tokens per program
+    (1, 1, 7, torch.bfloat16, 1e-5, 1.0),  # one token
+    (3, 1, 100, torch.float16, 1e-6, 1.0),
+    (2, 5, 100, torch.bfloat16, 1e-5, 1e4),  # large magnitudes
+    (3, 2, 7, torch.float32, 0.5, 1.0),  # eps as large as some means of squares
+    (2, 2, 1, torch.float16, 1e-5, 1.0),  # K = 1
+    (1, 2, 3072, torch.bfloat16, 1e-5, 1.0),  # TerDiT-4.2B's dim
+    (1, 2, 1152, torch.float16, 1e-6, 100.0),
+    (1, 2, 8200, torch.bfloat16, 1e-5, 1.0),  # rows longer than one chunk: read three times
+    (2, 1, 8200, torch.float32, 1e-6, 1.0),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,t,k,dtype,eps,mag", RMS_CASES)
+def test_rmsnorm_modulate_quantize_near_reference(poisoned, b, t, k, dtype, eps, mag):
+    x = torch.randn(b, t, k, generator=_gen(60)) * _rand((b, t, 1), 61, 0.01, 20)
+    x = (x + 3 * torch.randn(b, t, 1, generator=_gen(62))) * mag
+    weight = torch.randn(k, generator=_gen(63))  # signed, some near 0: trained RMSNorm weights vary
+    shift = 0.5 * torch.randn(b, k, generator=_gen(64))
+    scale = 0.5 * torch.randn(b, k, generator=_gen(65))
+    x[0, 0], shift[0] = 0, 0  # an all-zero token of a sample without shift: the 1e-5 floor on max |m|
+    x, weight, shift, scale = x.to(dtype), weight.to(dtype), shift.to(dtype), scale.to(dtype)
+    out = poisoned.rmsnorm_modulate_quantize_int8(*_dev(x, weight, shift, scale), eps)
+    ref = ops.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps)
+    _near_codes(out, ref, dtype)
+    assert out[1].shape == (b, t, 1) and (out[0][0, 0] == 0).all()
+
+
+# (shape, dtype, magnitude of gate)
+SWIGLU_CASES = [
+    ((2, 3, 1152), torch.float32, 1.0),
+    ((1, 7), torch.bfloat16, 1.0),
+    ((5, 100), torch.float16, 1.0),
+    ((4, 1), torch.float32, 1.0),
+    ((2, 2, 8192), torch.bfloat16, 1.0),  # TerDiT-4.2B's FFN hidden size: one chunk
+    ((3, 100), torch.bfloat16, 1e2),  # gate in +-100s: silu(g) = g, or -0 where exp(-g) overflows
+    ((2, 1152), torch.float16, 10.0),
+    ((2, 100), torch.float32, 1e2),
+    ((2, 8200), torch.float32, 1.0),  # rows longer than one chunk: read twice
+    ((1, 2, 8200), torch.float16, 1.0),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,dtype,mag", SWIGLU_CASES)
+def test_swiglu_quantize_near_reference(poisoned, shape, dtype, mag):
+    gate = torch.randn(shape, generator=_gen(70)) * _rand((*shape[:-1], 1), 71, 0.01, 20) * mag
+    up = torch.randn(shape, generator=_gen(72)) * _rand((*shape[:-1], 1), 73, 0.1, 5)
+    rows = gate.view(-1, shape[-1])
+    rows[0] = 0  # silu(0) = 0: an all-zero token, the 1e-5 floor on max |m|
+    if len(rows) > 1 and shape[-1] >= 4:  # exp(-gate) overflowing float32 (silu = -0); silu = gate
+        rows[-1, :4] = torch.tensor([-100.0, -90.0, 100.0, 90.0])
+    gate, up = gate.to(dtype), up.to(dtype)
+    out = poisoned.swiglu_quantize_int8(*_dev(gate, up))
+    _near_codes(out, ops.ref_swiglu_quantize_int8(gate, up), dtype)
+    assert out[1].shape == (*shape[:-1], 1) and (out[0].reshape(-1, shape[-1])[0] == 0).all()
+
+
 @needs_kernels
 def test_producer_quantizers_decline_float64(launch):
     """float64 (and mixed dtypes) are declined, so the op runs its reference."""
@@ -253,10 +314,21 @@ def test_producer_quantizers_decline_float64(launch):
     assert launch.gelu_quantize_int8(x) is NotImplemented
     x32, s16 = x.float(), shift.half()  # mixed dtypes (the op's checks refuse them first)
     assert launch.layernorm_modulate_quantize_int8(x32, s16, s16, 1e-6) is NotImplemented
+    weight = _dev(torch.randn(24, generator=_gen(52), dtype=torch.float64))[0]
+    assert launch.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-5) is NotImplemented
+    assert launch.swiglu_quantize_int8(x, x) is NotImplemented
+    w32 = weight.float()
+    assert launch.rmsnorm_modulate_quantize_int8(x32, w32, s16, s16, 1e-5) is NotImplemented
+    assert launch.swiglu_quantize_int8(x32, x.half()) is NotImplemented
+    empty, s32 = x32[:, :0], shift.float()  # samples without tokens
+    assert launch.rmsnorm_modulate_quantize_int8(empty, w32, s32, s32, 1e-5) is NotImplemented
+    assert launch.swiglu_quantize_int8(empty, empty) is NotImplemented
 
     # Through the op, with the Triton functions as the implementations of the tensors' device
     # (on CPU tensors, the interpreter's): the reference's numbers.
-    names, dev = ("layernorm_modulate_quantize_int8", "gelu_quantize_int8"), x.device.type
+    names = ("layernorm_modulate_quantize_int8", "gelu_quantize_int8")
+    names += ("rmsnorm_modulate_quantize_int8", "swiglu_quantize_int8")
+    dev = x.device.type
     before = {name: ops.registered_impl(name, dev) for name in names}
     try:
         for name in names:
@@ -266,6 +338,11 @@ def test_producer_quantizers_decline_float64(launch):
             ref = ops.ref_layernorm_modulate_quantize_int8(x, shift, scale, 1e-6)
             assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
             out, ref = ops.gelu_quantize_int8(x), ops.ref_gelu_quantize_int8(x)
+            assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
+            out = ops.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-5)
+            ref = ops.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-5)
+            assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
+            out, ref = ops.swiglu_quantize_int8(x, 2 * x), ops.ref_swiglu_quantize_int8(x, 2 * x)
             assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
     finally:
         for name, fn in before.items():
@@ -585,6 +662,25 @@ def test_gpu_producer_quantizers_at_dit_shapes(launch, dtype):
     _near_codes(out, ops.ref_layernorm_modulate_quantize_int8(x, shift, scale, 1e-6), dtype)
     h = (torch.randn(b, t, 4 * k, generator=_gen(3)) * 2).to(dtype).cuda()
     _near_codes(ops.gelu_quantize_int8(h), ops.ref_gelu_quantize_int8(h), dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_large_dit_producer_quantizers_at_terdit_shapes(launch, dtype):
+    """TerDiT-4.2B at batch 16: the RMSNorm before the attention and w1 / w3 (K = 3072) and the
+    SwiGLU before w2 (K = 8192), against PyTorch eager on the GPU (its rsqrt and exp)."""
+    assert ops.registered_impl("swiglu_quantize_int8", "cuda") is launch.swiglu_quantize_int8
+    b, t, k, hidden = 16, 256, 3072, 8192
+    x = (torch.randn(b, t, k, generator=_gen(0)) * 3 + 1).to(dtype).cuda()
+    weight = (1 + 0.2 * torch.randn(k, generator=_gen(1))).to(dtype).cuda()
+    shift = (0.5 * torch.randn(b, k, generator=_gen(2))).to(dtype).cuda()
+    scale = (0.5 * torch.randn(b, k, generator=_gen(3))).to(dtype).cuda()
+    out = ops.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-5)
+    _near_codes(out, ops.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-5), dtype)
+    gate = (torch.randn(b, t, hidden, generator=_gen(4)) * 3).to(dtype).cuda()
+    up = torch.randn(b, t, hidden, generator=_gen(5)).to(dtype).cuda()
+    _near_codes(ops.swiglu_quantize_int8(gate, up), ops.ref_swiglu_quantize_int8(gate, up), dtype)
 
 
 @pytest.mark.gpu

@@ -107,13 +107,21 @@ def test_row_quantizers_compile_for_hopper_without_fma(op):
 
 @needs_nvidia_backend
 @pytest.mark.parametrize(
-    "op,k,programs", [("layernorm_modulate_quantize_int8", 1152, 8192), ("gelu_quantize_int8", 4608, 16384)]
+    "op,k,programs",
+    [
+        ("layernorm_modulate_quantize_int8", 1152, 8192),
+        ("gelu_quantize_int8", 4608, 16384),
+        ("rmsnorm_modulate_quantize_int8", 3072, 16384),
+        ("swiglu_quantize_int8", 8192, 16384),
+    ],
 )
 def test_fused_producer_quantizers_compile_for_hopper(op, k, programs):
-    """DiT-XL/2 at batch 64 (256 tokens each): the norm before qkv / fc1, the GELU before fc2."""
+    """Batch 64 (256 tokens each). DiT-XL/2: the norm before qkv / fc1, the GELU before fc2;
+    TerDiT-4.2B: the RMSNorm before the attention and w1 / w3 (dim 3072), the SwiGLU before w2."""
     (v,) = aot.compile_op(op, *aot.meta_args(op, 64 * 256, k, 1))
     assert v.error is None and not v.spills and v.mma == "none"
-    assert v.programs == programs  # rows of 1152 two per 2048-wide tile; rows of 4608 one per program
-    if op == "layernorm_modulate_quantize_int8":
-        assert v.fma_f32 == 0  # mean, variance, modulation and codes: every product rounded before a sum
-    # The GELU has FMAs by design: PyTorch's kKappa * x^3 + x as CUDA compiles it, and libdevice's tanh.
+    assert v.programs == programs  # rows of 1152 two per 2048-wide tile; longer rows one per program
+    if op.endswith("norm_modulate_quantize_int8"):
+        assert v.fma_f32 == 0  # statistics, modulation and codes: every product rounded before a sum
+    # GELU and SiLU have FMAs by design: PyTorch's kKappa * x^3 + x as CUDA compiles it, and
+    # libdevice's tanh and exp.

@@ -8,14 +8,18 @@ One kernel family per kind of op, each checked against the op's reference in
   kept in registers (max |x|, then the codes); longer rows are read twice. The
   numbers are the reference's bit for bit: IEEE-rounded divisions
   (``div_rn``) and round-half-to-even (``rint``).
-* ``layernorm_modulate_quantize_int8``, ``gelu_quantize_int8`` -- the same row
+* ``layernorm_modulate_quantize_int8``, ``gelu_quantize_int8``,
+  ``rmsnorm_modulate_quantize_int8``, ``swiglu_quantize_int8`` -- the same row
   programs with the producer in front: DiT's LayerNorm (float32 mean, then
   variance of the deviations; ``rstd`` with IEEE ``sqrt_rn`` and ``div_rn``) and
-  adaLN modulation, or PyTorch's tanh GELU (its order and FMA; libdevice's
-  ``tanh``), each step rounded to the input's dtype as eager does, then the
-  quantizer's rule. Longer rows are read four times (LayerNorm) or twice
-  (GELU). Codes within one of the reference's, rarely (at rounding boundaries);
-  scales to float32 rounding. float16, bfloat16, float32 (float64 declined).
+  adaLN modulation, PyTorch's tanh GELU (its order and FMA; libdevice's
+  ``tanh``), Large-DiT's RMSNorm (float32 mean of squares, IEEE ``rsqrt``; its
+  weight) and adaLN modulation, or SwiGLU's ``silu(gate) * up`` (PyTorch's
+  ``x / (1 + exp(-x))``, libdevice's ``exp``), each step rounded to the input's
+  dtype as eager does, then the quantizer's rule. Longer rows are read four
+  times (LayerNorm), three times (RMSNorm) or twice (GELU, SwiGLU). Codes within
+  one of the reference's, rarely (at rounding boundaries); scales to float32
+  rounding. float16, bfloat16, float32 (float64 declined).
 * ``w8a8_linear``, ``w158a8_linear`` -- a blocked GEMM over (M, N, K) tiles,
   programs ordered in groups of row tiles for L2 reuse, int8 x int8 ``tl.dot``
   into an exact int32 accumulator. Ternary weights are read as their packed

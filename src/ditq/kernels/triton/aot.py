@@ -95,9 +95,11 @@ def meta_args(op: str, m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat
     GEMMs); ``group`` the Q-DiT group size of W4A8 (both sides) and of int4
     weights; ``quantize_per_token_int8`` and ``quantize_per_token_asym`` quantize
     ``x [m, k]`` per token (``group`` is ignored there). The fused producers take
-    ``x`` in ``dtype``: ``gelu_quantize_int8`` as ``[m, k]``,
-    ``layernorm_modulate_quantize_int8`` as ``[m / 256, 256, k]`` (DiT-XL/2's 256
-    tokens per image; ``[1, m, k]`` when 256 does not divide m) with eps 1e-6.
+    ``x`` in ``dtype``: ``gelu_quantize_int8`` as ``[m, k]``, ``swiglu_quantize_int8``
+    as gate and up ``[m, k]``; ``layernorm_modulate_quantize_int8`` and
+    ``rmsnorm_modulate_quantize_int8`` as ``[m / 256, 256, k]`` (256 tokens per
+    image, DiT-XL/2's and TerDiT's; ``[1, m, k]`` when 256 does not divide m),
+    with eps 1e-6 (DiT's LayerNorm) and 1e-5 (Large-DiT's RMSNorm).
     """
 
     def t(*shape, dt=torch.float32):
@@ -108,11 +110,15 @@ def meta_args(op: str, m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat
         return (t(m, k, dt=dtype), 0)
     if op == "quantize_per_token_asym":
         return (t(m, k, dt=dtype), 8, 0)
+    b, tokens = (m // 256, 256) if m % 256 == 0 else (1, m)
     if op == "layernorm_modulate_quantize_int8":
-        b, tokens = (m // 256, 256) if m % 256 == 0 else (1, m)
         return (t(b, tokens, k, dt=dtype), t(b, k, dt=dtype), t(b, k, dt=dtype), 1e-6)
+    if op == "rmsnorm_modulate_quantize_int8":
+        return (t(b, tokens, k, dt=dtype), t(k, dt=dtype), t(b, k, dt=dtype), t(b, k, dt=dtype), 1e-5)
     if op == "gelu_quantize_int8":
         return (t(m, k, dt=dtype),)
+    if op == "swiglu_quantize_int8":
+        return (t(m, k, dt=dtype), t(m, k, dt=dtype))
     if op == "w8a8_linear":
         return (t(m, k, dt=torch.int8), t(m, 1), t(n, k, dt=torch.int8), t(n, 1), bias, dtype)
     if op == "w158a8_linear":

@@ -342,8 +342,8 @@ def quantize_asym_rows_kernel(
 
 
 # ----------------------------------------------------------------------------
-# layernorm_modulate_quantize_int8, gelu_quantize_int8: a producer, then
-# quantize_per_token_int8's rule, in one pass
+# layernorm_modulate_quantize_int8, gelu_quantize_int8, rmsnorm_modulate_quantize_int8,
+# swiglu_quantize_int8: a producer, then quantize_per_token_int8's rule, in one pass
 # ----------------------------------------------------------------------------
 
 GELU_BETA = tl.constexpr(1.41421356237309504880 * 1.12837916709551257390 * 0.5)
@@ -367,14 +367,21 @@ def _round_to(y, dtype: tl.constexpr):
 
 
 @triton.jit
-def _modulate(x, mask, mean, rstd, scale, shift, dtype: tl.constexpr):
-    """``layer_norm(x) * (1 + scale) + shift`` of a float32 [rows, cols] tile as PyTorch eager computes
-    it in ``dtype``: ``(x - mean) * rstd`` in float32, then each of the three steps rounded to
-    ``dtype``. Zero where ``mask`` is off (so that it never counts in max |m|)."""
-    n = _round_to((x - mean[:, None]) * rstd[:, None], dtype)
+def _adaln(n, mask, scale, shift, dtype: tl.constexpr):
+    """``n * (1 + scale) + shift`` of a normalized float32 [rows, cols] tile (values of ``dtype``) as
+    PyTorch eager computes it in ``dtype``: each of the three steps rounded to ``dtype``. Zero where
+    ``mask`` is off (so that it never counts in max |m|)."""
     m = _round_to(n * _round_to(1.0 + scale, dtype), dtype)
     m = _round_to(m + shift, dtype)
     return tl.where(mask, m, 0.0)
+
+
+@triton.jit
+def _modulate(x, mask, mean, rstd, scale, shift, dtype: tl.constexpr):
+    """``layer_norm(x) * (1 + scale) + shift`` of a float32 [rows, cols] tile as PyTorch eager computes
+    it in ``dtype``: ``(x - mean) * rstd`` in float32 rounded to ``dtype``, then :func:`_adaln`."""
+    n = _round_to((x - mean[:, None]) * rstd[:, None], dtype)
+    return _adaln(n, mask, scale, shift, dtype)
 
 
 @triton.jit
@@ -527,6 +534,167 @@ def gelu_quantize_rows_kernel(
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
             x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             m = _round_to(_gelu_tanh(x, USE_RINT), dtype)
+            tl.store(q_ptr + base + c0 + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
+
+
+@triton.jit
+def _rms_modulate(x, mask, r, w, scale, shift, dtype: tl.constexpr):
+    """``(weight * (x * r).to(dtype)) * (1 + scale) + shift`` of a float32 [rows, cols] tile as PyTorch
+    eager computes it (``ops.ref_rmsnorm_modulate_quantize_int8``): ``x * r`` in float32 rounded to
+    ``dtype``, the weight's product rounded, then :func:`_adaln`. ``w``: the weight, one row per row."""
+    n = _round_to(x * r[:, None], dtype)
+    n = _round_to(w * n, dtype)
+    return _adaln(n, mask, scale, shift, dtype)
+
+
+@triton.jit
+def rmsnorm_modulate_quantize_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    ROWS,
+    G,
+    w_ptr,
+    shift_ptr,
+    scale_ptr,
+    T,
+    EPS,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    USE_RINT: tl.constexpr,
+):
+    """Large-DiT's RMSNorm (with its weight ``[G]``) + adaLN modulation + absmax int8 of ``ROWS`` tokens.
+
+    As :func:`layernorm_modulate_quantize_kernel` (token r reads sample r // T's
+    ``shift`` and ``scale`` rows; all in x's dtype): the mean of squares in float32,
+    ``r = 1 / sqrt(mean + EPS)`` with IEEE-rounded square root and division. A row
+    that fits one BLOCK_G chunk stays in registers; a longer one is read three
+    times (sum of squares, max |m|, codes).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < ROWS
+    base = rows.to(tl.int64)[:, None] * G
+    pbase = (rows // T).to(tl.int64)[:, None] * G  # the sample's shift / scale row
+    cols = tl.arange(0, BLOCK_G)
+    # The weight read as a [rows, cols] tile (once per row, from cache): a [cols] one would be moved
+    # through shared memory into x's layout.
+    wcols = tl.broadcast_to(cols[None, :], (BLOCK_R, BLOCK_G))
+    dtype = x_ptr.dtype.element_ty
+    n_in = tl.full((BLOCK_R,), 1.0, tl.float32) * G
+    if ONE_CHUNK:
+        mask = row_mask[:, None] & (cols[None, :] < G)
+        x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        ms = tl.math.div_rn(tl.sum(x * x, axis=1), n_in)
+    else:
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.sum(x * x, axis=1)
+        ms = tl.math.div_rn(acc, n_in)
+    r = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), tl.math.sqrt_rn(ms + EPS))
+    if ONE_CHUNK:
+        w = tl.load(w_ptr + wcols, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + pbase + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + pbase + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        m = _rms_modulate(x, mask, r, w, sc, sh, dtype)
+        amax = tl.max(tl.abs(m), axis=1)
+    else:
+        amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + c0 + wcols, mask=mask, other=0.0).to(tl.float32)
+            sc = tl.load(scale_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            m = _rms_modulate(x, mask, r, w, sc, sh, dtype)
+            amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
+    inv = _absmax_inv(amax, s_ptr, rows, row_mask, BLOCK_R)  # then quantize_rows_kernel's numbers
+    if ONE_CHUNK:
+        tl.store(q_ptr + base + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
+    else:
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + c0 + wcols, mask=mask, other=0.0).to(tl.float32)
+            sc = tl.load(scale_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            m = _rms_modulate(x, mask, r, w, sc, sh, dtype)
+            tl.store(q_ptr + base + c0 + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
+
+
+@triton.jit
+def _exp_f64(a):
+    """exp of float32 ``a`` in float64, rounded to float32 (the interpreter's stand-in for libdevice's).
+    Results float32 rounds to inf are made inf explicitly: numpy warns on an overflowing cast."""
+    e = tl.exp(tl.minimum(a.to(tl.float64), 89.0))
+    big = e >= 3.4028235677973366e38  # 2^128 - 2^103, halfway from float32's largest to 2^128: rounds to inf
+    e = tl.where(big, 0.0, e).to(tl.float32)
+    return tl.where(big, float("inf"), e)
+
+
+@triton.jit
+def _swiglu(g, u, USE_RINT: tl.constexpr, dtype: tl.constexpr):
+    """``silu(g) * u`` of float32 tiles (values of ``dtype``) as PyTorch eager computes it: silu in
+    float32 as ``g / (1 + exp(-g))`` with an IEEE division, rounded to ``dtype``, then the product
+    rounded. ``exp`` is libdevice's (CUDA's ``expf``, as eager's) when compiled; the interpreter's is
+    float64's rounded to float32 (numpy's float32 one is less accurate)."""
+    if USE_RINT:
+        e = libdevice.exp(-g)
+    else:
+        e = _exp_f64(-g)
+    s = _round_to(tl.math.div_rn(g, 1.0 + e), dtype)
+    return _round_to(s * u, dtype)
+
+
+@triton.jit
+def swiglu_quantize_rows_kernel(
+    g_ptr,
+    q_ptr,
+    s_ptr,
+    ROWS,
+    G,
+    u_ptr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    USE_RINT: tl.constexpr,
+):
+    """``silu(gate) * up`` in gate's dtype, then absmax int8, of ``ROWS`` rows of ``G`` inputs.
+
+    As :func:`gelu_quantize_rows_kernel`: BLOCK_R rows per program, a row in
+    registers when it fits one BLOCK_G chunk, else both inputs read twice (the
+    product computed twice). ``USE_RINT``: compiled, so libdevice's ``rint`` and ``exp``.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < ROWS
+    base = rows.to(tl.int64)[:, None] * G
+    cols = tl.arange(0, BLOCK_G)
+    dtype = g_ptr.dtype.element_ty
+    if ONE_CHUNK:  # masked inputs read as 0, whose product is 0
+        mask = row_mask[:, None] & (cols[None, :] < G)
+        g = tl.load(g_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        m = _swiglu(g, u, USE_RINT, dtype)
+        amax = tl.max(tl.abs(m), axis=1)
+    else:
+        amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            g = tl.load(g_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            m = _swiglu(g, u, USE_RINT, dtype)
+            amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
+    inv = _absmax_inv(amax, s_ptr, rows, row_mask, BLOCK_R)  # then quantize_rows_kernel's numbers
+    if ONE_CHUNK:
+        tl.store(q_ptr + base + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
+    else:
+        for c0 in range(0, G, BLOCK_G):
+            mask = row_mask[:, None] & (cols[None, :] < G - c0)
+            g = tl.load(g_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            m = _swiglu(g, u, USE_RINT, dtype)
             tl.store(q_ptr + base + c0 + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
 
 

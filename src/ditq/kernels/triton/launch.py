@@ -3,7 +3,7 @@
 Each function takes the op's arguments (already checked by :mod:`ditq.kernels.ops`),
 allocates the output, picks launch parameters and runs a kernel of
 :mod:`ditq.kernels.triton.kernels`; or returns ``NotImplemented`` for a call the
-kernels do not handle (a dtype, such as float64 for the fused LayerNorm and GELU
+kernels do not handle (a dtype, such as float64 for the fused producer
 quantizers; a device, an empty tensor, or a w4a8 group layout whose
 constant-scale segment is not a multiple of 32 inputs), and the reference runs
 instead. Tensors must be on one CUDA device, or on the CPU when Triton's
@@ -31,8 +31,8 @@ DOT_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 """Activation dtypes of the weight-only kernels (``tl.dot`` operand types)."""
 
 QUANT_ONE_CHUNK_MAX = 8192
-"""Longest row the row quantizers keep in registers; longer rows are read again (twice, or four times
-for :func:`layernorm_modulate_quantize_int8`)."""
+"""Longest row the row quantizers keep in registers; longer rows are read again (twice, three times for
+:func:`rmsnorm_modulate_quantize_int8`, four for :func:`layernorm_modulate_quantize_int8`)."""
 
 PRODUCER_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 """Activation dtypes of the fused producer + quantizer kernels (float64: the reference runs)."""
@@ -183,7 +183,8 @@ def quantize_per_token_asym(x: torch.Tensor, bits: int, group: int):
 
 
 # ----------------------------------------------------------------------------
-# layernorm_modulate_quantize_int8, gelu_quantize_int8
+# layernorm_modulate_quantize_int8, gelu_quantize_int8, rmsnorm_modulate_quantize_int8,
+# swiglu_quantize_int8
 # ----------------------------------------------------------------------------
 
 
@@ -206,6 +207,34 @@ def gelu_quantize_int8(x: torch.Tensor):
     if x.dtype not in PRODUCER_FLOAT:
         return NotImplemented
     return _quantize_rows(K.gelu_quantize_rows_kernel, x, 0, torch.int8, 1)
+
+
+def rmsnorm_modulate_quantize_int8(
+    x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+):
+    """Triton implementation of :func:`ditq.kernels.ops.rmsnorm_modulate_quantize_int8` (16- and 32-bit
+    float ``x``; ``weight``, ``shift`` and ``scale`` in its dtype): codes within one of the reference's
+    at rounding boundaries, scales to float32 rounding."""
+    if _device_of(x, weight, shift, scale) is None or x.dtype not in PRODUCER_FLOAT or x.dim() != 3:
+        return NotImplemented
+    b, t, k = x.shape
+    if any(p.dtype != x.dtype for p in (weight, shift, scale)) or weight.shape != (k,):
+        return NotImplemented
+    if shift.shape != (b, k) or scale.shape != (b, k):
+        return NotImplemented
+    args = (weight.contiguous(), shift.contiguous(), scale.contiguous(), t, float(eps))
+    return _quantize_rows(K.rmsnorm_modulate_quantize_kernel, x, 0, torch.int8, 1, *args)
+
+
+def swiglu_quantize_int8(gate: torch.Tensor, up: torch.Tensor):
+    """Triton implementation of :func:`ditq.kernels.ops.swiglu_quantize_int8` (16- and 32-bit float
+    ``gate``; ``up`` of its shape and dtype): codes within one of the reference's at rounding
+    boundaries, scales to float32 rounding."""
+    if _device_of(gate, up) is None or gate.dtype not in PRODUCER_FLOAT:
+        return NotImplemented
+    if up.dtype != gate.dtype or up.shape != gate.shape:
+        return NotImplemented
+    return _quantize_rows(K.swiglu_quantize_rows_kernel, gate, 0, torch.int8, 1, up.contiguous())
 
 
 # ----------------------------------------------------------------------------

@@ -89,12 +89,18 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- models
-def float_model(name: str, seed: int) -> torch.nn.Module:
-    """The embedded model with its weights, or a registry model with random weights at real shapes."""
+def float_model(name: str, seed: int, depth: int | None = None) -> torch.nn.Module:
+    """The embedded model with its weights, or a registry model with random weights at real shapes
+    (``depth`` blocks instead of its own, when given)."""
     if name in models.hub.EMBEDDED_MODELS:
+        if depth is not None:
+            raise SystemExit("--depth applies to registry models, not the embedded one")
         return models.load(name)
     torch.manual_seed(seed)
-    model = registry.build_model(registry.get_config(name))
+    config = registry.get_config(name)
+    if depth is not None:  # DiT counts blocks in `depth`, Large-DiT in `n_layers`
+        config = registry.get_config(name, **{"depth" if hasattr(config, "depth") else "n_layers": depth})
+    model = registry.build_model(config)
     with torch.no_grad():  # adaLN-Zero and the final layer start at 0: give every output a value
         for pname, p in model.named_parameters():
             if "adaLN" in pname or "final_layer" in pname:
@@ -212,7 +218,7 @@ def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
         rows.append(
             {
                 "op": v,
-                "model": args.model,
+                "model": args.model + ("" if args.depth is None else f" ({args.depth} blocks)"),
                 "M": tokens,
                 "K": width,
                 "N": mlp,
@@ -257,7 +263,9 @@ def render(results: dict) -> str:
         + (f", GPU {m['gpu']}" if "gpu" in m else "")
         + f"; torch {m['torch']}, Python {m['python']}; {m['date']}",
         f"load average before/after: {m['load_average']} / {results.get('load_average_after')}",
-        f"model {a['model']} in {a['dtype']}, batch {a['batch_size']}, median of {a['steps']} steps, "
+        f"model {a['model']}"
+        + ("" if a.get("depth") is None else f" ({a['depth']} blocks)")
+        + f" in {a['dtype']}, batch {a['batch_size']}, median of {a['steps']} steps, "
         "kernel backend "
         f"{a['backend']} ({results['rows'][0]['resolved_backend'] if results['rows'] else '-'}); "
         f"CPU kernels: {results['cpu_backends'].get('extension', '-')}",
@@ -305,9 +313,17 @@ def parse_args(argv=None):
         choices=["on", "off", "both"],
         help="producers fused with int8 quantization: on, off, or both side by side (default both)",
     )
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="blocks of a registry model (default its own): the same per-block cost, more steps in the time",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    if args.depth is not None and args.depth < 1:
+        p.error(f"--depth must be at least 1, got {args.depth}")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -341,7 +357,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="ditq-bench-e2e-") as tmp:
         folder = Path(tmp)
         log(f"building {args.model} and its variants in {folder}")
-        fp = float_model(args.model, args.seed)
+        fp = float_model(args.model, args.seed, args.depth)
         fp_config = fp.config
         fp_path = folder / "fp32.safetensors"
         models.save(fp, fp_path)

@@ -9,7 +9,9 @@
 #   bash benchmarks/gpu_session.sh kernels-terdit # bench_kernels at TerDiT-4.2B shapes
 #   bash benchmarks/gpu_session.sh e2e            # fused producers vs unfused (bf16), then one DiT-XL/2
 #                                                 # step, batch 32, cfg: bf16 vs W8A8/W4A8/ternary, fused and not
-#   bash benchmarks/gpu_session.sh all            # the four, in that order (needs several calls' time)
+#   bash benchmarks/gpu_session.sh e2e-terdit     # one TerDiT-600M step (Large-DiT: RMSNorm, SwiGLU),
+#                                                 # batch 16, cfg: bf16 vs W8A8/ternary, fused and not
+#   bash benchmarks/gpu_session.sh all            # the five, in that order (needs several calls' time)
 #
 # Results go to $OUT (or out/gpu when OUT is unset): JSON and logs, to be copied into docs/results/.
 set -uo pipefail
@@ -36,15 +38,20 @@ stage() {
       "$py" benchmarks/bench_e2e.py --model DiT-XL/2 --device cuda --batch-size 32 --cfg on \
         --variants w8a8,w4a8,w1.58a8,w1.58a16 --json "$out/bench_e2e_cuda_dit_xl2.json" 2>&1 | tee "$out/bench_e2e.log"
       ;;
+    e2e-terdit)
+      "$py" benchmarks/bench_e2e.py --model TerDiT-600M --device cuda --batch-size 16 --cfg on \
+        --variants w8a8,w1.58a8,w1.58a16 --json "$out/bench_e2e_cuda_terdit600m.json" 2>&1 \
+        | tee "$out/bench_e2e_terdit.log"
+      ;;
     *)
-      echo "unknown stage '$1'; one of: tests, kernels-dit, kernels-terdit, e2e, all" >&2
+      echo "unknown stage '$1'; one of: tests, kernels-dit, kernels-terdit, e2e, e2e-terdit, all" >&2
       return 2
       ;;
   esac
 }
 
 if [ "${1:-}" = "all" ]; then
-  for s in tests kernels-dit kernels-terdit e2e; do stage "$s" || exit $?; done
+  for s in tests kernels-dit kernels-terdit e2e e2e-terdit; do stage "$s" || exit $?; done
 else
   stage "${1:-}"
 fi

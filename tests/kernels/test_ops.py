@@ -264,6 +264,8 @@ def _small_args():
         "quantize_per_token_asym": (x, 8, 4),
         "layernorm_modulate_quantize_int8": (x.reshape(1, 3, 16), x[:1], x[1:2], 1e-6),
         "gelu_quantize_int8": (x,),
+        "rmsnorm_modulate_quantize_int8": (x.reshape(1, 3, 16), x[2].abs() + 0.5, x[:1], x[1:2], 1e-5),
+        "swiglu_quantize_int8": (x, x.flip(0)),
         "w8a8_linear": (xq, xs, w8, ws, b, torch.float32),
         "w158a8_linear": (xq, xs, w2, ws[:1], None, torch.bfloat16),
         "w4a8_linear": (aq, asx, azx, a4, asw, azw, ab, torch.float32),
@@ -345,6 +347,7 @@ def _bad_calls():
     w8, ws = _int8((5, 16), 81), torch.ones(5)
     w2 = pack_ternary(torch.zeros(5, 16))
     x = torch.randn(3, 16)
+    x3 = x.reshape(1, 3, 16)
     sw, zw = torch.ones(5, 2), torch.zeros(5, 2)
     w4 = torch.zeros(5, 8, dtype=torch.uint8)
     return [
@@ -354,6 +357,15 @@ def _bad_calls():
         ("quantize_per_token_asym", (xq, 8, 0), "x must be a floating-point tensor"),
         ("quantize_per_token_asym", (x, 9, 0), "bits must be an integer in 2..8"),
         ("quantize_per_token_asym", (x, 8, 5), "group must be 0"),
+        ("layernorm_modulate_quantize_int8", (x, x, x, 1e-6), "x must be 3-D"),
+        ("layernorm_modulate_quantize_int8", (x3, x[:2], x[:1], 1e-6), "shift must be"),
+        ("layernorm_modulate_quantize_int8", (x3, x[:1], x[:1], 0.0), "eps must be a positive"),
+        ("rmsnorm_modulate_quantize_int8", (x3, x[0, :5], x[:1], x[:1], 1e-5), "weight must be"),
+        ("rmsnorm_modulate_quantize_int8", (x3, x[0].double(), x[:1], x[:1], 1e-5), "weight must be"),
+        ("rmsnorm_modulate_quantize_int8", (x3, x[0], x[:1], x[:1].T, 1e-5), "scale must be"),
+        ("swiglu_quantize_int8", (x, x[:2]), "up must have gate's shape"),
+        ("swiglu_quantize_int8", (x, x.double()), "up must be"),
+        ("swiglu_quantize_int8", (xq, xq), "gate must be a floating-point tensor"),
         ("w8a8_linear", (xq.float(), xs, w8, ws), "xq must be torch.int8"),
         ("w8a8_linear", (xq, xs, _int8((5, 17), 82), ws), "K = 16"),
         ("w8a8_linear", (xq, torch.ones(3, 2), w8, ws), "one scale per token"),

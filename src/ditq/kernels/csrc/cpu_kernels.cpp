@@ -985,47 +985,42 @@ DITQ_AVX2 void layernorm_modulate_row_256(const float* x, const float* shift, co
 }
 #endif
 
-// x [rows, K] -> GELU(x) quantized per row.
-void gelu_quantize(const float* x, int8_t* q, float* s, int64_t rows, int64_t K, int64_t isa) {
+// Runs producer(r, buf) for rows [0, rows) (it writes row r's K float values into buf, a per-thread
+// buffer) and quantizes each row with quantize_row: the shared loop of the fused producers below.
+template <class Producer>
+void quantize_produced_rows(int64_t rows, int64_t K, int8_t* q, float* s, int64_t isa, const Producer& producer) {
   at::parallel_for(0, rows, 4, [&](int64_t b, int64_t e) {
     std::vector<float> buf(K);
     for (int64_t r = b; r < e; ++r) {
-      const float* xr = x + r * K;
-#if DITQ_X86
-      if (isa == kAvx512Vnni) {
-        gelu_row_512(xr, K, buf.data());
-      } else if (isa == kAvx2) {
-        gelu_row_256(xr, K, buf.data());
-      } else
-#endif
-      {
-        for (int64_t k = 0; k < K; ++k) buf[k] = gelu_scalar(xr[k]);
-      }
+      producer(r, buf.data());
       quantize_row(buf.data(), K, q + r * K, s + r, isa);
     }
+  });
+}
+
+// x [rows, K] -> GELU(x) quantized per row.
+void gelu_quantize(const float* x, int8_t* q, float* s, int64_t rows, int64_t K, int64_t isa) {
+  quantize_produced_rows(rows, K, q, s, isa, [&](int64_t r, float* buf) {
+    const float* xr = x + r * K;
+#if DITQ_X86
+    if (isa == kAvx512Vnni) return gelu_row_512(xr, K, buf);
+    if (isa == kAvx2) return gelu_row_256(xr, K, buf);
+#endif
+    for (int64_t k = 0; k < K; ++k) buf[k] = gelu_scalar(xr[k]);
   });
 }
 
 // x [B, T, K], shift and scale [B, K] -> (LayerNorm(x) * (1 + scale) + shift) quantized per row.
 void layernorm_modulate_quantize(const float* x, const float* shift, const float* scale, int8_t* q, float* s,
                                  int64_t B, int64_t T, int64_t K, float eps, int64_t isa) {
-  at::parallel_for(0, B * T, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> buf(K);
-    for (int64_t r = b; r < e; ++r) {
-      const float* sh = shift + (r / T) * K;
-      const float* sc = scale + (r / T) * K;
+  quantize_produced_rows(B * T, K, q, s, isa, [&](int64_t r, float* buf) {
+    const float* sh = shift + (r / T) * K;
+    const float* sc = scale + (r / T) * K;
 #if DITQ_X86
-      if (isa == kAvx512Vnni) {
-        layernorm_modulate_row_512(x + r * K, sh, sc, K, eps, buf.data());
-      } else if (isa == kAvx2) {
-        layernorm_modulate_row_256(x + r * K, sh, sc, K, eps, buf.data());
-      } else
+    if (isa == kAvx512Vnni) return layernorm_modulate_row_512(x + r * K, sh, sc, K, eps, buf);
+    if (isa == kAvx2) return layernorm_modulate_row_256(x + r * K, sh, sc, K, eps, buf);
 #endif
-      {
-        layernorm_modulate_row_scalar(x + r * K, sh, sc, K, eps, buf.data());
-      }
-      quantize_row(buf.data(), K, q + r * K, s + r, isa);
-    }
+    layernorm_modulate_row_scalar(x + r * K, sh, sc, K, eps, buf);
   });
 }
 
@@ -1138,45 +1133,27 @@ DITQ_AVX2 void swiglu_row_256(const float* gate, const float* up, int64_t n, flo
 // quantized per row.
 void rmsnorm_modulate_quantize(const float* x, const float* w, const float* shift, const float* scale, int8_t* q,
                                float* s, int64_t B, int64_t T, int64_t K, float eps, int64_t isa) {
-  at::parallel_for(0, B * T, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> buf(K);
-    for (int64_t r = b; r < e; ++r) {
-      const float* sh = shift + (r / T) * K;
-      const float* sc = scale + (r / T) * K;
+  quantize_produced_rows(B * T, K, q, s, isa, [&](int64_t r, float* buf) {
+    const float* sh = shift + (r / T) * K;
+    const float* sc = scale + (r / T) * K;
 #if DITQ_X86
-      if (isa == kAvx512Vnni) {
-        rmsnorm_modulate_row_512(x + r * K, w, sh, sc, K, eps, buf.data());
-      } else if (isa == kAvx2) {
-        rmsnorm_modulate_row_256(x + r * K, w, sh, sc, K, eps, buf.data());
-      } else
+    if (isa == kAvx512Vnni) return rmsnorm_modulate_row_512(x + r * K, w, sh, sc, K, eps, buf);
+    if (isa == kAvx2) return rmsnorm_modulate_row_256(x + r * K, w, sh, sc, K, eps, buf);
 #endif
-      {
-        rmsnorm_modulate_row_scalar(x + r * K, w, sh, sc, K, eps, buf.data());
-      }
-      quantize_row(buf.data(), K, q + r * K, s + r, isa);
-    }
+    rmsnorm_modulate_row_scalar(x + r * K, w, sh, sc, K, eps, buf);
   });
 }
 
 // gate, up [rows, K] -> silu(gate) * up quantized per row.
 void swiglu_quantize(const float* gate, const float* up, int8_t* q, float* s, int64_t rows, int64_t K, int64_t isa) {
-  at::parallel_for(0, rows, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> buf(K);
-    for (int64_t r = b; r < e; ++r) {
-      const float* g = gate + r * K;
-      const float* u = up + r * K;
+  quantize_produced_rows(rows, K, q, s, isa, [&](int64_t r, float* buf) {
+    const float* g = gate + r * K;
+    const float* u = up + r * K;
 #if DITQ_X86
-      if (isa == kAvx512Vnni) {
-        swiglu_row_512(g, u, K, buf.data());
-      } else if (isa == kAvx2) {
-        swiglu_row_256(g, u, K, buf.data());
-      } else
+    if (isa == kAvx512Vnni) return swiglu_row_512(g, u, K, buf);
+    if (isa == kAvx2) return swiglu_row_256(g, u, K, buf);
 #endif
-      {
-        for (int64_t k = 0; k < K; ++k) buf[k] = swiglu_scalar(g[k], u[k]);
-      }
-      quantize_row(buf.data(), K, q + r * K, s + r, isa);
-    }
+    for (int64_t k = 0; k < K; ++k) buf[k] = swiglu_scalar(g[k], u[k]);
   });
 }
 

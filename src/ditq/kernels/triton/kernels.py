@@ -377,11 +377,19 @@ def _adaln(n, mask, scale, shift, dtype: tl.constexpr):
 
 
 @triton.jit
-def _modulate(x, mask, mean, rstd, scale, shift, dtype: tl.constexpr):
+def _load_f32(ptr, offs, mask):
+    """The tile at ``ptr + offs`` in float32, 0 where ``mask`` is off."""
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _modulate(x, mask, mean, rstd, scale_ptr, shift_ptr, poffs, dtype: tl.constexpr):
     """``layer_norm(x) * (1 + scale) + shift`` of a float32 [rows, cols] tile as PyTorch eager computes
-    it in ``dtype``: ``(x - mean) * rstd`` in float32 rounded to ``dtype``, then :func:`_adaln`."""
+    it in ``dtype``: ``(x - mean) * rstd`` in float32 rounded to ``dtype``, then :func:`_adaln` with
+    the sample's ``scale`` and ``shift`` read at ``poffs``."""
     n = _round_to((x - mean[:, None]) * rstd[:, None], dtype)
-    return _adaln(n, mask, scale, shift, dtype)
+    sc, sh = _load_f32(scale_ptr, poffs, mask), _load_f32(shift_ptr, poffs, mask)
+    return _adaln(n, mask, sc, sh, dtype)
 
 
 @triton.jit
@@ -417,7 +425,7 @@ def layernorm_modulate_quantize_kernel(
     n_in = tl.full((BLOCK_R,), 1.0, tl.float32) * G
     if ONE_CHUNK:
         mask = row_mask[:, None] & (cols[None, :] < G)
-        x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _load_f32(x_ptr, base + cols[None, :], mask)
         mean = tl.math.div_rn(tl.sum(x, axis=1), n_in)
         d = tl.where(mask, x - mean[:, None], 0.0)
         var = tl.math.div_rn(tl.sum(d * d, axis=1), n_in)
@@ -425,29 +433,25 @@ def layernorm_modulate_quantize_kernel(
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
-            acc += tl.sum(tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32), 1)
+            acc += tl.sum(_load_f32(x_ptr, base + c0 + cols[None, :], mask), 1)
         mean = tl.math.div_rn(acc, n_in)
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
-            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _load_f32(x_ptr, base + c0 + cols[None, :], mask)
             d = tl.where(mask, x - mean[:, None], 0.0)
             acc += tl.sum(d * d, axis=1)
         var = tl.math.div_rn(acc, n_in)
     rstd = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), tl.math.sqrt_rn(var + EPS))
     if ONE_CHUNK:
-        sc = tl.load(scale_ptr + pbase + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        sh = tl.load(shift_ptr + pbase + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        m = _modulate(x, mask, mean, rstd, sc, sh, dtype)
+        m = _modulate(x, mask, mean, rstd, scale_ptr, shift_ptr, pbase + cols[None, :], dtype)
         amax = tl.max(tl.abs(m), axis=1)
     else:
         amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
-            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            sc = tl.load(scale_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            sh = tl.load(shift_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            m = _modulate(x, mask, mean, rstd, sc, sh, dtype)
+            x = _load_f32(x_ptr, base + c0 + cols[None, :], mask)
+            m = _modulate(x, mask, mean, rstd, scale_ptr, shift_ptr, pbase + c0 + cols[None, :], dtype)
             amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
     inv = _absmax_inv(amax, s_ptr, rows, row_mask, BLOCK_R)  # then quantize_rows_kernel's numbers
     if ONE_CHUNK:
@@ -455,10 +459,8 @@ def layernorm_modulate_quantize_kernel(
     else:
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
-            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            sc = tl.load(scale_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            sh = tl.load(shift_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            m = _modulate(x, mask, mean, rstd, sc, sh, dtype)
+            x = _load_f32(x_ptr, base + c0 + cols[None, :], mask)
+            m = _modulate(x, mask, mean, rstd, scale_ptr, shift_ptr, pbase + c0 + cols[None, :], dtype)
             tl.store(q_ptr + base + c0 + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
 
 
@@ -492,6 +494,12 @@ def _gelu_tanh(x, USE_RINT: tl.constexpr):
 
 
 @triton.jit
+def _gelu_chunk(x_ptr, offs, mask, USE_RINT: tl.constexpr, dtype: tl.constexpr):
+    """GELU (tanh) of the tile at ``x_ptr + offs``, rounded to ``dtype``."""
+    return _round_to(_gelu_tanh(_load_f32(x_ptr, offs, mask), USE_RINT), dtype)
+
+
+@triton.jit
 def gelu_quantize_rows_kernel(
     x_ptr,
     q_ptr,
@@ -516,15 +524,13 @@ def gelu_quantize_rows_kernel(
     dtype = x_ptr.dtype.element_ty
     if ONE_CHUNK:  # masked inputs read as 0, whose GELU is 0
         mask = row_mask[:, None] & (cols[None, :] < G)
-        x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        m = _round_to(_gelu_tanh(x, USE_RINT), dtype)
+        m = _gelu_chunk(x_ptr, base + cols[None, :], mask, USE_RINT, dtype)
         amax = tl.max(tl.abs(m), axis=1)
     else:
         amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
-            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            m = _round_to(_gelu_tanh(x, USE_RINT), dtype)
+            m = _gelu_chunk(x_ptr, base + c0 + cols[None, :], mask, USE_RINT, dtype)
             amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
     inv = _absmax_inv(amax, s_ptr, rows, row_mask, BLOCK_R)  # then quantize_rows_kernel's numbers
     if ONE_CHUNK:
@@ -532,19 +538,20 @@ def gelu_quantize_rows_kernel(
     else:
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
-            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            m = _round_to(_gelu_tanh(x, USE_RINT), dtype)
+            m = _gelu_chunk(x_ptr, base + c0 + cols[None, :], mask, USE_RINT, dtype)
             tl.store(q_ptr + base + c0 + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
 
 
 @triton.jit
-def _rms_modulate(x, mask, r, w, scale, shift, dtype: tl.constexpr):
+def _rms_modulate(x, mask, r, w_ptr, woffs, scale_ptr, shift_ptr, poffs, dtype: tl.constexpr):
     """``(weight * (x * r).to(dtype)) * (1 + scale) + shift`` of a float32 [rows, cols] tile as PyTorch
     eager computes it (``ops.ref_rmsnorm_modulate_quantize_int8``): ``x * r`` in float32 rounded to
-    ``dtype``, the weight's product rounded, then :func:`_adaln`. ``w``: the weight, one row per row."""
+    ``dtype``, the weight's product rounded (the weight read at ``woffs``), then :func:`_adaln` with
+    the sample's ``scale`` and ``shift`` read at ``poffs``."""
     n = _round_to(x * r[:, None], dtype)
-    n = _round_to(w * n, dtype)
-    return _adaln(n, mask, scale, shift, dtype)
+    n = _round_to(_load_f32(w_ptr, woffs, mask) * n, dtype)
+    sc, sh = _load_f32(scale_ptr, poffs, mask), _load_f32(shift_ptr, poffs, mask)
+    return _adaln(n, mask, sc, sh, dtype)
 
 
 @triton.jit
@@ -584,31 +591,27 @@ def rmsnorm_modulate_quantize_kernel(
     n_in = tl.full((BLOCK_R,), 1.0, tl.float32) * G
     if ONE_CHUNK:
         mask = row_mask[:, None] & (cols[None, :] < G)
-        x = tl.load(x_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _load_f32(x_ptr, base + cols[None, :], mask)
         ms = tl.math.div_rn(tl.sum(x * x, axis=1), n_in)
     else:
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
-            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _load_f32(x_ptr, base + c0 + cols[None, :], mask)
             acc += tl.sum(x * x, axis=1)
         ms = tl.math.div_rn(acc, n_in)
     r = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), tl.math.sqrt_rn(ms + EPS))
     if ONE_CHUNK:
-        w = tl.load(w_ptr + wcols, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(scale_ptr + pbase + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        sh = tl.load(shift_ptr + pbase + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        m = _rms_modulate(x, mask, r, w, sc, sh, dtype)
+        m = _rms_modulate(x, mask, r, w_ptr, wcols, scale_ptr, shift_ptr, pbase + cols[None, :], dtype)
         amax = tl.max(tl.abs(m), axis=1)
     else:
         amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
-            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + c0 + wcols, mask=mask, other=0.0).to(tl.float32)
-            sc = tl.load(scale_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            sh = tl.load(shift_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            m = _rms_modulate(x, mask, r, w, sc, sh, dtype)
+            x = _load_f32(x_ptr, base + c0 + cols[None, :], mask)
+            m = _rms_modulate(
+                x, mask, r, w_ptr, c0 + wcols, scale_ptr, shift_ptr, pbase + c0 + cols[None, :], dtype
+            )
             amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
     inv = _absmax_inv(amax, s_ptr, rows, row_mask, BLOCK_R)  # then quantize_rows_kernel's numbers
     if ONE_CHUNK:
@@ -616,11 +619,10 @@ def rmsnorm_modulate_quantize_kernel(
     else:
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
-            x = tl.load(x_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + c0 + wcols, mask=mask, other=0.0).to(tl.float32)
-            sc = tl.load(scale_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            sh = tl.load(shift_ptr + pbase + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            m = _rms_modulate(x, mask, r, w, sc, sh, dtype)
+            x = _load_f32(x_ptr, base + c0 + cols[None, :], mask)
+            m = _rms_modulate(
+                x, mask, r, w_ptr, c0 + wcols, scale_ptr, shift_ptr, pbase + c0 + cols[None, :], dtype
+            )
             tl.store(q_ptr + base + c0 + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
 
 
@@ -649,6 +651,12 @@ def _swiglu(g, u, USE_RINT: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
+def _swiglu_chunk(g_ptr, u_ptr, offs, mask, USE_RINT: tl.constexpr, dtype: tl.constexpr):
+    """:func:`_swiglu` of the tiles at ``g_ptr + offs`` and ``u_ptr + offs``."""
+    return _swiglu(_load_f32(g_ptr, offs, mask), _load_f32(u_ptr, offs, mask), USE_RINT, dtype)
+
+
+@triton.jit
 def swiglu_quantize_rows_kernel(
     g_ptr,
     q_ptr,
@@ -674,17 +682,13 @@ def swiglu_quantize_rows_kernel(
     dtype = g_ptr.dtype.element_ty
     if ONE_CHUNK:  # masked inputs read as 0, whose product is 0
         mask = row_mask[:, None] & (cols[None, :] < G)
-        g = tl.load(g_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        m = _swiglu(g, u, USE_RINT, dtype)
+        m = _swiglu_chunk(g_ptr, u_ptr, base + cols[None, :], mask, USE_RINT, dtype)
         amax = tl.max(tl.abs(m), axis=1)
     else:
         amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
-            g = tl.load(g_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            m = _swiglu(g, u, USE_RINT, dtype)
+            m = _swiglu_chunk(g_ptr, u_ptr, base + c0 + cols[None, :], mask, USE_RINT, dtype)
             amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
     inv = _absmax_inv(amax, s_ptr, rows, row_mask, BLOCK_R)  # then quantize_rows_kernel's numbers
     if ONE_CHUNK:
@@ -692,9 +696,7 @@ def swiglu_quantize_rows_kernel(
     else:
         for c0 in range(0, G, BLOCK_G):
             mask = row_mask[:, None] & (cols[None, :] < G - c0)
-            g = tl.load(g_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + base + c0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            m = _swiglu(g, u, USE_RINT, dtype)
+            m = _swiglu_chunk(g_ptr, u_ptr, base + c0 + cols[None, :], mask, USE_RINT, dtype)
             tl.store(q_ptr + base + c0 + cols[None, :], _int8_codes(m, inv, USE_RINT), mask=mask)
 
 

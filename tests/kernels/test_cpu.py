@@ -94,6 +94,16 @@ def test_quantize_asym_fast_equals_reference(isa, poisoned, shape, group, bits):
     assert torch.equal(q, ops.ref_quantize_per_token_asym(x.bfloat16(), bits, group)[0])
 
 
+def _on_two_threads(fn):
+    """``fn()`` with two torch threads (the session runs single-threaded, see conftest), then back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------
 # Producers fused with int8 quantization: LayerNorm-modulate, GELU, RMSNorm-modulate, SwiGLU
 # ----------------------------------------------------------------------------
@@ -229,19 +239,14 @@ def test_swiglu_quantize_extreme_gates(isa, poisoned):
 def test_fused_producers_two_threads_split_the_work_the_same(built, poisoned):
     x, weight, shift, scale = _rms_args(3, 70, 260, seed=25)
     gate, up = torch.randn(2, 150, 520, generator=_gen(26)), torch.randn(2, 150, 520, generator=_gen(27))
-    one = (
-        *cpu.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-6),
-        *cpu.swiglu_quantize_int8(gate, up),
-    )
-    torch.set_num_threads(2)
-    try:
-        two = (
+
+    def run():
+        return (
             *cpu.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-6),
             *cpu.swiglu_quantize_int8(gate, up),
         )
-    finally:
-        torch.set_num_threads(1)
-    assert all(map(torch.equal, one, two))
+
+    assert all(map(torch.equal, run(), _on_two_threads(run)))
 
 
 # ----------------------------------------------------------------------------
@@ -294,12 +299,13 @@ def test_two_threads_split_the_work_the_same(built, poisoned):
     xq, wq = _int8((200, 520), 21), _int8((300, 520), 22)
     wp = pack_ternary(torch.randint(-1, 2, (300, 520), generator=_gen(23)))
     xs, ws = torch.rand(200, 1) + 0.1, torch.rand(300) + 0.1
-    torch.set_num_threads(2)
-    try:
-        a, b = ops.w8a8_linear(xq, xs, wq, ws), ops.w158a8_linear(xq, xs, wp, ws)
-        q, s = ops.quantize_per_token_int8(torch.randn(300, 64, generator=_gen(24)))
-    finally:
-        torch.set_num_threads(1)
+    a, b, (q, s) = _on_two_threads(
+        lambda: (
+            ops.w8a8_linear(xq, xs, wq, ws),
+            ops.w158a8_linear(xq, xs, wp, ws),
+            ops.quantize_per_token_int8(torch.randn(300, 64, generator=_gen(24))),
+        )
+    )
     assert torch.equal(a, ops.ref_w8a8_linear(xq, xs, wq, ws))
     assert torch.equal(b, ops.ref_w158a8_linear(xq, xs, wp, ws))
     assert torch.equal(q, ops.ref_quantize_per_token_int8(torch.randn(300, 64, generator=_gen(24)))[0])
@@ -369,11 +375,7 @@ def test_w4a8_extremes_leading_axes_and_two_threads(built, poisoned):
     )
     assert (out == 0).all()  # 15 - z_w = 0
     args = _w4a8_args(200, 300, 512, 128, True, seed=51, lead=(2,))
-    torch.set_num_threads(2)
-    try:
-        a = ops.w4a8_linear(*args)
-    finally:
-        torch.set_num_threads(1)
+    a = _on_two_threads(lambda: ops.w4a8_linear(*args))
     assert torch.equal(a, ops.ref_w4a8_linear(*args))
 
 
@@ -523,12 +525,11 @@ def test_weight_only_two_threads_split_the_work_the_same(built, poisoned):
     w4 = pack_int4(torch.randint(0, 16, (300, 520), generator=g, dtype=torch.uint8))
     ws, wz = torch.rand(300, 13, generator=g) + 0.01, torch.randint(0, 16, (300, 13), generator=g).float()
     s = torch.rand(300, generator=g)
-    one = ops.ternary_linear(x, wp, s), ops.int4_linear(x, w4, ws, wz)
-    torch.set_num_threads(2)
-    try:
-        two = ops.ternary_linear(x, wp, s), ops.int4_linear(x, w4, ws, wz)
-    finally:
-        torch.set_num_threads(1)
+
+    def run():
+        return ops.ternary_linear(x, wp, s), ops.int4_linear(x, w4, ws, wz)
+
+    one, two = run(), _on_two_threads(run)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
@@ -570,8 +571,9 @@ def test_available_backends_names_each_op(built):
     backends = cpu.available_backends()
     assert backends["extension"].startswith(f"built ({cpu.ISAS[built]})")
     assert set(ops.OPS) <= set(backends)
-    producers = ("layernorm_modulate_quantize_int8", "gelu_quantize_int8")
-    for op in (*producers, "rmsnorm_modulate_quantize_int8", "swiglu_quantize_int8"):
+    producers = [op for op in ops.OPS if op.endswith("_quantize_int8") and op != "quantize_per_token_int8"]
+    assert len(producers) == 4
+    for op in producers:
         assert backends[op] == f"cpp-{cpu.ISAS[built]}"
     if built == cpu.AVX512_VNNI:
         assert backends["w8a8_linear"] == backends["w158a8_linear"] == "cpp-avx512_vnni"

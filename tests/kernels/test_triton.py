@@ -326,24 +326,21 @@ def test_producer_quantizers_decline_float64(launch):
 
     # Through the op, with the Triton functions as the implementations of the tensors' device
     # (on CPU tensors, the interpreter's): the reference's numbers.
-    names = ("layernorm_modulate_quantize_int8", "gelu_quantize_int8")
-    names += ("rmsnorm_modulate_quantize_int8", "swiglu_quantize_int8")
+    calls = {
+        "layernorm_modulate_quantize_int8": (x, shift, scale, 1e-6),
+        "gelu_quantize_int8": (x,),
+        "rmsnorm_modulate_quantize_int8": (x, weight, shift, scale, 1e-5),
+        "swiglu_quantize_int8": (x, 2 * x),
+    }
     dev = x.device.type
-    before = {name: ops.registered_impl(name, dev) for name in names}
+    before = {name: ops.registered_impl(name, dev) for name in calls}
     try:
-        for name in names:
+        for name in calls:
             ops.register_impl(name, dev, getattr(launch, name))
         with ops.use_backend("auto"):
-            out = ops.layernorm_modulate_quantize_int8(x, shift, scale, 1e-6)
-            ref = ops.ref_layernorm_modulate_quantize_int8(x, shift, scale, 1e-6)
-            assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
-            out, ref = ops.gelu_quantize_int8(x), ops.ref_gelu_quantize_int8(x)
-            assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
-            out = ops.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-5)
-            ref = ops.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-5)
-            assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
-            out, ref = ops.swiglu_quantize_int8(x, 2 * x), ops.ref_swiglu_quantize_int8(x, 2 * x)
-            assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True))
+            for name, args in calls.items():
+                out, ref = getattr(ops, name)(*args), ops.REFERENCE[name](*args)
+                assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True)), name
     finally:
         for name, fn in before.items():
             ops.register_impl(name, dev, fn)

@@ -30,6 +30,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Instruction-set extensions that decide which int8/float kernels can run (as /proc/cpuinfo names them)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_int8")
+# Set before start, these pin the ISA of the libraries under the fp32 baseline and the peers
+ISA_ENV = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`ISA_FLAGS` the CPU has (from /proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in ISA_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
 def load_average() -> list[float] | None:
     """1, 5 and 15-minute load averages (other work on the machine skews CPU timings)."""
     try:
@@ -38,8 +57,17 @@ def load_average() -> list[float] | None:
         return None
 
 
+def _aten_capability() -> str | None:
+    """The vector ISA of ATen's CPU kernels (``ATEN_CPU_CAPABILITY`` caps it)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def machine_info(device: torch.device) -> dict:
-    """Everything needed to name the machine a result came from."""
+    """Everything needed to name the machine a result came from: the CPU, its ISA extensions
+    (``cpu_flags``) and the environment variables that pin the libraries' ISA (``isa_env``)."""
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
@@ -50,6 +78,9 @@ def machine_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "device": str(device),
         "load_average": load_average(),
+        "cpu_flags": cpu_flags(),
+        "aten_cpu_capability": _aten_capability(),
+        "isa_env": {var: os.environ.get(var) for var in ISA_ENV},
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -118,3 +149,34 @@ def finish(results: dict, start: float, render: Callable[[dict], str], json_path
         write_json(json_path, results)
         print(f"wrote {json_path}")
     return results
+
+
+PEER_ISA_NOTE = (
+    "peers and the fp32 baseline still use the machine's best ISA unless pinned "
+    "(MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2 set before start)"
+)
+
+
+def cap_isa(name: str | None, notes: list[str]) -> None:
+    """Cap ditq's CPU kernels at instruction set ``name`` (None: the machine's best); below the best,
+    note in ``notes`` that the other rows are not capped by it."""
+    from ditq.kernels import cpu
+
+    best = cpu.isa()
+    if name:
+        cpu.set_isa(name)
+    if cpu.isa() < best:
+        notes.append(
+            f"ditq's CPU kernels capped at {cpu.ISAS[cpu.isa()]} (best here {cpu.ISAS[best]}); "
+            + PEER_ISA_NOTE
+        )
+
+
+def row_machine(machine: dict, device: torch.device) -> dict:
+    """What every result row carries: the CPU model and ditq's kernel ISA in force (CPU only)."""
+    isa = None
+    if device.type == "cpu":
+        from ditq.kernels import cpu
+
+        isa = cpu.ISAS[cpu.isa()]
+    return {"cpu": machine["cpu"], "isa": isa}

@@ -42,8 +42,35 @@ setting (``--cfg on,off``; on = a doubled batch, as the sampler runs it):
 ``--backend auto`` an op without a fast implementation on the device (e.g.
 ``w4a8_linear`` on a CPU without AVX-512 VNNI) leaves its layers on the float path.
 
+Peers, the int8 a user would pick instead of ditq (CPU, float32 only; with
+``--variants ...,fbgemm,onnxruntime`` or ``--peers``): the float model quantized
+by the peer itself, no ditq checkpoint (``benchmarks/_peers.py``), timed step by
+step with the others, guidance on/off as for them (the guided form over a
+doubled batch):
+
+* ``fbgemm``: ``torch.ao.quantization.quantize_dynamic`` of the float model,
+  every ``nn.Linear`` but the timestep embedder's MLP (it reads its first
+  linear's weight dtype) as torch's dynamic int8 linear, engine fbgemm (its
+  default qconfig: per-tensor s8 weights; u8 7-bit per-tensor activations);
+* ``onnxruntime``: the float model exported to ONNX (TorchScript exporter,
+  dynamic batch), every constant-weight MatMul quantized by onnxruntime's
+  ``quantize_dynamic`` (s8 per-channel weights, u8 per-tensor activations;
+  attention matmuls and the patch-embedding convolution stay float, as in
+  ditq's variants), an ``InferenceSession`` with ``--threads`` intra-op threads;
+  torch -> numpy and back are in the timed step. ``ckpt_bytes`` is the
+  quantized ``.onnx`` file.
+
+Their ``max_abs_diff_vs_fake_quant`` is not applicable (None); ``kernels``
+counts what they ran (fbgemm linears; onnxruntime's optimized graph ops). A peer
+that cannot run here (e.g. onnxruntime not installed: ``pip install
+'ditq[bench]'``) is skipped with a note. Every row names the CPU (``cpu``) and
+ditq's kernel ISA in force (``isa``; ``--isa`` caps it, the float model and the
+peers keep the machine's best unless pinned by environment variables, see the
+notes).
+
     python benchmarks/bench_e2e.py --device cpu --threads 1 --batch-size 16 --steps 3 --json out/e2e.json
     python benchmarks/bench_e2e.py --model DiT-XL/2 --steps 1 --batch-size 1 --variants fp32,w8a8
+    python benchmarks/bench_e2e.py --device cpu --threads 1 --batch-size 2 --steps 3 --variants w8a8 --peers
 """
 
 from __future__ import annotations
@@ -55,12 +82,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import _peers
 import torch
 from _common import (
+    cap_isa,
     finish,
     format_table,
     machine_info,
     median,
+    row_machine,
     synchronizer,
     time_call,
 )
@@ -74,6 +104,7 @@ from ditq.pipelines.ptq import load_model, save_quantized
 from ditq.quant.export import save_ternary
 
 VARIANTS = ("fp32", "w8a8", "w4a8", "w1.58a8", "w1.58a16")
+PEERS = ("fbgemm", "onnxruntime")  # the float model quantized by torch's fbgemm / onnxruntime (CPU)
 QDIT = {
     "w8a8": W8A8_INTEGER,  # the settings w8a8_linear runs
     "w4a8": quant.QDiTConfig(w_bits=4, a_bits=8, w_group=128),
@@ -138,10 +169,19 @@ def prepacked_bytes(model: torch.nn.Module, device: torch.device) -> int:
     return total
 
 
-def step_fn(model: torch.nn.Module, cfg: bool, fusion: bool = True):
+def build_peer(peer: str, fp: torch.nn.Module, args):
+    """The float model ``fp`` quantized by ``peer`` (fbgemm or onnxruntime), a callable ``fn(x, t, y)``;
+    raises ``_peers.PeerUnavailable``."""
+    if peer == "fbgemm":
+        return _peers.fbgemm_model(fp)
+    example = step_inputs(fp.config, args.batch_size, False, -1, torch.device("cpu"), args.seed)
+    return _peers.onnxruntime_model(fp, (example[0], example[1], example[2]["y"]), torch.get_num_threads())
+
+
+def step_fn(model, cfg: bool, fusion: bool = True, config=None):
     """What a sampler calls once per step: the model, or its guided form over a doubled batch;
-    with ``fusion=False`` run with producer fusion off."""
-    c = model.config
+    with ``fusion=False`` run with producer fusion off. ``config``: the model's (for a peer's callable)."""
+    c = config or model.config
     fn = model
     if cfg:
         fn = ClassifierFreeGuidance(
@@ -171,11 +211,14 @@ def step_inputs(
 
 
 # ----------------------------------------------------------------------------- one setting
-def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
+def bench_setting(loaded: dict, cfg: bool, args, fp_config, peers: dict | None = None) -> list[dict]:
+    """Time ditq's ``loaded`` models and the ``peers`` (name -> callable) step by step, interleaved."""
     device, sync, dtype = args.device, synchronizer(args.device), getattr(torch, args.dtype)
+    peers = peers or {}
     fns = {v: step_fn(m, cfg, fusion=not v.endswith(UNFUSED)) for v, m in loaded.items()}
-    times: dict[str, list[float]] = {v: [] for v in loaded}
-    peak: dict[str, int | None] = dict.fromkeys(loaded)
+    fns.update({v: step_fn(fn, cfg, config=fp_config) for v, fn in peers.items()})
+    times: dict[str, list[float]] = {v: [] for v in fns}
+    peak: dict[str, int | None] = dict.fromkeys(fns)
     with torch.inference_mode():
         warm = step_inputs(fp_config, args.batch_size, cfg, -1, device, args.seed, dtype)
         for fn in fns.values():  # warm-up: builds the CPU kernels, prepacks weights
@@ -201,6 +244,9 @@ def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
                 (out - fake).abs().max().item(),
                 None if ref_fp is None else (out - ref_fp).abs().max().item(),
             )
+        for v in peers:  # no fake-quant path: the peer quantized the float model itself
+            out = fns[v](x, t, **kw).float()
+            diffs[v] = (None, None if ref_fp is None else (out - ref_fp).abs().max().item())
     rows = []
     base_ms = median(times["fp32"]) * 1e3 if "fp32" in times else None
     c = fp_config
@@ -239,7 +285,41 @@ def bench_setting(loaded: dict, cfg: bool, args, fp_config) -> list[dict]:
                 "backend": args.backend,
                 "resolved_backend": ops.resolve_backend(device),
                 "kernels": counts,
+                "peer": False,
                 "device": device.type,
+                **args.row_machine,
+                "times_ms": [s * 1e3 for s in times[v]],
+            }
+        )
+    for v, fn in peers.items():
+        ms = median(times[v]) * 1e3
+        rows.append(
+            {
+                "op": v,
+                "model": args.model + ("" if args.depth is None else f" ({args.depth} blocks)"),
+                "M": tokens,
+                "K": width,
+                "N": mlp,
+                "ms": ms,
+                "baseline": f"float model ({args.dtype})",
+                "baseline_ms": base_ms,
+                "speedup": None if base_ms is None else base_ms / ms,
+                "weight_bytes": fn.info["weight_bytes"],  # without the peer's internal prepacked copies
+                "prepacked_bytes": None,
+                "peak_cuda_bytes": None,
+                "ckpt_bytes": fn.info.get("file_bytes"),
+                "fusion": None,
+                "max_abs_diff_vs_fake_quant": None,
+                "max_abs_diff_vs_fp": diffs[v][1],
+                "batch": args.batch_size,
+                "cfg": cfg,
+                "steps": args.steps,
+                "backend": v,
+                "resolved_backend": fn.info["backend"],
+                "kernels": fn.info.get("kernels", {}),
+                "peer": True,
+                "device": device.type,
+                **args.row_machine,
                 "times_ms": [s * 1e3 for s in times[v]],
             }
         )
@@ -255,6 +335,10 @@ def _mb(n) -> str:
     return "-" if n is None else f"{n / 2**20:.2f}"
 
 
+def _e(x) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
 def render(results: dict) -> str:
     m = results["machine"]
     a = results["args"]
@@ -268,7 +352,9 @@ def render(results: dict) -> str:
         + f" in {a['dtype']}, batch {a['batch_size']}, median of {a['steps']} steps, "
         "kernel backend "
         f"{a['backend']} ({results['rows'][0]['resolved_backend'] if results['rows'] else '-'}); "
-        f"CPU kernels: {results['cpu_backends'].get('extension', '-')}",
+        f"CPU kernels: {results['cpu_backends'].get('extension', '-')}"
+        f" (ISA in force {results['rows'][0]['isa'] if results['rows'] else '-'}; "
+        f"CPU flags {' '.join(m.get('cpu_flags', [])) or '-'})",
         "",
     ]
     header = [
@@ -279,7 +365,7 @@ def render(results: dict) -> str:
         [
             r["op"], "on" if r["cfg"] else "off", r["M"], f"{r['ms']:.1f}", f"{r['baseline_ms']:.1f}",
             f"{r['speedup']:.2f}", _mb(r["weight_bytes"]), _mb(r["ckpt_bytes"]),
-            f"{r['max_abs_diff_vs_fake_quant']:.1e}", f"{r['max_abs_diff_vs_fp']:.1e}",
+            _e(r["max_abs_diff_vs_fake_quant"]), _e(r["max_abs_diff_vs_fp"]),
             ", ".join(f"{n} {w}" for w, n in r["kernels"].items()) or "-",
         ]
         for r in results["rows"]
@@ -294,7 +380,14 @@ def render(results: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="ditq-fmnist", help="ditq-fmnist (embedded) or a registry name")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated of {', '.join(VARIANTS + PEERS)} (default: ditq's, no peers)",
+    )
+    p.add_argument(
+        "--peers", action="store_true", help=f"add the peer variants ({', '.join(PEERS)}; CPU, float32)"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="kernel backend (default auto)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (x2 rows with cfg)")
@@ -319,6 +412,11 @@ def parse_args(argv=None):
         default=None,
         help="blocks of a registry model (default its own): the same per-block cost, more steps in the time",
     )
+    p.add_argument(
+        "--isa",
+        default=None,
+        help="cap ditq's CPU kernels at this instruction set (avx2, scalar; default: best)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -328,12 +426,39 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant '{v}'; choose from {', '.join(VARIANTS)}")
+        if v not in VARIANTS + PEERS:
+            p.error(f"unknown variant '{v}'; choose from {', '.join(VARIANTS + PEERS)}")
+    if args.peers:
+        args.variants += [v for v in PEERS if v not in args.variants]
     if "fp32" not in args.variants:
         args.variants.insert(0, "fp32")  # the baseline
     args.cfg = [{"on": True, "off": False}[s.strip()] for s in args.cfg.split(",") if s.strip()]
     return args
+
+
+def build_peers(fp: torch.nn.Module, args, notes: list[str]) -> dict:
+    """The peers among ``args.variants``, built from the float model; the ones that cannot run here
+    are left out with a note."""
+    wanted = [v for v in args.variants if v in PEERS]
+    if not wanted:
+        return {}
+    if args.device.type != "cpu" or args.dtype != "float32":
+        notes.append(
+            f"peers ({', '.join(wanted)}) skipped: they run on CPU in float32 only "
+            f"(here {args.device.type}, {args.dtype})"
+        )
+        return {}
+    peers = {}
+    for v in wanted:
+        t0 = time.perf_counter()
+        try:
+            peers[v] = build_peer(v, fp, args)
+        except _peers.PeerUnavailable as exc:
+            notes.append(f"peer {v} skipped: {exc}")
+            continue
+        gc.collect()
+        log(f"  {v}: {peers[v].info['backend']} in {time.perf_counter() - t0:.1f} s")
+    return peers
 
 
 def main(argv=None) -> dict:
@@ -345,11 +470,18 @@ def main(argv=None) -> dict:
     notes = []
     if args.device.type == "cpu":
         cpu.build()
+        cap_isa(args.isa, notes)
+    machine = machine_info(args.device)
+    args.row_machine = row_machine(machine, args.device)
     results = {
         "benchmark": "bench_e2e",
         "command": " ".join([sys.executable, *sys.argv]),
-        "machine": machine_info(args.device),
-        "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
+        "machine": machine,
+        "args": {
+            k: (str(v) if isinstance(v, torch.device) else v)
+            for k, v in vars(args).items()
+            if k != "row_machine"
+        },
         "cpu_backends": cpu.available_backends() if args.device.type == "cpu" else {},
         "rows": [],
         "notes": notes,
@@ -361,15 +493,17 @@ def main(argv=None) -> dict:
         fp_config = fp.config
         fp_path = folder / "fp32.safetensors"
         models.save(fp, fp_path)
+        peers = build_peers(fp, args, notes)
         del fp
         paths = {"fp32": fp_path}
         for v in args.variants:
-            if v != "fp32":
+            if v != "fp32" and v not in PEERS:
                 t0 = time.perf_counter()
                 paths[v] = build_variant(v, fp_path, folder)
                 gc.collect()
                 log(f"  {v}: {paths[v].stat().st_size / 2**20:.2f} MB in {time.perf_counter() - t0:.1f} s")
         args.ckpt_bytes = {v: p.stat().st_size for v, p in paths.items()}
+        results["args"]["variants"] = [v for v in args.variants if v not in PEERS or v in peers]
         # the float parts (and the quantized layers' scales and biases) in --dtype; packed codes stay
         dtype = getattr(torch, args.dtype)
         loaded = {v: load_model(p, device=args.device).to(dtype) for v, p in paths.items()}
@@ -380,7 +514,7 @@ def main(argv=None) -> dict:
         elif args.fusion == "off":
             ops.set_fusion(False)
         for cfg in args.cfg:
-            results["rows"] += bench_setting(loaded, cfg, args, fp_config)
+            results["rows"] += bench_setting(loaded, cfg, args, fp_config, peers)
     if args.device.type == "cpu" and args.backend == "auto":
         notes.append(
             "backend auto on CPU: ops without a C++ kernel here (see the kernels column) leave their layers "

@@ -15,8 +15,19 @@ N=1152; TerDiT-4.2B: dim 3072, FFN 8192) and each token count M, one row per op:
   baseline's dtype) against the 2-bit ternary or the Q-DiT int4 weights (on CPU,
   ditq's GEMM for few tokens, blocks of dequantized columns through BLAS beyond);
 * CPU only, for comparison: ``torch._int_mm`` (oneDNN int8 GEMM + the same
-  epilogue) and ``torch.ao`` dynamic int8 ``Linear`` (fbgemm; quantizes its
-  input itself).
+  epilogue);
+* CPU only, the peers a user would pick instead of ditq (``--peers``, the
+  default; ``--no-peers`` leaves them out; ``--ops`` does not filter them),
+  each built once from the layer's fp32 weight and bias and called with the
+  same float ``x`` (``benchmarks/_peers.py``): ``fbgemm dynamic int8``, torch's
+  ``torch.ao.nn.quantized.dynamic.Linear`` (s8 per-channel weights, engine
+  fbgemm; quantizes its input itself, u8 per tensor), and ``onnxruntime dynamic
+  int8``, a one-linear ONNX graph through onnxruntime's ``quantize_dynamic``
+  (s8 per-channel weights; DynamicQuantizeLinear + MatMulInteger, fused by
+  onnxruntime into DynamicQuantizeMatMul) in an ``InferenceSession`` with
+  ``--threads`` intra-op threads (torch -> numpy and back inside the timed
+  call). A peer that cannot run here (e.g. onnxruntime not installed: ``pip
+  install 'ditq[bench]'``) is skipped with a note.
 
 Every op is timed against the baseline of the device, fp32 ``F.linear`` on CPU
 and bf16 ``F.linear`` on CUDA, interleaved call by call so that other load on
@@ -24,13 +35,21 @@ the machine hits both alike; the median of ``--repeats`` is kept, each repeat
 running the op enough times to last ``--min-ms``. ``weight_bytes`` is what the
 op holds for the layer's weight (int8: codes + prepacked copy; ternary: 2-bit
 codes + 2-bit prepacked copy; baseline: the float weight), with its ratio to
-fp32; ``rel err`` compares the output with a float linear of the op's own
-dequantized weight (the activation quantization plus the kernel). Only ops with
-a fast implementation on the device are timed (the references are not
-benchmarks). On CPU, M is capped at 1024 by default.
+fp32 (peers: their int8 codes and per-channel scales, not their internal
+prepacked copies); ``rel_err_vs_baseline`` compares the output with a float
+linear of the op's own dequantized weight (the activation quantization plus
+the kernel; for the peers, whose weights are quantized inside, the fp32 weight),
+and ``rel_err_vs_fp32`` (every row) with ``F.linear`` of the original fp32
+weight, so that ditq's ops and the peers compare on the same footing. Every row
+names the CPU (``cpu``) and ditq's kernel ISA in force (``isa``; ``--isa`` caps
+it, the fp32 baseline and the peers keep the machine's best unless pinned by
+environment variables, see the notes). Only ops with a fast implementation on
+the device are timed (the references are not benchmarks). On CPU, M is capped
+at 1024 by default.
 
     python benchmarks/bench_kernels.py --device cpu --json out/bench_kernels_cpu.json
     python benchmarks/bench_kernels.py --device cpu --shapes dit --m 1,16 --repeats 3
+    python benchmarks/bench_kernels.py --device cpu --shapes dit --m 16 --threads 1 --ops w8a8_linear+quant
 """
 
 from __future__ import annotations
@@ -38,15 +57,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 
+import _peers
 import torch
 import torch.nn.functional as F
 from _common import (
+    cap_isa,
     finish,
     format_table,
     machine_info,
     median,
+    row_machine,
     synchronizer,
     time_call,
 )
@@ -110,8 +131,19 @@ def layer_inputs(m: int, k: int, n: int, device: torch.device, gen: torch.Genera
     return d
 
 
-def candidates(d: dict, device: torch.device, baseline_dtype: torch.dtype) -> dict:
-    """name -> (callable, weight bytes, backend, float weight it stands for); the baseline first."""
+PEERS = {  # row name -> builder from the fp32 weight and bias (and the thread count)
+    "fbgemm dynamic int8": lambda w, b, threads: _peers.fbgemm_linear(w, b),
+    "onnxruntime dynamic int8": _peers.onnxruntime_linear,
+}
+
+
+def candidates(
+    d: dict, device: torch.device, baseline_dtype: torch.dtype, peers: bool = False, notes: list | None = None
+) -> dict:
+    """name -> (callable, weight bytes, backend, float weight it stands for); the baseline first.
+
+    ``peers``: add the peer rows (CPU); a peer that cannot be built is left out with a line in ``notes``.
+    """
     n, k = d["w"].shape
     xb, wb, bb = (d[key].to(baseline_dtype) for key in ("x", "w", "b"))
     c = {
@@ -208,13 +240,17 @@ def candidates(d: dict, device: torch.device, baseline_dtype: torch.dtype) -> di
             "oneDNN" if device.type == "cpu" else "cuBLASLt",
             w8_float,
         )
-    if device.type == "cpu":
-        with warnings.catch_warnings():  # torch.ao's quantized tensors are deprecated, still the baseline
-            warnings.simplefilter("ignore")
-            lin = torch.ao.nn.quantized.dynamic.Linear(k, n, dtype=torch.qint8)
-            zeros = torch.zeros(n, dtype=torch.long)
-            lin.set_weight_bias(torch.quantize_per_channel(d["w"], ws, zeros, 0, torch.qint8), b)
-        c["torch.ao dynamic int8"] = (lambda: lin(x), n * k + 8 * n, "fbgemm", w8_float)
+    # the peers: quantized by themselves from the fp32 weight, float x in, float out
+    if peers and device.type == "cpu":
+        for name, build in PEERS.items():
+            try:
+                fn = build(d["w"], b, torch.get_num_threads())
+            except _peers.PeerUnavailable as exc:
+                note = f"{name} rows skipped: {exc}"
+                if notes is not None and note not in notes:
+                    notes.append(note)
+                continue
+            c[name] = (lambda fn=fn: fn(x), fn.info["weight_bytes"], fn.info["backend"], d["w"])
     return c
 
 
@@ -223,8 +259,10 @@ def bench_layer(label: str, k: int, n: int, m: int, args, gen) -> list[dict]:
     baseline_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     with torch.inference_mode():
         d = layer_inputs(m, k, n, device, gen)
-        fns = candidates(d, device, baseline_dtype)
-        names = [name for name in fns if name == "baseline" or name in args.ops or not args.ops]
+        fns = candidates(d, device, baseline_dtype, args.peers, args.notes)
+        names = [
+            name for name in fns if name == "baseline" or name in PEERS or name in args.ops or not args.ops
+        ]
         # Warm up (builds the CPU kernels and prepacks weights), then pick calls per repeat
         # so that one timing lasts at least --min-ms.
         iters = {}
@@ -240,12 +278,14 @@ def bench_layer(label: str, k: int, n: int, m: int, args, gen) -> list[dict]:
                 calls = lambda fn=fn, reps=reps: [fn() for _ in range(reps)]
                 times[name].append(time_call(calls, sync) / reps)
         # error against a float linear with the op's own (dequantized) weight: activation
-        # quantization plus kernel error, not the weight quantization error
-        errs = {}
+        # quantization plus kernel error, not the weight quantization error; and against the fp32 weight
+        errs, errs_fp32 = {}, {}
+        ref_fp32 = F.linear(d["x"].float(), d["w"].float(), d["b"].float())
         for name in names:
             out = fns[name][0]().float()
             ref = F.linear(d["x"].float(), fns[name][3].float(), d["b"].float())
             errs[name] = ((out - ref).norm() / ref.norm()).item()
+            errs_fp32[name] = ((out - ref_fp32).norm() / ref_fp32.norm()).item()
     base_ms = median(times["baseline"]) * 1e3
     fp32_bytes = n * k * 4
     rows = []
@@ -266,8 +306,11 @@ def bench_layer(label: str, k: int, n: int, m: int, args, gen) -> list[dict]:
                 "weight_bytes": wbytes,
                 "weight_vs_fp32": wbytes / fp32_bytes,
                 "rel_err_vs_baseline": errs[name],
+                "rel_err_vs_fp32": errs_fp32[name],
                 "backend": backend,
+                "peer": name in PEERS,
                 "device": device.type,
+                **args.row_machine,
                 "times_ms": [t * 1e3 for t in times[name]],
                 "calls_per_repeat": iters[name],
             }
@@ -285,11 +328,16 @@ def render(results: dict) -> str:
         + f"; torch {m['torch']}, Python {m['python']}; {m['date']}",
         f"load average before/after: {m['load_average']} / {results.get('load_average_after')}",
         f"backends: {results['backends']}",
+        f"ditq's kernel ISA {results['rows'][0]['isa'] if results['rows'] else '-'}; "
+        f"CPU flags {' '.join(m.get('cpu_flags', [])) or '-'}",
         f"median of {results['args']['repeats']} repeats, each >= {results['args']['min_ms']} ms of calls; "
         "speedup = baseline ms / op ms, measured side by side",
         "",
     ]
-    header = ["layer", "M", "K", "N", "op", "ms", "baseline ms", "speedup", "weight MB", "w/fp32", "rel err"]
+    header = [
+        "layer", "M", "K", "N", "op", "ms", "baseline ms", "speedup", "weight MB", "w/fp32", "rel err",
+        "err vs fp32",
+    ]  # fmt: skip
     rows = [
         [
             r["layer"],
@@ -303,6 +351,7 @@ def render(results: dict) -> str:
             f"{r['weight_bytes'] / 2**20:.2f}",
             f"{r['weight_vs_fp32']:.3f}",
             f"{r['rel_err_vs_baseline']:.1e}",
+            f"{r['rel_err_vs_fp32']:.1e}",
         ]
         for r in results["rows"]
     ]
@@ -329,6 +378,12 @@ def parse_args(argv=None):
         default=None,
         help="cap ditq's CPU kernels at this instruction set (avx2, scalar; default: best)",
     )
+    p.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the peers (torch's fbgemm and onnxruntime dynamic int8 linears, CPU) beside ditq's ops",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -353,18 +408,22 @@ def main(argv=None) -> dict:
     notes = []
     if args.device.type == "cpu":
         cpu.build()
-        if args.isa:
-            cpu.set_isa(args.isa)
-            notes.append(
-                f"ditq's CPU kernels capped at {args.isa} (the fp32 baseline still uses the best BLAS)"
-            )
+        cap_isa(args.isa, notes)
         if max(args.m) > 1024:
             notes.append("M above 1024 on CPU takes long; the default caps M at 1024")
+    elif args.peers:
+        notes.append("the peers (fbgemm, onnxruntime) run on CPU only: not timed on this device")
+    machine = machine_info(args.device)
+    args.notes, args.row_machine = notes, row_machine(machine, args.device)
     results = {
         "benchmark": "bench_kernels",
         "command": " ".join([sys.executable, *sys.argv]),
-        "machine": machine_info(args.device),
-        "args": {key: (str(v) if isinstance(v, torch.device) else v) for key, v in vars(args).items()},
+        "machine": machine,
+        "args": {
+            key: (str(v) if isinstance(v, torch.device) else v)
+            for key, v in vars(args).items()
+            if key not in ("notes", "row_machine")
+        },
         "backends": cpu.available_backends() if args.device.type == "cpu" else {},
         "rows": [],
         "notes": notes,

@@ -284,14 +284,19 @@ def test_w158a8_fast_equals_reference(isa, poisoned, m, k, n):
 
 
 def test_extreme_codes_and_leading_axes(isa, poisoned):
-    k = 4096  # all -128: sums of 2^26, exact in int32 (the AVX-512 offset trick must not overflow)
+    k = 4096  # all -128: sums of 2^26, exact in int32 (the offset trick must not overflow)
     xq = torch.full((2, 3, k), -128, dtype=torch.int8)
     wq = torch.full((5, k), -128, dtype=torch.int8)
     out = ops.w8a8_linear(xq, torch.ones(2, 3, 1), wq, torch.ones(5))
     assert out.shape == (2, 3, 5) and (out == 2.0**26).all()
-    wp = pack_ternary(-torch.ones(5, k))
-    out = ops.w158a8_linear(xq, torch.ones(2, 3, 1), wp, torch.ones(1))
-    assert (out == 128.0 * k).all()
+    out = ops.w8a8_linear(xq, torch.ones(2, 3, 1), torch.full_like(wq, 127), torch.ones(5))
+    assert (out == -128.0 * 127 * k).all()  # the largest negative sums: no saturation anywhere
+    for sign in (-1, 1):  # ternary codes 0 and 2 (AVX2 keeps 60 steps of pairs of +-512 in int16)
+        wp = pack_ternary(torch.full((5, k), float(sign)))
+        out = ops.w158a8_linear(xq, torch.ones(2, 3, 1), wp, torch.ones(1))
+        assert (out == -128.0 * sign * k).all()
+        out = ops.w158a8_linear(torch.full_like(xq, 127), torch.ones(2, 3, 1), wp, torch.ones(1))
+        assert (out == 127.0 * sign * k).all()
 
 
 def test_two_threads_split_the_work_the_same(built, poisoned):
@@ -345,7 +350,7 @@ def test_w4a8_fast_equals_reference(isa, poisoned, m, k, gw, ga, asym):
     for n in (20, 64, 136):
         xq, xs, xz, wp, ws, wz = _w4a8_args(m, n, k, gw, asym, seed=m * n + k + gw, ga=ga)
         fast = cpu.w4a8_linear(xq, xs, xz, wp, ws, wz, None, torch.float32)
-        assert (fast is NotImplemented) == (isa != "avx512_vnni")  # only the AVX-512 VNNI path
+        assert (fast is NotImplemented) == (isa == "scalar")  # the AVX2 and AVX-512 VNNI paths
         # integer part: unit scales, one weight group, no bias: the exact integer sums (< 2^24)
         ones = (torch.ones_like(xs), xz, wp, torch.ones(n, 1), wz[:, :1])
         assert torch.equal(ops.w4a8_linear(xq, *ones), ops.ref_w4a8_linear(xq, *ones))
@@ -358,7 +363,7 @@ def test_w4a8_fast_equals_reference(isa, poisoned, m, k, gw, ga, asym):
             assert _rel(out, ref) <= (1e-6 if dtype == torch.float32 else 1e-3)
 
 
-def test_w4a8_extremes_leading_axes_and_two_threads(built, poisoned):
+def test_w4a8_extremes_leading_axes_and_two_threads(isa, poisoned):
     k = 4096  # per group 255 * 15 * 128, all codes at their largest; sums below 2^24 stay exact
     xq = torch.full((2, 3, k), 255, dtype=torch.uint8)
     wp = pack_int4(torch.full((70, k), 15, dtype=torch.uint8))
@@ -392,10 +397,10 @@ def test_w4a8_declines_what_it_does_not_handle(built, poisoned):
         assert torch.equal(ops.w4a8_linear(*args), ops.ref_w4a8_linear(*args))
     handled = (xq, xs24, xz24, wp, ws.repeat(1, 3), wz.repeat(1, 3))  # gcd(24, 40) = 8
     out = cpu.w4a8_linear(*handled, None, torch.float32)
-    assert (out is NotImplemented) == (built < cpu.AVX512_VNNI)
+    assert (out is NotImplemented) == (built < cpu.AVX2)
     if out is not NotImplemented:
         assert torch.equal(out, ops.ref_w4a8_linear(*handled))
-    cpu.set_isa("avx2")
+    cpu.set_isa("scalar")
     try:
         assert cpu.w4a8_linear(xq, xs, xz, wp, ws, wz, None, torch.float32) is NotImplemented
     finally:
@@ -538,9 +543,29 @@ def test_weight_only_two_threads_split_the_work_the_same(built, poisoned):
 # ----------------------------------------------------------------------------
 
 
+def test_prepack_cache_survives_a_weight_freed_while_its_lock_is_held(built):
+    # a garbage collection can free a cached weight inside any allocation, also one made while the
+    # cache holds its lock: the weakref callback must not wait for that lock (it deadlocked once)
+    import threading
+
+    w = torch.ones(3, 2)
+    cpu._prepacked.get(w, ("t", torch.float32))
+
+    def free_under_lock():
+        nonlocal w
+        with cpu._prepacked._lock:
+            del w  # the callback runs here, synchronously
+        assert len(cpu._prepacked) == 0
+
+    t = threading.Thread(target=free_under_lock, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive(), "the prepack cache deadlocked on a weight freed under its lock"
+
+
 def test_prepack_cache_hits_follows_inplace_writes_and_forgets_freed_weights(built, monkeypatch):
-    if built < cpu.AVX512_VNNI:
-        pytest.skip("weights are prepacked on the AVX-512 VNNI path only")
+    if built < cpu.AVX2:
+        pytest.skip("weights are prepacked on the SIMD paths only")
     calls = []
     real = cpu._prepack
     monkeypatch.setattr(cpu, "_prepack", lambda w, bits: calls.append(bits) or real(w, bits))

@@ -127,8 +127,6 @@ ISAS = ("scalar", "avx2", "avx512_vnni")
 """Instruction sets of the C++ kernels, in the numbering the library uses (0, 1, 2)."""
 SCALAR, AVX2, AVX512_VNNI = range(3)
 
-# Below this many tokens our AVX2 int8 kernel beats torch._int_mm (memory-bound small batches).
-AVX2_W8A8_MAX_M = 4
 # Weight-only ops: up to this many tokens ditq's GEMM (dequantized weights in a per-thread buffer);
 # beyond, blocks of columns dequantized into a buffer of DEQUANT_BLOCK_BYTES and multiplied by BLAS.
 WEIGHT_ONLY_DIRECT_MAX_M = 32
@@ -305,17 +303,34 @@ def set_isa(name: str | None) -> None:
     _state.forced_isa = None if name is None else ISAS.index(name)
 
 
-def _int_mm_works() -> bool:
-    return hasattr(torch, "_int_mm")
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _int_mm_is_fast() -> bool:
+    """Whether ``torch._int_mm`` (oneDNN) beats fp32 ``F.linear`` here: only with int8 dot-product
+    instructions (AVX-512 VNNI, AMX). Measured: 2.2-5.7x fp32 on a Cascade Lake Xeon and a Zen 4
+    EPYC (both AVX-512 VNNI), 0.03-0.10x on an AVX2-only EPYC, where it must never run."""
+    return hasattr(torch, "_int_mm") and bool({"avx512_vnni", "amx_int8"} & _cpu_flags())
 
 
 def available_backends(build_now: bool = False) -> dict[str, str]:
     """What each op runs on CPU now, plus ``"extension"``: the C++ library's state.
 
-    Backends: ``"cpp-avx512_vnni"``, ``"cpp-avx2"``, ``"cpp-scalar"`` (ditq's
-    kernels), ``"torch._int_mm"``, ``"reference"``; w8a8_linear on AVX2 is
-    ``"cpp-avx2 (M <= 4) / torch._int_mm"``. Without ``build_now``, an
-    extension that was not needed yet reports "not built yet".
+    Implementations: ``"cpp-avx512_vnni"``, ``"cpp-avx2"`` (ditq's C++ kernels at
+    that instruction set), ``"torch._int_mm"`` (PyTorch's oneDNN int8 GEMM, a
+    library kernel: only where it beats float, see :func:`_int_mm_is_fast`) and
+    ``"reference"`` (the plain-PyTorch definition; layers keep their float path
+    then). The weight-only ops name their paths by token count. Without
+    ``build_now``, an extension that was not needed yet reports "not built yet".
     """
     if build_now:
         build()
@@ -328,16 +343,11 @@ def available_backends(build_now: bool = False) -> dict[str, str]:
         level = None
         ext = f"unavailable: {_state.error}"
     cpp = f"cpp-{ISAS[level]}" if level is not None else None
-    int_mm = "torch._int_mm" if _int_mm_works() else "reference"
-    if level == AVX512_VNNI:
-        w8 = cpp
-    elif level == AVX2:
-        w8 = f"{cpp} (M <= {AVX2_W8A8_MAX_M}) / {int_mm}"
-    else:
-        w8 = int_mm
+    simd = cpp if level in (AVX2, AVX512_VNNI) else None
+    w8 = simd or ("torch._int_mm" if _int_mm_is_fast() else "reference")
     wo = "reference"
-    if level in (AVX2, AVX512_VNNI):
-        wo = f"{cpp} (M <= {WEIGHT_ONLY_DIRECT_MAX_M}) / {cpp} dequant + BLAS"
+    if simd:
+        wo = f"{simd} (M <= {WEIGHT_ONLY_DIRECT_MAX_M}) / {simd} dequant + BLAS"
         if WEIGHT_ONLY_FUSED_MAX_M > 0:
             wo += f"; M <= {min(WEIGHT_ONLY_FUSED_MAX_M, 4)} decoded in registers"
     return {
@@ -349,8 +359,8 @@ def available_backends(build_now: bool = False) -> dict[str, str]:
         "rmsnorm_modulate_quantize_int8": cpp or "reference",
         "swiglu_quantize_int8": cpp or "reference",
         "w8a8_linear": w8,
-        "w158a8_linear": cpp if level in (AVX2, AVX512_VNNI) else "reference",
-        "w4a8_linear": cpp if level == AVX512_VNNI else "reference",
+        "w158a8_linear": simd or "reference",
+        "w4a8_linear": simd or "reference",  # segments of gcd(ga, gw) % 8 != 0: the reference
         "ternary_linear": wo,
         "int4_linear": wo,
     }
@@ -377,6 +387,10 @@ class _PrepackCache:
     def __init__(self) -> None:
         self._entries: dict[int, tuple] = {}
         self._lock = threading.Lock()
+        # (key, weakref) of freed tensors, purged under the lock by the next get: a weakref callback
+        # can run inside a garbage collection that a thread holding the lock set off, so taking
+        # the lock there would deadlock (it did, once the cache held short-lived scale tensors)
+        self._dead: list[tuple] = []
 
     @staticmethod
     def _stamp(w: torch.Tensor):
@@ -386,22 +400,28 @@ class _PrepackCache:
             version = None
         return version, w.data_ptr(), tuple(w.shape)
 
-    def get(self, w: torch.Tensor, bits: int) -> torch.Tensor:
+    def _purge(self) -> None:
+        while self._dead:
+            key, ref = self._dead.pop()
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._entries[key]
+
+    def get(self, w: torch.Tensor, bits) -> torch.Tensor:
         key = (id(w), bits)
         stamp = self._stamp(w)
         with self._lock:
+            self._purge()
             hit = self._entries.get(key)
             if hit is not None and hit[0]() is w and hit[1] == stamp:
                 return hit[2]
         packed = _prepack(w, bits)
 
-        def drop(_ref, key=key):
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is not None and entry[0] is _ref:
-                    del self._entries[key]
+        def drop(ref, key=key, dead=self._dead):
+            dead.append((key, ref))  # list.append is atomic: no lock here (see __init__)
 
         with self._lock:
+            self._purge()
             self._entries[key] = (weakref.ref(w, drop), stamp, packed)
         return packed
 
@@ -410,7 +430,9 @@ class _PrepackCache:
             self._entries.clear()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            self._purge()
+            return len(self._entries)
 
 
 _prepacked = _PrepackCache()
@@ -423,8 +445,13 @@ def clear_prepack_cache() -> None:
 
 def _prepack(w: torch.Tensor, bits) -> torch.Tensor:
     """int8 ``[N, K]`` (bits 8), ternary k4 ``[N, K/4]`` (bits 2) or int4 ``[N, K/2]`` (bits
-    ``("int4", L)``: with the codes' sums per segment of L inputs) -> the AVX-512 kernels' layout."""
+    ``("int4", L)``: with the codes' sums per segment of L inputs) -> the SIMD kernels' layout;
+    ``("t", dtype)``: a per-group weight parameter ``[N, G]`` -> ``[G, N]`` in ``dtype`` (the W4A8
+    kernel reads scales and zero points by group; transposing them per call cost as much as the
+    GEMM at one token)."""
     lib = _state.lib
+    if isinstance(bits, tuple) and bits[0] == "t":
+        return w.to(bits[1]).t().contiguous()
     if isinstance(bits, tuple):  # ("int4", L)
         n, k, seg = w.shape[0], w.shape[1] * 2, bits[1]
         out = torch.empty(int(lib.ditq_prepacked_bytes_w4(n, k, seg)), dtype=torch.uint8)
@@ -470,7 +497,9 @@ def _all_cpu(*ts) -> bool:
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.reshape(-1).to(torch.float32).contiguous()
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t  # the kernels read it flat
+    return t.reshape(-1).to(torch.float32).contiguous()
 
 
 def _quantize_rows(fn: str, x: torch.Tensor, group: int, code_dtype: torch.dtype, n_params: int, *extra):
@@ -572,13 +601,14 @@ def w8a8_linear(xq, xs, wq, ws, bias, out_dtype):
         return NotImplemented
     xs32, ws32, b32 = _f32(xs), _f32(ws), _f32(bias)
     level = isa() if _lib() is not None else None
-    if level == AVX512_VNNI or (level == AVX2 and m <= AVX2_W8A8_MAX_M):
-        wpre = _prepacked.get(wq, 8) if level == AVX512_VNNI else None
-        out = _gemm(_state.lib.ditq_w8a8_gemm, x2, xs32, wq, wpre, ws32, b32, n, level)
-    else:
+    if level in (AVX2, AVX512_VNNI):
+        out = _gemm(_state.lib.ditq_w8a8_gemm, x2, xs32, wq, _prepacked.get(wq, 8), ws32, b32, n, level)
+    elif _int_mm_is_fast():
         out = _int_mm_w8a8(x2, xs32, wq, ws32, b32)
         if out is None:
             return NotImplemented
+    else:
+        return NotImplemented
     out = out.reshape(*xq.shape[:-1], n)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
@@ -595,18 +625,19 @@ def w158a8_linear(xq, xs, w_packed, w_scale, bias, out_dtype):
     if m == 0 or n == 0:
         return NotImplemented
     xs32, ws32, b32 = _f32(xs), _f32(w_scale), _f32(bias)
-    wpre = _prepacked.get(w_packed, 2) if level == AVX512_VNNI else None
+    wpre = _prepacked.get(w_packed, 2)
     out = _gemm(_state.lib.ditq_w2a8_gemm, x2, xs32, w_packed, wpre, ws32, b32, n, level)
     out = out.reshape(*xq.shape[:-1], n)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 def w4a8_linear(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype):
-    """AVX-512 VNNI only, where both scales are constant over segments of a multiple of 8 inputs
+    """AVX2 or AVX-512 VNNI, where both scales are constant over segments of a multiple of 8 inputs
     (``gcd(ga, gw) % 8 == 0``); anything else goes to the reference."""
     if not _all_cpu(xq, xs, x_zero, w_packed, w_scale, w_zero, bias) or _lib() is None:
         return NotImplemented
-    if isa() != AVX512_VNNI:
+    level = isa()
+    if level not in (AVX2, AVX512_VNNI):
         return NotImplemented
     k, n = xq.shape[-1], w_packed.shape[0]
     x2 = xq.reshape(-1, k)
@@ -621,13 +652,13 @@ def w4a8_linear(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype):
     x2 = x2.contiguous()
     xs32, b32 = _f32(xs), _f32(bias)
     xz = None if x_zero is None else x_zero.reshape(-1).to(torch.int32).contiguous()
-    ws_t = w_scale.to(torch.float32).t().contiguous()  # [K/gw, N]
-    wz_t = w_zero.to(torch.int32).t().contiguous()
+    ws_t = _prepacked.get(w_scale, ("t", torch.float32))  # [K/gw, N]
+    wz_t = _prepacked.get(w_zero, ("t", torch.int32))
     wpre = _prepacked.get(w_packed, ("int4", seg))
     out = _alloc((m, n), torch.float32)
     unsigned = int(xq.dtype == torch.uint8)
     args = (_ptr(x2), unsigned, _ptr(xs32), _ptr(xz), _ptr(wpre), _ptr(ws_t), _ptr(wz_t), _ptr(b32))
-    _check(_state.lib.ditq_w4a8_gemm(*args, out.data_ptr(), m, n, k, gw, ga, AVX512_VNNI))
+    _check(_state.lib.ditq_w4a8_gemm(*args, out.data_ptr(), m, n, k, gw, ga, level))
     out = out.reshape(*xq.shape[:-1], n)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 

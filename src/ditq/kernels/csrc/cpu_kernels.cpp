@@ -24,11 +24,10 @@
 // (4 codes per byte, one byte per 4 inputs of a column, in 4 bit planes) and are unpacked in
 // registers with one shift and one AND per 4 inputs: no lookup table, no int8 copy.
 //
-// AVX2 path (no prepacking): dot products along K, 2 tokens x 4 weight rows per micro-tile,
-// horizontal sums at the end. Ternary "k4" bytes (inputs 4j..4j+3, lowest bits first) are read as
-// stored: shifting a vector of them right by 2s and masking with 3 gives the codes of inputs 4j+s,
-// a strided subset of K, so the activations are first re-laid out into "phases" (per block of 128
-// inputs: the 32 inputs 4j+0, then the 32 inputs 4j+1, ...).
+// AVX2 path: the same prepacked panels, read 8 columns (32 bytes of a step) at a time by micro-tiles
+// of 6 tokens x 8 columns, with the product instruction that cannot saturate on each weight kind
+// (see "AVX2" below): vpmaddwd on int16 for int8 weights, vpmaddubsw with int16 accumulation for
+// ternary and int4 codes.
 
 #include <ATen/Parallel.h>
 
@@ -74,10 +73,9 @@ inline uint16_t lanes16(int64_t left) {
 
 constexpr int kPanel = 64;     // AVX-512: output columns per prepacked panel (4 vectors of 16)
 constexpr int kMR512 = 6;      // AVX-512: tokens per micro-tile (24 accumulators of 32 registers)
-constexpr int kNR = 4;         // AVX2: weight rows (output columns) per micro-tile
-constexpr int kMR256 = 2;      // AVX2: tokens per micro-tile (8 accumulators of 16 registers)
+constexpr int kMR256 = 6;      // AVX2: tokens per micro-tile (of 8 columns)
+constexpr int kNB256 = 8;      // AVX2: output columns per micro-tile (a column block of a panel)
 constexpr int64_t kMB = 96;    // tokens per parallel work item (a multiple of both MRs)
-constexpr int64_t kNB = 64;    // output columns per parallel work item
 
 // Everything a micro-tile needs. x: int8 activations, natural [M, K] (int8 weights) or in the
 // phase layout [M, Kp] (ternary); w: weight bytes, int8 [N, K] or packed k4 [N, K/4].
@@ -133,25 +131,6 @@ inline void store(const Gemm& g, int64_t m, int64_t n, int32_t raw) {
 }
 
 #if DITQ_X86
-// ---------------------------------------------------------------------------------------------
-// Epilogue of four outputs at once (SSE, part of every x86-64 target)
-// ---------------------------------------------------------------------------------------------
-
-// tot: the four raw sums of token m, columns n0..n0+3 (nr of them valid).
-inline void store4(const Gemm& g, int64_t m, int64_t n0, int64_t nr, __m128i tot) {
-  if (nr < 4) {
-    alignas(16) int32_t t[4];
-    _mm_store_si128(reinterpret_cast<__m128i*>(t), tot);
-    for (int64_t j = 0; j < nr; ++j) store(g, m, n0 + j, t[j]);
-    return;
-  }
-  if (g.offset) tot = _mm_sub_epi32(tot, _mm_set1_epi32(g.offset * g.xsum[m]));
-  __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(tot), _mm_set1_ps(g.xs[m]));
-  v = _mm_mul_ps(v, g.ws_per_row ? _mm_loadu_ps(g.ws + n0) : _mm_set1_ps(g.ws[0]));
-  if (g.bias) v = _mm_add_ps(v, _mm_loadu_ps(g.bias + n0));
-  _mm_storeu_ps(g.out + m * g.ldo + n0, v);
-}
-
 // ---------------------------------------------------------------------------------------------
 // AVX-512 VNNI
 // ---------------------------------------------------------------------------------------------
@@ -409,101 +388,196 @@ DITQ_AVX2 void quantize_row_256(const float* x, int64_t n, int8_t* q, float* s) 
   for (; k < n; ++k) q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, std::nearbyint(x[k] * inv))));
 }
 
-DITQ_AVX2 inline __m128i reduce4_256(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
-  const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
-  return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));  // [a0 a1 a2 a3]
+// The AVX2 GEMMs read the AVX-512 path's prepacked panels (one prepacked copy serves both levels)
+// a column block of 8 columns at a time: 32 bytes of each 256-byte step. A micro-tile is MR tokens
+// x 8 columns. Unlike vpdpbusd, AVX2's vpmaddubsw adds its two u8 x s8 products into int16 with
+// saturation, so each weight kind gets the product instruction that cannot saturate on it:
+//   w8: vpmaddwd (int16 x int16 -> int32): weight bytes u = w + 128 zero-extended (vpmovzxbw),
+//       activations sign-extended to int16 once per call. Exact for every code, -128 included.
+//       Two multiply instructions per 32 MACs: the same count as the u8s8 vpmaddubsw + vpmaddwd
+//       pair that MLAS and fbgemm use, without their saturation (or their 7-bit activations).
+//   w2: vpmaddubsw(codes 0..2, x): a pair is at most 2 * 2 * 128 = 512 in magnitude, so the int16
+//       results are also *accumulated* in int16 (vpaddw) for up to 60 steps, then widened with one
+//       vpmaddwd: about one multiply instruction per 32 MACs.
+//   w4: vpmaddubsw(codes 0..15, int8 x) (pairs <= 3840: 8 steps in int16) or, for uint8
+//       activations, vpmaddubsw(x, codes) (pairs <= 7650: 4 steps).
+
+// Epilogue of 8 outputs (columns n..n+7 of token m, the ones < N): the reference's order.
+DITQ_AVX2 inline void store8(const Gemm& g, int64_t m, int64_t n, __m256i acc) {
+  const int64_t left = g.N - n;
+  if (left <= 0) return;
+  if (left < 8) {
+    alignas(32) int32_t t[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc);
+    for (int64_t j = 0; j < left; ++j) store(g, m, n + j, t[j]);
+    return;
+  }
+  if (g.offset) acc = _mm256_sub_epi32(acc, _mm256_set1_epi32(g.offset * g.xsum[m]));
+  __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(g.xs[m]));
+  v = _mm256_mul_ps(v, g.ws_per_row ? _mm256_loadu_ps(g.ws + n) : _mm256_set1_ps(g.ws[0]));
+  if (g.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(g.bias + n));
+  _mm256_storeu_ps(g.out + m * g.ldo + n, v);
 }
 
-// int8 weights: both operands sign-extended to int16, vpmaddwd (exact, no saturation); offset 0.
+// int8 weights (prepack_w8 layout), x as int16 rows [M, ldx] (K padded to 4 with zeros). Per step
+// of 4 inputs: two 16-byte halves of the column block (4 columns x 4 inputs each) zero-extended
+// to int16, and a broadcast of the token's 4 inputs as int16; vpmaddwd leaves each column's sum
+// in two int32 lanes, added pairwise at the end.
 template <int MR>
-DITQ_AVX2 void tile_w8_avx2(const Gemm& g, int64_t m0, int64_t n0, int64_t nr) {
-  const int8_t* xp[MR];
-  const int8_t* wp[kNR];
+DITQ_AVX2 void tile_w8_avx2(const Gemm& g, int64_t m0, int64_t n0) {
+  const uint8_t* pw = g.w + (n0 / kPanel) * g.ldw + (n0 % kPanel) * 4;
+  const int16_t* x16 = reinterpret_cast<const int16_t*>(g.x);
+  const int16_t* xp[MR];
   DITQ_UNROLL
-  for (int i = 0; i < MR; ++i) xp[i] = g.x + (m0 + i) * g.ldx;
+  for (int i = 0; i < MR; ++i) xp[i] = x16 + (m0 + i) * g.ldx;
+  __m256i acc[MR][2];
   DITQ_UNROLL
-  for (int j = 0; j < kNR; ++j)
-    wp[j] = reinterpret_cast<const int8_t*>(g.w) + (n0 + std::min<int64_t>(j, nr - 1)) * g.ldw;
-  __m256i acc[MR][kNR];
-  DITQ_UNROLL
-  for (int i = 0; i < MR; ++i) {
-    DITQ_UNROLL
-    for (int j = 0; j < kNR; ++j) acc[i][j] = _mm256_setzero_si256();
-  }
-  int64_t k = 0;
-  for (; k + 16 <= g.K; k += 16) {
-    __m256i wv[kNR];
-    DITQ_UNROLL
-    for (int j = 0; j < kNR; ++j)
-      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp[j] + k)));
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  const int64_t steps = (g.K + 3) / 4;
+  for (int64_t t = 0; t < steps; ++t, pw += 256) {
+    const __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pw)));
+    const __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pw + 16)));
     DITQ_UNROLL
     for (int i = 0; i < MR; ++i) {
-      const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xp[i] + k)));
-      DITQ_UNROLL
-      for (int j = 0; j < kNR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(wv[j], xv));
+      int64_t x4;
+      std::memcpy(&x4, xp[i] + 4 * t, 8);
+      const __m256i xb = _mm256_set1_epi64x(x4);
+      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(w0, xb));
+      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(w1, xb));
     }
   }
-  int32_t tail[MR][kNR] = {};
-  for (; k < g.K; ++k)
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < kNR; ++j) tail[i][j] += int32_t(xp[i][k]) * int32_t(wp[j][k]);
   DITQ_UNROLL
   for (int i = 0; i < MR; ++i) {
-    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tail[i]));
-    store4(g, m0 + i, n0, nr, _mm_add_epi32(reduce4_256(acc[i][0], acc[i][1], acc[i][2], acc[i][3]), t));
+    // [c0 c0 c1 c1 c2 c2 c3 c3] and [c4 .. c7] -> hadd [c0 c1 c4 c5 | c2 c3 c6 c7] -> in order
+    const __m256i s = _mm256_hadd_epi32(acc[i][0], acc[i][1]);
+    store8(g, m0 + i, n0, _mm256_permute4x64_epi64(s, 0xD8));
   }
 }
 
-// Ternary k4 weights, x in the phase layout of 128-input blocks (4 phases x 32 bytes).
-// vpmaddubsw(codes u8, x s8): a pair of products is at most 2*2*128, no saturation.
+// Steps of 4 inputs between widenings of the int16 accumulators: |pair| <= 512, 60 * 512 < 2^15.
+constexpr int64_t kW2Int16Steps = 60;
+
+// Ternary weights (prepack_w2 layout: per 16 inputs, each column's dword holds 4 codes per byte),
+// x int8 rows padded to 16. Codes are w + 1 (offset 1); padding codes are 0.
 template <int MR>
-DITQ_AVX2 void tile_w2_avx2(const Gemm& g, int64_t m0, int64_t n0, int64_t nr) {
+DITQ_AVX2 void tile_w2_avx2(const Gemm& g, int64_t m0, int64_t n0) {
+  const uint8_t* pw = g.w + (n0 / kPanel) * g.ldw + (n0 % kPanel) * 4;
   const int8_t* xp[MR];
-  const uint8_t* wp[kNR];
   DITQ_UNROLL
   for (int i = 0; i < MR; ++i) xp[i] = g.x + (m0 + i) * g.ldx;
+  __m256i acc[MR], part[MR];
   DITQ_UNROLL
-  for (int j = 0; j < kNR; ++j) wp[j] = g.w + (n0 + std::min<int64_t>(j, nr - 1)) * g.ldw;
-  __m256i acc[MR][kNR];
-  DITQ_UNROLL
-  for (int i = 0; i < MR; ++i) {
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
+  const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  const int64_t groups = (g.K + 15) / 16, per_flush = kW2Int16Steps / 4;
+  for (int64_t t0 = 0; t0 < groups; t0 += per_flush) {
     DITQ_UNROLL
-    for (int j = 0; j < kNR; ++j) acc[i][j] = _mm256_setzero_si256();
-  }
-  const __m256i three = _mm256_set1_epi8(3);
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t row_bytes = g.K / 4;
-  alignas(32) uint8_t pad[kNR][32];
-  for (int64_t off = 0; off < row_bytes; off += 32) {
-    const int64_t left = row_bytes - off;
-    __m256i cur[kNR];
-    DITQ_UNROLL
-    for (int j = 0; j < kNR; ++j) {
-      if (left >= 32) {
-        cur[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[j] + off));
-      } else {  // AVX2 has no masked byte loads: copy the row's tail into a zeroed buffer
-        std::memset(pad[j], 0, 32);
-        std::memcpy(pad[j], wp[j] + off, left);
-        cur[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(pad[j]));
-      }
-    }
-    const int64_t xo = off * 4;
-    DITQ_UNROLL
-    for (int s = 0; s < 4; ++s) {
+    for (int i = 0; i < MR; ++i) part[i] = _mm256_setzero_si256();
+    const int64_t t1 = std::min(groups, t0 + per_flush);
+    for (int64_t t = t0; t < t1; ++t) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pw + t * 256));
       DITQ_UNROLL
-      for (int j = 0; j < kNR; ++j) {
-        const __m256i wv = _mm256_and_si256(cur[j], three);
-        cur[j] = _mm256_srli_epi16(cur[j], 2);
+      for (int s = 0; s < 4; ++s) {
+        const __m256i wv = _mm256_and_si256(_mm256_srli_epi16(packed, 2 * s), three);
         DITQ_UNROLL
         for (int i = 0; i < MR; ++i) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp[i] + xo + s * 32));
-          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
+          int32_t x4;
+          std::memcpy(&x4, xp[i] + 16 * t + 4 * s, 4);
+          part[i] = _mm256_add_epi16(part[i], _mm256_maddubs_epi16(wv, _mm256_set1_epi32(x4)));
         }
       }
     }
+    DITQ_UNROLL
+    for (int i = 0; i < MR; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(part[i], ones));
   }
   DITQ_UNROLL
-  for (int i = 0; i < MR; ++i) store4(g, m0 + i, n0, nr, reduce4_256(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+  for (int i = 0; i < MR; ++i) store8(g, m0 + i, n0, acc[i]);
+}
+
+// W4A8 (prepack_w4 layout), x bytes [M, K]: per segment, int16 partial sums widened every
+// `flush` steps of 8 inputs, then the segment's float epilogue added into y as tile_w4_vnni does.
+template <int MR, bool XU8>
+DITQ_AVX2 void tile_w4_avx2(const W4Gemm& g, int64_t m0, int64_t n0) {
+  const uint8_t* pw = g.w + (n0 / kPanel) * g.ldw + (n0 % kPanel) * 4;
+  const uint8_t* xp[MR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) xp[i] = g.x + (m0 + i) * g.ldx;
+  __m256 y[MR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) y[i] = _mm256_setzero_ps();
+  const int64_t left = g.N - n0;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  // |pair| <= 2 * 15 * 128 = 3840 (int8 x): 4 steps of 2 products in int16; uint8 x: 7650, 2 steps
+  constexpr int64_t flush = XU8 ? 2 : 4;
+  const int64_t spg = g.L / 8;
+  // columns of this block that exist (the others read zeros from the padded tables)
+  alignas(32) int32_t lane_ok[8];
+  for (int j = 0; j < 8; ++j) lane_ok[j] = j < left ? -1 : 0;
+  const __m256i valid = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_ok));
+  int64_t gai = 0, gwi = 0, ka = 0, kw = 0;
+  for (int64_t grp = 0; grp < g.S; ++grp) {
+    __m256i acc[MR];
+    DITQ_UNROLL
+    for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
+    for (int64_t t0 = grp * spg, t_end = t0 + spg; t0 < t_end; t0 += flush) {
+      __m256i part[MR];
+      DITQ_UNROLL
+      for (int i = 0; i < MR; ++i) part[i] = _mm256_setzero_si256();
+      const int64_t t1 = std::min(t_end, t0 + flush);
+      for (int64_t t = t0; t < t1; ++t) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pw + t * 256));
+        DITQ_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          const __m256i wv = _mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, low4);
+          DITQ_UNROLL
+          for (int i = 0; i < MR; ++i) {
+            int32_t x4;
+            std::memcpy(&x4, xp[i] + 8 * t + 4 * half, 4);
+            const __m256i xb = _mm256_set1_epi32(x4);
+            part[i] = _mm256_add_epi16(part[i], XU8 ? _mm256_maddubs_epi16(xb, wv) : _mm256_maddubs_epi16(wv, xb));
+          }
+        }
+      }
+      DITQ_UNROLL
+      for (int i = 0; i < MR; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(part[i], ones));
+    }
+    const float* ws_row = g.ws + gwi * g.N + n0;
+    const int32_t* wz_row = g.wz + gwi * g.N + n0;
+    __m256 wsv;
+    __m256i wzv;
+    if (left >= 8) {
+      wsv = _mm256_loadu_ps(ws_row);
+      wzv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wz_row));
+    } else {
+      wsv = _mm256_maskload_ps(ws_row, valid);
+      wzv = _mm256_maskload_epi32(wz_row, valid);
+    }
+    const __m256i wsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.wsum + grp * g.ldsum + n0));
+    DITQ_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      const int64_t m = m0 + i;
+      const int32_t zx = XU8 ? g.xzero[m * g.GA + gai] : 0;
+      const int32_t cx = g.xsum[m * g.S + grp] - static_cast<int32_t>(g.L) * zx;
+      __m256i a = _mm256_sub_epi32(acc[i], _mm256_mullo_epi32(wzv, _mm256_set1_epi32(cx)));
+      if (XU8) a = _mm256_sub_epi32(a, _mm256_mullo_epi32(wsum, _mm256_set1_epi32(zx)));
+      const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(g.xs[m * g.GA + gai])), wsv);
+      y[i] = _mm256_add_ps(y[i], v);
+    }
+    if (++ka == g.ra) ka = 0, ++gai;
+    if (++kw == g.rw) kw = 0, ++gwi;
+  }
+  __m256 b = _mm256_setzero_ps();
+  if (g.bias) b = left >= 8 ? _mm256_loadu_ps(g.bias + n0) : _mm256_maskload_ps(g.bias + n0, valid);
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    const __m256 v = g.bias ? _mm256_add_ps(y[i], b) : y[i];
+    float* o = g.out + (m0 + i) * g.ldo + n0;
+    if (left >= 8) {
+      _mm256_storeu_ps(o, v);
+    } else {
+      _mm256_maskstore_ps(o, valid, v);
+    }
+  }
 }
 #endif  // DITQ_X86
 
@@ -511,37 +585,21 @@ DITQ_AVX2 void tile_w2_avx2(const Gemm& g, int64_t m0, int64_t n0, int64_t nr) {
 // Drivers
 // ---------------------------------------------------------------------------------------------
 
-using TileFn = void (*)(const Gemm&, int64_t, int64_t, int64_t);
 using PanelFn = void (*)(const Gemm&, int64_t, int64_t);
 
-// AVX2: work items of kMB tokens x kNB columns, split over threads; inside an item, micro-tiles
-// of MR tokens (fns[mr] for the last, shorter one) x kNR columns.
-template <int MR>
-void run_tiles(const Gemm& g, const TileFn (&fns)[MR + 1]) {
-  const int64_t mb = (g.M + kMB - 1) / kMB, nb = (g.N + kNB - 1) / kNB;
-  at::parallel_for(0, mb * nb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      // token blocks inner: a thread keeps one block of weight rows in cache while tokens pass
-      const int64_t bm = item % mb, bn = item / mb;
-      const int64_t m_end = std::min(g.M, (bm + 1) * kMB), n_end = std::min(g.N, (bn + 1) * kNB);
-      for (int64_t m0 = bm * kMB; m0 < m_end; m0 += MR) {
-        const int64_t mr = std::min<int64_t>(MR, m_end - m0);
-        for (int64_t n0 = bn * kNB; n0 < n_end; n0 += kNR) fns[mr](g, m0, n0, std::min<int64_t>(kNR, n_end - n0));
-      }
-    }
-  });
-}
-
-// AVX-512: work items of kMB tokens x one prepacked panel; token blocks inner, so a thread keeps
-// its panel (64 columns x K) in L2 while the activations stream past.
-template <int MR>
-void run_panels(const Gemm& g, const PanelFn (&fns)[MR + 1]) {
+// Work items of kMB tokens x one prepacked panel of 64 columns, split over threads (token blocks
+// inner, so a thread keeps its panel in L2 while the activations stream past). Inside an item,
+// micro-tiles of MR tokens (fns[mr] for the last, shorter one) x `cols` columns (64: AVX-512;
+// 8, one column block at a time so that its weights stay in L1 while the tokens pass: AVX2).
+template <int MR, typename G, typename Fn>
+void run_panels(const G& g, const Fn (&fns)[MR + 1], int64_t cols) {
   const int64_t mb = (g.M + kMB - 1) / kMB, np = (g.N + kPanel - 1) / kPanel;
   at::parallel_for(0, mb * np, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bm = item % mb, n0 = item / mb * kPanel;
-      const int64_t m_end = std::min(g.M, (bm + 1) * kMB);
-      for (int64_t m0 = bm * kMB; m0 < m_end; m0 += MR) fns[std::min<int64_t>(MR, m_end - m0)](g, m0, n0);
+      const int64_t bm = item % mb, p0 = item / mb * kPanel;
+      const int64_t m_end = std::min(g.M, (bm + 1) * kMB), n_end = std::min(g.N, p0 + kPanel);
+      for (int64_t n0 = p0; n0 < n_end; n0 += cols)
+        for (int64_t m0 = bm * kMB; m0 < m_end; m0 += MR) fns[std::min<int64_t>(MR, m_end - m0)](g, m0, n0);
     }
   });
 }
@@ -558,28 +616,21 @@ std::vector<int32_t> row_sums(const int8_t* x, int64_t M, int64_t K) {
   return s;
 }
 
-// int8 [M, K] -> the phase layout [M, Kp] of blocks of `block` inputs (4 phases of block/4 bytes;
-// phase s of block b holds x[b*block + 4j + s]); Kp = K rounded up to the block, zero padded.
-std::vector<int8_t> to_phases(const int8_t* x, int64_t M, int64_t K, int64_t block, int64_t* Kp_out) {
-  const int64_t Kp = (K + block - 1) / block * block, V = block / 4;
-  std::vector<int8_t> p(M * Kp, 0);
+// int8 [M, K] -> int16 [M, Kp], Kp = K rounded up to a multiple of 4 (zeros): the AVX2 W8A8 tile's
+// activations, widened once per call instead of once per column block.
+std::vector<int16_t> widen_rows(const int8_t* x, int64_t M, int64_t K, int64_t* Kp_out) {
+  const int64_t Kp = (K + 3) / 4 * 4;
+  std::vector<int16_t> w(M * Kp, 0);
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      const int8_t* xr = x + m * K;
-      int8_t* pr = p.data() + m * Kp;
-      for (int64_t k0 = 0; k0 < K; k0 += block) {
-        const int64_t n = std::min(block, K - k0) / 4;  // whole groups of 4 (K % 4 == 0)
-        for (int s = 0; s < 4; ++s)
-          for (int64_t j = 0; j < n; ++j) pr[k0 + s * V + j] = xr[k0 + 4 * j + s];
-      }
-    }
+    for (int64_t m = b; m < e; ++m)
+      for (int64_t k = 0; k < K; ++k) w[m * Kp + k] = x[m * K + k];
   });
   *Kp_out = Kp;
-  return p;
+  return w;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prepacked weights (AVX-512 path). Both layouts are panels of 64 output columns, one after the
+// Prepacked weights (both SIMD levels: AVX-512 reads whole panels, AVX2 8 columns of one). Both layouts are panels of 64 output columns, one after the
 // other, each a sequence of 256-byte steps; inside a step, byte 4c + p belongs to column c of the
 // panel (so 16 consecutive dwords are 16 columns: one vector of vpdpbusd's unsigned operand).
 //   w8: step t covers inputs 4t..4t+3; byte p = w[n, 4t + p] ^ 0x80 (= w + 128), padding 0.
@@ -669,25 +720,28 @@ Gemm make_gemm(const int8_t* x, const float* xs, const void* w, int64_t ldw, con
   return g;
 }
 
-// `wpre`: the prepacked weight (AVX-512 path); the plain one is in g.w (other paths).
+// `wpre`: the prepacked weight (prepack_w8), read by both SIMD levels.
 void w8a8_gemm(Gemm g, const uint8_t* wpre, int64_t isa) {
 #if DITQ_X86
-  if (isa == kAvx512Vnni) {
+  if (isa == kAvx512Vnni || isa == kAvx2) {
     const std::vector<int32_t> xsum = row_sums(g.x, g.M, g.K);
-    std::vector<int8_t> buf;
-    g.x = padded_rows(g.x, g.M, g.K, 4, buf, &g.ldx);
     g.xsum = xsum.data();
     g.offset = 128;
     g.w = wpre;
     g.ldw = prepacked_bytes(kPanel, g.K, 4);  // bytes per panel
-    static const PanelFn fns[kMR512 + 1] = {nullptr,          tile_w8_vnni<1>, tile_w8_vnni<2>, tile_w8_vnni<3>,
-                                            tile_w8_vnni<4>, tile_w8_vnni<5>, tile_w8_vnni<6>};
-    run_panels<kMR512>(g, fns);
-    return;
-  }
-  if (isa == kAvx2) {
-    static const TileFn fns[kMR256 + 1] = {nullptr, tile_w8_avx2<1>, tile_w8_avx2<2>};
-    run_tiles<kMR256>(g, fns);
+    if (isa == kAvx512Vnni) {
+      std::vector<int8_t> buf;
+      g.x = padded_rows(g.x, g.M, g.K, 4, buf, &g.ldx);
+      static const PanelFn fns[kMR512 + 1] = {nullptr,          tile_w8_vnni<1>, tile_w8_vnni<2>, tile_w8_vnni<3>,
+                                              tile_w8_vnni<4>, tile_w8_vnni<5>, tile_w8_vnni<6>};
+      run_panels<kMR512>(g, fns, kPanel);
+    } else {
+      const std::vector<int16_t> x16 = widen_rows(g.x, g.M, g.K, &g.ldx);
+      g.x = reinterpret_cast<const int8_t*>(x16.data());
+      static const PanelFn fns[kMR256 + 1] = {nullptr,          tile_w8_avx2<1>, tile_w8_avx2<2>, tile_w8_avx2<3>,
+                                              tile_w8_avx2<4>, tile_w8_avx2<5>, tile_w8_avx2<6>};
+      run_panels<kMR256>(g, fns, kNB256);
+    }
     return;
   }
 #endif
@@ -695,27 +749,24 @@ void w8a8_gemm(Gemm g, const uint8_t* wpre, int64_t isa) {
 }
 
 void w2a8_gemm(Gemm g, const uint8_t* wpre, int64_t isa) {
-  const std::vector<int32_t> xsum = row_sums(g.x, g.M, g.K);
-  g.xsum = xsum.data();
-  g.offset = 1;  // codes are w + 1
 #if DITQ_X86
-  if (isa == kAvx512Vnni) {
+  if (isa == kAvx512Vnni || isa == kAvx2) {
+    const std::vector<int32_t> xsum = row_sums(g.x, g.M, g.K);
+    g.xsum = xsum.data();
+    g.offset = 1;  // codes are w + 1
     std::vector<int8_t> buf;
     g.x = padded_rows(g.x, g.M, g.K, 16, buf, &g.ldx);
     g.w = wpre;
     g.ldw = prepacked_bytes(kPanel, g.K, 16);
-    static const PanelFn fns[kMR512 + 1] = {nullptr,          tile_w2_vnni<1>, tile_w2_vnni<2>, tile_w2_vnni<3>,
-                                            tile_w2_vnni<4>, tile_w2_vnni<5>, tile_w2_vnni<6>};
-    run_panels<kMR512>(g, fns);
-    return;
-  }
-  if (isa == kAvx2) {
-    int64_t Kp = 0;
-    const std::vector<int8_t> xp = to_phases(g.x, g.M, g.K, 128, &Kp);
-    g.x = xp.data();
-    g.ldx = Kp;
-    static const TileFn fns[kMR256 + 1] = {nullptr, tile_w2_avx2<1>, tile_w2_avx2<2>};
-    run_tiles<kMR256>(g, fns);
+    if (isa == kAvx512Vnni) {
+      static const PanelFn fns[kMR512 + 1] = {nullptr,          tile_w2_vnni<1>, tile_w2_vnni<2>, tile_w2_vnni<3>,
+                                              tile_w2_vnni<4>, tile_w2_vnni<5>, tile_w2_vnni<6>};
+      run_panels<kMR512>(g, fns, kPanel);
+    } else {
+      static const PanelFn fns[kMR256 + 1] = {nullptr,          tile_w2_avx2<1>, tile_w2_avx2<2>, tile_w2_avx2<3>,
+                                              tile_w2_avx2<4>, tile_w2_avx2<5>, tile_w2_avx2<6>};
+      run_panels<kMR256>(g, fns, kNB256);
+    }
     return;
   }
 #endif
@@ -757,7 +808,7 @@ void prepack_w4(const uint8_t* wp, int64_t N, int64_t K, int64_t L, uint8_t* out
 
 void w4a8_gemm(W4Gemm g, bool x_unsigned, int64_t isa) {
 #if DITQ_X86
-  if (isa == kAvx512Vnni) {
+  if (isa == kAvx512Vnni || isa == kAvx2) {
     std::vector<int32_t> xsum(g.M * g.S);
     at::parallel_for(0, g.M, 16, [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m)
@@ -774,23 +825,23 @@ void w4a8_gemm(W4Gemm g, bool x_unsigned, int64_t isa) {
     });
     g.xsum = xsum.data();
     using Fn = void (*)(const W4Gemm&, int64_t, int64_t);
-    static const Fn fu[kMR512 + 1] = {nullptr, tile_w4_vnni<1, true>, tile_w4_vnni<2, true>, tile_w4_vnni<3, true>,
-                                      tile_w4_vnni<4, true>, tile_w4_vnni<5, true>, tile_w4_vnni<6, true>};
-    static const Fn fs[kMR512 + 1] = {nullptr, tile_w4_vnni<1, false>, tile_w4_vnni<2, false>, tile_w4_vnni<3, false>,
-                                      tile_w4_vnni<4, false>, tile_w4_vnni<5, false>, tile_w4_vnni<6, false>};
-    const Fn* fns = x_unsigned ? fu : fs;
-    const int64_t mb = (g.M + kMB - 1) / kMB, np = (g.N + kPanel - 1) / kPanel;
-    at::parallel_for(0, mb * np, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t bm = item % mb, n0 = item / mb * kPanel;
-        const int64_t m_end = std::min(g.M, (bm + 1) * kMB);
-        for (int64_t m0 = bm * kMB; m0 < m_end; m0 += kMR512) fns[std::min<int64_t>(kMR512, m_end - m0)](g, m0, n0);
-      }
-    });
+    if (isa == kAvx512Vnni) {
+      static const Fn fu[kMR512 + 1] = {nullptr, tile_w4_vnni<1, true>, tile_w4_vnni<2, true>, tile_w4_vnni<3, true>,
+                                        tile_w4_vnni<4, true>, tile_w4_vnni<5, true>, tile_w4_vnni<6, true>};
+      static const Fn fs[kMR512 + 1] = {nullptr, tile_w4_vnni<1, false>, tile_w4_vnni<2, false>, tile_w4_vnni<3, false>,
+                                        tile_w4_vnni<4, false>, tile_w4_vnni<5, false>, tile_w4_vnni<6, false>};
+      run_panels<kMR512>(g, x_unsigned ? fu : fs, kPanel);
+    } else {
+      static const Fn fu[kMR256 + 1] = {nullptr, tile_w4_avx2<1, true>, tile_w4_avx2<2, true>, tile_w4_avx2<3, true>,
+                                        tile_w4_avx2<4, true>, tile_w4_avx2<5, true>, tile_w4_avx2<6, true>};
+      static const Fn fs[kMR256 + 1] = {nullptr, tile_w4_avx2<1, false>, tile_w4_avx2<2, false>, tile_w4_avx2<3, false>,
+                                        tile_w4_avx2<4, false>, tile_w4_avx2<5, false>, tile_w4_avx2<6, false>};
+      run_panels<kMR256>(g, x_unsigned ? fu : fs, kNB256);
+    }
     return;
   }
 #endif
-  throw std::runtime_error("the W4A8 GEMM needs AVX-512 VNNI");
+  throw std::runtime_error("the W4A8 GEMM needs AVX2 or AVX-512 VNNI");
 }
 
 // Per-token (per row of `group` values) absmax int8 quantization, BitNet b1.58's rule in float32:
@@ -1744,7 +1795,7 @@ int64_t ditq_best_isa() { return detect_isa(); }
 
 const char* ditq_last_error() { return last_error.c_str(); }
 
-// Bytes of the prepacked weights (AVX-512 path) of an [N, K] weight: w8 (bits 8) or w2 (bits 2).
+// Bytes of the prepacked weights (the SIMD paths) of an [N, K] weight: w8 (bits 8) or w2 (bits 2).
 int64_t ditq_prepacked_bytes(int64_t N, int64_t K, int64_t bits) { return prepacked_bytes(N, K, bits == 8 ? 4 : 16); }
 
 // int8 [N, K] -> prepacked (ditq_prepacked_bytes(N, K, 8) bytes)
@@ -1758,11 +1809,11 @@ int ditq_prepack_w2(const uint8_t* wk4, int64_t N, int64_t K, uint8_t* out) {
 }
 
 // xq int8 [M, K], xs f32 [M], wq int8 [N, K], ws f32 [N] (ws_per_row) or [1], bias f32 [N] or
-// null -> out f32 [M, N]. The AVX-512 path reads `wpre` (ditq_prepack_w8 of wq), the others wq.
+// null -> out f32 [M, N]. The SIMD paths read `wpre` (ditq_prepack_w8 of wq).
 int ditq_w8a8_gemm(const int8_t* xq, const float* xs, const int8_t* wq, const uint8_t* wpre, const float* ws,
                    int64_t ws_per_row, const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t isa) {
-  if (isa == kAvx512Vnni && !wpre) {
-    last_error = "the AVX-512 path needs the prepacked weight";
+  if (isa != kScalar && !wpre) {
+    last_error = "the SIMD paths need the prepacked weight";
     return 2;
   }
   return guarded(isa, [&] { w8a8_gemm(make_gemm(xq, xs, wq, K, ws, ws_per_row, bias, out, M, N, K), wpre, isa); });
@@ -1772,8 +1823,8 @@ int ditq_w8a8_gemm(const int8_t* xq, const float* xs, const int8_t* wq, const ui
 // ditq_prepack_w2
 int ditq_w2a8_gemm(const int8_t* xq, const float* xs, const uint8_t* wpk, const uint8_t* wpre, const float* ws,
                    int64_t ws_per_row, const float* bias, float* out, int64_t M, int64_t N, int64_t K, int64_t isa) {
-  if (isa == kAvx512Vnni && !wpre) {
-    last_error = "the AVX-512 path needs the prepacked weight";
+  if (isa != kScalar && !wpre) {
+    last_error = "the SIMD paths need the prepacked weight";
     return 2;
   }
   return guarded(isa, [&] { w2a8_gemm(make_gemm(xq, xs, wpk, K / 4, ws, ws_per_row, bias, out, M, N, K), wpre, isa); });
@@ -1789,13 +1840,13 @@ int ditq_prepack_w4(const uint8_t* wp, int64_t N, int64_t K, int64_t L, uint8_t*
 
 // xq [M, K] int8 (x_unsigned 0) or uint8 (1), xs f32 [M, K/ga], x_zero int32 [M, K/ga] or null;
 // `wpre` from ditq_prepack_w4 with L = gcd(ga, gw); ws_t f32 and wz_t int32 [K/gw, N] (w_scale,
-// w_zero transposed); bias f32 [N] or null -> out f32 [M, N]. AVX-512 VNNI only.
+// w_zero transposed); bias f32 [N] or null -> out f32 [M, N]. AVX2 or AVX-512 VNNI.
 int ditq_w4a8_gemm(const uint8_t* xq, int64_t x_unsigned, const float* xs, const int32_t* x_zero, const uint8_t* wpre,
                    const float* ws_t, const int32_t* wz_t, const float* bias, float* out, int64_t M, int64_t N,
                    int64_t K, int64_t gw, int64_t ga, int64_t isa) {
   const int64_t L = std::gcd(gw, ga);
-  if (isa != kAvx512Vnni || !wpre || gw <= 0 || ga <= 0 || K % gw || K % ga || L % 8) {
-    last_error = "the W4A8 GEMM needs AVX-512 VNNI, the prepacked weight, groups dividing K and gcd(ga, gw) % 8 == 0";
+  if (isa == kScalar || !wpre || gw <= 0 || ga <= 0 || K % gw || K % ga || L % 8) {
+    last_error = "the W4A8 GEMM needs AVX2, the prepacked weight, groups dividing K and gcd(ga, gw) % 8 == 0";
     return 2;
   }
   return guarded(isa, [&] {

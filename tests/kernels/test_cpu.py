@@ -635,7 +635,19 @@ def test_build_failure_warns_once_and_falls_back(fresh_state, monkeypatch, poiso
     assert all(map(torch.equal, (q, s), ops.ref_quantize_per_token_int8(x)))
     backends = cpu.available_backends()
     assert backends["extension"].startswith("unavailable: RuntimeError: Error building extension")
-    assert backends["w8a8_linear"] == "torch._int_mm" and backends["w158a8_linear"] == "reference"
+    int_mm = "torch._int_mm" if cpu._int_mm_is_fast() else "reference"  # fast only with VNNI / AMX
+    assert backends["w8a8_linear"] == int_mm and backends["w158a8_linear"] == "reference"
+
+
+def test_what_will_run_is_known_before_the_build(fresh_state, monkeypatch):
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert cpu.available_backends() == {"extension": cpu.available_backends()["extension"]}  # nothing built
+    assert cpu.planned_backends()["w8a8_linear"] == "cpp-avx2"
+    if ops.implementation("w158a8_linear", "cpu", build=False) != "reference":  # a compiler is there
+        assert ops.implementation("w158a8_linear", "cpu", build=False) == "cpp-avx2 (built on first use)"
+    assert not cpu._state.tried
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset({"sse4_2"}))
+    assert cpu.planned_backends()["w4a8_linear"] == "reference"
 
 
 def test_missing_source_is_a_build_failure(fresh_state, monkeypatch, tmp_path):
@@ -656,6 +668,41 @@ def test_disabled_by_environment(fresh_state, monkeypatch):
 def test_set_isa_rejects_unknown_names():
     with pytest.raises(ops.KernelError, match="unknown instruction set"):
         cpu.set_isa("avx1024")
+
+
+def test_the_environment_caps_the_instruction_set(built, monkeypatch):
+    monkeypatch.setenv(cpu.ENV_ISA, "avx2")
+    assert cpu.isa() == min(built, cpu.AVX2)
+    if built >= cpu.AVX2:
+        assert cpu.available_backends()["w8a8_linear"] == "cpp-avx2"
+        assert ops.implementation("w4a8_linear", "cpu") == "cpp-avx2"
+    cpu.set_isa("scalar")  # set_isa wins over the environment
+    try:
+        assert cpu.isa() == cpu.SCALAR
+    finally:
+        cpu.set_isa(None)
+    monkeypatch.setenv(cpu.ENV_ISA, "avx9")
+    with pytest.raises(ops.KernelError, match="DITQ_CPU_ISA='avx9' is not an instruction set; use one of"):
+        cpu.isa()
+
+
+@pytest.mark.parametrize("flags", [{"avx2", "fma"}, {"avx2", "fma", "avx512f", "avx512_vnni"}])
+def test_w8a8_runs_torch_int_mm_only_where_it_beats_float(built, monkeypatch, flags):
+    # torch._int_mm has no fast CPU path without int8 dot products: 0.03-0.10x fp32 on an AVX2-only
+    # EPYC. Where ditq's kernels cannot run (here: capped at scalar), auto must not pick it there.
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset(flags))
+    xq, wq = _int8((5, 64), 41), _int8((7, 64), 42)
+    cpu.set_isa("scalar")
+    try:
+        fast = "avx512_vnni" in flags
+        assert cpu.available_backends()["w8a8_linear"] == ("torch._int_mm" if fast else "reference")
+        assert ops.has_fast_impl("w8a8_linear", "cpu") == fast
+        out = cpu.w8a8_linear(xq, torch.ones(5, 1), wq, torch.ones(7), None, torch.float32)
+        assert (out is NotImplemented) == (not fast)
+        assert torch.equal(ops.w8a8_linear(xq, torch.ones(5, 1), wq, torch.ones(7)),
+                           ops.ref_w8a8_linear(xq, torch.ones(5, 1), wq, torch.ones(7)))  # fmt: skip
+    finally:
+        cpu.set_isa(None)
 
 
 def test_importing_ditq_builds_nothing():

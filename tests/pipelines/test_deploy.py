@@ -76,8 +76,8 @@ def test_deployed_samples_equal_the_fake_quant_models(tmp_path, kind, op):
     for backend in ["auto", *ops.available_backends()]:
         with ops.use_backend(backend):
             plan = set(quant.kernel_plan(model).values())
-        if backend != "auto":  # forced: every layer runs the op
-            assert plan == {op}
+        if backend != "auto":  # forced: every layer runs the op, and says which implementation
+            assert plan == {f"{op} [{ops.implementation(op, 'cpu', backend)}]"}
         images = _sample(model, kernel_backend=backend)
         assert np.abs(images - fake).max() <= 1, backend  # float rounding apart, one uint8 level at most
         assert np.abs(images - fake).mean() < 0.01, backend
@@ -168,15 +168,16 @@ def test_describe_kernels_says_what_each_checkpoint_would_run(tmp_path):
     d = ptq.describe_kernels(w8, "cpu")
     assert d["backend"] == "auto" and d["device"] == "cpu" and d["available"] == ops.available_backends()
     slow = "float: no fast {} on cpu (backend auto)"
-    fast = ops.has_fast_impl("w8a8_linear", "cpu")
-    assert d["layers"] == {"w8a8_linear" if fast else slow.format("w8a8_linear"): 8}
-    fast4 = ops.has_fast_impl("w4a8_linear", "cpu")  # the C++ kernel needs AVX-512 VNNI
-    assert ptq.describe_kernels(w4, "cpu")["layers"] == {
-        "w4a8_linear" if fast4 else slow.format("w4a8_linear"): 8
-    }
+
+    def runs(op):  # header only: kernels not built yet count as buildable
+        impl = ops.implementation(op, "cpu", build=False)
+        return f"{op} [{impl}]" if impl != "reference" else slow.format(op)
+
+    assert d["layers"] == {runs("w8a8_linear"): 8}
+    assert ptq.describe_kernels(w4, "cpu")["layers"] == {runs("w4a8_linear"): 8}
     with ops.use_backend("reference"):
         d = ptq.describe_kernels(w4, "cpu")
-    assert d["resolved"] == "reference" and d["layers"] == {"w4a8_linear": 8}
+    assert d["resolved"] == "reference" and d["layers"] == {"w4a8_linear [reference]": 8}
     ternary = ptq.describe_kernels(_checkpoint(tmp_path, "ternary-a8"), "cpu")
     assert sum(ternary["layers"].values()) == 10  # adaLN too, as TerDiT
     float_file = tmp_path / "fp.safetensors"

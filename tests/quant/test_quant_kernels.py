@@ -105,16 +105,31 @@ def test_auto_takes_the_float_path_where_only_an_emulating_reference_exists():
     ).eval()
     x = torch.randn(3, 64)
     with torch.no_grad():
-        fast4 = ops.has_fast_impl("w4a8_linear", "cpu")  # the C++ kernel needs AVX-512 VNNI
+        impl4 = ops.implementation("w4a8_linear", "cpu")  # the C++ kernel needs AVX2
+        fast4 = impl4 != "reference"
         assert w4.kernel_for(x) == ("w4a8_linear" if fast4 else None)
         assert w8.kernel_for(x) == ("w8a8_linear" if ops.has_fast_impl("w8a8_linear", "cpu") else None)
-        assert kernel_plan(nn.Sequential(w4, w8))["0"] == ("w4a8_linear" if fast4 else _NO_FAST_W4A8)
-        cpu.set_isa("avx2")  # no fast w4a8_linear below AVX-512 VNNI: only the emulating reference
+        plan = kernel_plan(nn.Sequential(w4, w8))
+        assert plan["0"] == (f"w4a8_linear [{impl4}]" if fast4 else _NO_FAST_W4A8)
+        impl8 = ops.implementation("w8a8_linear", "cpu")
+        assert plan["1"] == (f"w8a8_linear [{impl8}]" if impl8 != "reference" else _NO_FAST_W4A8.replace("4", "8"))
+        cpu.set_isa("scalar")  # no fast w4a8_linear without AVX2: only the emulating reference
         try:
             assert w4.kernel_for(x) is None
             assert kernel_plan(nn.Sequential(w4, w8))["0"] == _NO_FAST_W4A8
         finally:
             cpu.set_isa(None)
+
+
+def test_w4a8_groups_the_kernels_decline_keep_the_float_path():
+    # both scales constant over 20 inputs: the kernels want whole blocks of 8, so the reference
+    # (slower than float) would run; auto keeps the layer's float path instead
+    q = QuantLinear.from_float(_linear(80), LayerQuant(w_bits=4, w_group=20, a_bits=8)).eval()
+    x = torch.randn(3, 80)
+    with torch.no_grad():
+        assert q.kernel_op == "w4a8_linear" and q.kernel_implementation("cpu") == "reference"
+        assert q.kernel_for(x) is None
+        assert kernel_plan(nn.Sequential(q))["0"] == _NO_FAST_W4A8
 
 
 def test_training_gradients_and_use_kernels_keep_the_fake_quant_path():

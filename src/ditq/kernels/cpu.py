@@ -123,6 +123,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 EXT_NAME = "ditq_cpu_kernels"
 ENV_DISABLE = "DITQ_CPU_KERNELS"
+ENV_ISA = "DITQ_CPU_ISA"  # cap the instruction set (avx2, scalar): an AVX2-only CPU's paths on any x86
 ISAS = ("scalar", "avx2", "avx512_vnni")
 """Instruction sets of the C++ kernels, in the numbering the library uses (0, 1, 2)."""
 SCALAR, AVX2, AVX512_VNNI = range(3)
@@ -262,9 +263,10 @@ def build(verbose: bool = False) -> bool:
             if not _state.warned:
                 _state.warned = True
                 warnings.warn(
-                    f"ditq: the C++ CPU kernels are unavailable ({_state.error}); using "
-                    "torch._int_mm for w8a8_linear and the plain-PyTorch reference for the other ops. "
-                    "Install a C++ compiler and ninja for the fast paths.",
+                    f"ditq: the C++ CPU kernels are unavailable ({_state.error}); using the "
+                    "plain-PyTorch references (quantized layers keep their float path; w8a8_linear "
+                    "takes torch._int_mm on CPUs with VNNI). Install a C++ compiler and ninja for "
+                    "the fast paths.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -285,16 +287,29 @@ def _reset_for_tests() -> None:
     _state.forced_isa = forced
 
 
+def _env_isa() -> int | None:
+    name = os.environ.get(ENV_ISA, "").strip().lower()
+    if not name:
+        return None
+    if name not in ISAS:
+        raise ops.KernelError(f"{ENV_ISA}={name!r} is not an instruction set; use one of {', '.join(ISAS)}")
+    return ISAS.index(name)
+
+
 def isa() -> int:
-    """The instruction set the kernels use now (index into :data:`ISAS`); builds the library if needed."""
+    """The instruction set the kernels use now (index into :data:`ISAS`); builds the library if needed.
+
+    The best the CPU has, capped by :func:`set_isa` or else by the ``DITQ_CPU_ISA`` environment
+    variable (``DITQ_CPU_ISA=avx2 ditq demo`` runs what an AVX2-only CPU would)."""
     if _lib() is None:
         return SCALAR
-    best = _state.best_isa
-    return best if _state.forced_isa is None else min(best, _state.forced_isa)
+    cap = _state.forced_isa if _state.forced_isa is not None else _env_isa()
+    return _state.best_isa if cap is None else min(_state.best_isa, cap)
 
 
 def set_isa(name: str | None) -> None:
-    """Use at most instruction set ``name`` ("avx2", "scalar", ...) instead of the best; None: the best.
+    """Use at most instruction set ``name`` ("avx2", "scalar", ...) instead of the best; None: the best
+    (or ``DITQ_CPU_ISA``'s cap where set).
 
     For tests and benchmarks (the fallback paths run on any machine this way).
     """
@@ -322,6 +337,39 @@ def _int_mm_is_fast() -> bool:
     return hasattr(torch, "_int_mm") and bool({"avx512_vnni", "amx_int8"} & _cpu_flags())
 
 
+def rule_table(level: int | None) -> dict[str, str]:
+    """What each op runs with ditq's kernels at instruction set ``level`` (None: not built).
+
+    The rule table, measured per op and level on AVX-512 VNNI (Cascade Lake Xeon, Zen 4 EPYC) and
+    AVX2 CPUs (an AVX2-only EPYC, and Zen 4 capped at AVX2), one thread, DiT-XL/2 and TerDiT-4.2B
+    shapes, M = 1..4096 (``docs/benchmarks.md``): the integer GEMMs beat fp32 ``F.linear`` at
+    every M on both SIMD levels, so they run at every M there; torch._int_mm only where it is
+    fast (:func:`_int_mm_is_fast`); elsewhere the reference, whose layers keep their float path.
+    A table rather than a per-machine calibration: the choice never flips with the shape on these
+    CPUs, and a table gives the same answer on every run, in tests, and before anything is built.
+    """
+    cpp = f"cpp-{ISAS[level]}" if level is not None else None
+    simd = cpp if level in (AVX2, AVX512_VNNI) else None
+    wo = "reference"
+    if simd:
+        wo = f"{simd} (M <= {WEIGHT_ONLY_DIRECT_MAX_M}) / {simd} dequant + BLAS"
+        if WEIGHT_ONLY_FUSED_MAX_M > 0:
+            wo += f"; M <= {min(WEIGHT_ONLY_FUSED_MAX_M, 4)} decoded in registers"
+    return {
+        "quantize_per_token_int8": cpp or "reference",
+        "quantize_per_token_asym": cpp or "reference",
+        "layernorm_modulate_quantize_int8": cpp or "reference",  # float32 inputs
+        "gelu_quantize_int8": cpp or "reference",
+        "rmsnorm_modulate_quantize_int8": cpp or "reference",
+        "swiglu_quantize_int8": cpp or "reference",
+        "w8a8_linear": simd or ("torch._int_mm" if _int_mm_is_fast() else "reference"),
+        "w158a8_linear": simd or "reference",
+        "w4a8_linear": simd or "reference",  # segments of gcd(ga, gw) % 8 != 0: the reference
+        "ternary_linear": wo,
+        "int4_linear": wo,
+    }
+
+
 def available_backends(build_now: bool = False) -> dict[str, str]:
     """What each op runs on CPU now, plus ``"extension"``: the C++ library's state.
 
@@ -330,40 +378,37 @@ def available_backends(build_now: bool = False) -> dict[str, str]:
     library kernel: only where it beats float, see :func:`_int_mm_is_fast`) and
     ``"reference"`` (the plain-PyTorch definition; layers keep their float path
     then). The weight-only ops name their paths by token count. Without
-    ``build_now``, an extension that was not needed yet reports "not built yet".
+    ``build_now``, an extension that was not needed yet reports "not built yet"
+    (and :func:`planned_backends` says what it would run).
     """
     if build_now:
         build()
     if _state.lib is not None:
-        level = isa()
+        report = rule_table(isa())
         ext = f"built ({ISAS[_state.best_isa]}): {_state.path}"
     elif not _state.tried:
         return {"extension": "not built yet (builds on first use, or call ditq.kernels.cpu.build())"}
     else:
-        level = None
+        report = rule_table(None)
         ext = f"unavailable: {_state.error}"
-    cpp = f"cpp-{ISAS[level]}" if level is not None else None
-    simd = cpp if level in (AVX2, AVX512_VNNI) else None
-    w8 = simd or ("torch._int_mm" if _int_mm_is_fast() else "reference")
-    wo = "reference"
-    if simd:
-        wo = f"{simd} (M <= {WEIGHT_ONLY_DIRECT_MAX_M}) / {simd} dequant + BLAS"
-        if WEIGHT_ONLY_FUSED_MAX_M > 0:
-            wo += f"; M <= {min(WEIGHT_ONLY_FUSED_MAX_M, 4)} decoded in registers"
-    return {
-        "extension": ext,
-        "quantize_per_token_int8": cpp or "reference",
-        "quantize_per_token_asym": cpp or "reference",
-        "layernorm_modulate_quantize_int8": cpp or "reference",  # float32 inputs
-        "gelu_quantize_int8": cpp or "reference",
-        "rmsnorm_modulate_quantize_int8": cpp or "reference",
-        "swiglu_quantize_int8": cpp or "reference",
-        "w8a8_linear": w8,
-        "w158a8_linear": simd or "reference",
-        "w4a8_linear": simd or "reference",  # segments of gcd(ga, gw) % 8 != 0: the reference
-        "ternary_linear": wo,
-        "int4_linear": wo,
-    }
+    return {"extension": ext, **report}
+
+
+def _isa_from_flags() -> int:
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+        return AVX512_VNNI
+    return AVX2 if {"avx2", "fma"} <= flags else SCALAR
+
+
+def planned_backends() -> dict[str, str]:
+    """:func:`available_backends` as it will be once the kernels are built, without building them:
+    the instruction set read from the CPU's flags (capped as :func:`isa` caps it)."""
+    if _state.tried:
+        return {k: v for k, v in available_backends().items() if k != "extension"}
+    cap = _state.forced_isa if _state.forced_isa is not None else _env_isa()
+    level = _isa_from_flags() if cap is None else min(_isa_from_flags(), cap)
+    return rule_table(level)
 
 
 def _check(rc: int) -> None:

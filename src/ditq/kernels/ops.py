@@ -293,30 +293,63 @@ def resolve_backend(device: torch.device | str = "cpu", name: str | None = None)
     return name
 
 
-def has_fast_impl(
-    op: str, device: torch.device | str, backend: str | None = None, *, build: bool = True
-) -> bool:
-    """Whether a call of ``op`` on ``device`` runs a fast implementation (not the reference) under
-    ``backend`` (default: the one in force). On CPU this asks :mod:`ditq.kernels.cpu` what it runs,
-    building its kernels on first use; ``build=False`` builds nothing and counts kernels that are
-    not built yet, but buildable, as there."""
+def implementation(
+    op: str,
+    device: torch.device | str,
+    backend: str | None = None,
+    *,
+    build: bool = True,
+    w4a8_segment: int | None = None,
+) -> str:
+    """What a call of ``op`` on ``device`` runs under ``backend`` (default: the one in force):
+    ``"reference"`` (the plain-PyTorch definition), ``"triton"`` on CUDA, or on CPU what
+    :func:`ditq.kernels.cpu.available_backends` names (``"cpp-avx512_vnni"``, ``"cpp-avx2"``:
+    ditq's C++ kernels at that instruction set; ``"torch._int_mm"``: PyTorch's oneDNN GEMM).
+
+    The CPU choice is a rule table measured per op and instruction set (see
+    :mod:`ditq.kernels.cpu`), so that ``"auto"`` never runs a path slower than the float one.
+    ``build=False`` builds no CPU kernels to find out: kernels that are not built yet, but
+    buildable, are reported as e.g. ``"cpp-avx2 (built on first use)"``. ``w4a8_segment`` (``gcd`` of the
+    activation and weight group sizes) tells whether a W4A8 call fits the kernels at all: they
+    need a multiple of 8 inputs (CPU) or 32 (Triton) and decline other shapes to the reference.
+    """
     if op not in _IMPLS:
         raise KernelError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
     name = _backend if backend is None else backend
     dev = torch.device(device).type
     if name == "reference" or (name != "auto" and _BACKEND_DEVICE.get(name) != dev):
-        return False
+        return "reference"
     _load_backends()
     if _IMPLS[op].get(dev) is None:
-        return False
+        return "reference"
+    if op == "w4a8_linear" and w4a8_segment is not None and w4a8_segment % (8 if dev == "cpu" else 32):
+        return "reference"  # the C++ kernels take whole blocks of 8 inputs, the Triton ones of 32
     if dev == "cpu":
         from ditq.kernels import cpu
 
         report = cpu.available_backends(build_now=build)
         if op not in report:  # not built yet (build=False): buildable means there on first use
-            return _cpu_unavailable() is None
-        return report[op] != "reference"
-    return True
+            planned = cpu.planned_backends()[op]
+            if _cpu_unavailable() is not None or not planned.startswith("cpp"):
+                return cpu.rule_table(None)[op]
+            return f"{planned} (built on first use)"
+        return report[op]
+    return "triton" if dev == "cuda" else name
+
+
+def has_fast_impl(
+    op: str,
+    device: torch.device | str,
+    backend: str | None = None,
+    *,
+    build: bool = True,
+    w4a8_segment: int | None = None,
+) -> bool:
+    """Whether a call of ``op`` on ``device`` runs a fast implementation (not the reference) under
+    ``backend`` (default: the one in force); see :func:`implementation` for the arguments. Layers
+    (``ditq.quant``) keep their float path where it says no."""
+    impl = implementation(op, device, backend, build=build, w4a8_segment=w4a8_segment)
+    return impl != "reference"
 
 
 @dataclass(frozen=True)

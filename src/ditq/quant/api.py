@@ -421,8 +421,9 @@ def kernel_plan(
     model: nn.Module, device: torch.device | str | None = None, *, build: bool = True
 ) -> dict[str, str]:
     """``{layer name: what its eval-mode forward runs}`` on ``device`` (default: where the model is)
-    under the kernel backend in force: an op name such as ``"w4a8_linear"``, or ``"float: <why>"``
-    for the fake-quant / float path. Checks settings, backend and device only (a forward also
+    under the kernel backend in force: the op and the implementation it runs, such as
+    ``"w4a8_linear [cpp-avx2]"`` (see :func:`ditq.kernels.ops.implementation`), or
+    ``"float: <why>"`` for the fake-quant / float path. Checks settings, backend and device only (a forward also
     takes the float path when its output needs gradients). ``build=False`` builds no CPU kernels
     to find out (see :func:`ditq.kernels.has_fast_impl`)."""
     if device is None:
@@ -435,12 +436,12 @@ def kernel_plan(
         if not isinstance(m, _KERNEL_LAYERS):
             continue
         op = m.kernel_op
-        if op is None:
-            plan[name] = "float: the layer's settings fit no integer op"
-        elif not m.use_kernels:
-            plan[name] = "float: use_kernels is off"
-        elif backend == "auto" and not ops.has_fast_impl(op, device, build=build):
+        if op is None or not m.use_kernels:
+            plan[name] = "float: " + ("the layer's settings fit no integer op" if op is None else "use_kernels is off")
+            continue
+        impl = m.kernel_implementation(device, build=build)
+        if backend == "auto" and impl == "reference":
             plan[name] = f"float: no fast {op} on {device.type} (backend auto)"
         else:
-            plan[name] = op
+            plan[name] = f"{op} [{impl}]"
     return plan

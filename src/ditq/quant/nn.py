@@ -52,6 +52,8 @@ sizes are not in the state dict; they come from the
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -562,6 +564,16 @@ class QuantLinear(nn.Module):
         """The :mod:`ditq.kernels` op this layer's settings fit (see :func:`kernel_op_for`), or None."""
         return kernel_op_for(self.settings, self.in_features)
 
+    def kernel_implementation(self, device: torch.device | str, *, build: bool = True) -> str:
+        """What this layer's op runs on ``device`` under the backend in force (see
+        :func:`ditq.kernels.ops.implementation`): e.g. ``"cpp-avx2"``, or ``"reference"``."""
+        if self.kernel_op is None:
+            return "reference"
+        k = self.in_features
+        ga = k if self.act_quant.group in (0, PER_TENSOR) else self.act_quant.group
+        segment = math.gcd(ga, self.w_group or k)  # W4A8: where both scales are constant
+        return ops.implementation(self.kernel_op, device, build=build, w4a8_segment=segment)
+
     def kernel_for(self, x: torch.Tensor) -> str | None:
         """The op ``forward(x)`` runs now, or None for the fake-quant path (see the module doc)."""
         op = self.kernel_op
@@ -570,7 +582,7 @@ class QuantLinear(nn.Module):
         wants_grad = x.requires_grad or (self.bias is not None and self.bias.requires_grad)
         if wants_grad and torch.is_grad_enabled():
             return None
-        if ops.get_backend() == "auto" and not ops.has_fast_impl(op, x.device):
+        if ops.get_backend() == "auto" and self.kernel_implementation(x.device) == "reference":
             return None
         return op
 

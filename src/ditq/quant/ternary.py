@@ -346,12 +346,17 @@ class TernaryLinear(nn.Module):
         """The :mod:`ditq.kernels` op of this layer: ``w158a8_linear`` (int8 inputs) or ``ternary_linear``."""
         return "w158a8_linear" if self.act_bits == 8 else "ternary_linear"
 
+    def kernel_implementation(self, device: torch.device | str, *, build: bool = True) -> str:
+        """What this layer's op runs on ``device`` under the backend in force (see
+        :func:`ditq.kernels.ops.implementation`): e.g. ``"cpp-avx2"``, or ``"reference"``."""
+        return ops.implementation(self.kernel_op, device, build=build)
+
     def kernel_for(self, x: torch.Tensor) -> str | None:
         """The op ``forward(x)`` runs now, or None for the float path (see the module doc)."""
         if not self.use_kernels or self.training or (x.requires_grad and torch.is_grad_enabled()):
             return None
         op = self.kernel_op
-        if ops.get_backend() == "auto" and not ops.has_fast_impl(op, x.device):
+        if ops.get_backend() == "auto" and self.kernel_implementation(x.device) == "reference":
             return None
         return op
 

@@ -423,9 +423,9 @@ def kernel_plan(
     """``{layer name: what its eval-mode forward runs}`` on ``device`` (default: where the model is)
     under the kernel backend in force: the op and the implementation it runs, such as
     ``"w4a8_linear [cpp-avx2]"`` (see :func:`ditq.kernels.ops.implementation`), or
-    ``"float: <why>"`` for the fake-quant / float path. Checks settings, backend and device only (a forward also
-    takes the float path when its output needs gradients). ``build=False`` builds no CPU kernels
-    to find out (see :func:`ditq.kernels.has_fast_impl`)."""
+    ``"float: <why>"`` for the fake-quant / float path. Checks settings, backend and device only
+    (a forward also takes the float path when its output needs gradients). ``build=False`` builds
+    no CPU kernels to find out (see :func:`ditq.kernels.has_fast_impl`)."""
     if device is None:
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -437,7 +437,8 @@ def kernel_plan(
             continue
         op = m.kernel_op
         if op is None or not m.use_kernels:
-            plan[name] = "float: " + ("the layer's settings fit no integer op" if op is None else "use_kernels is off")
+            why = "the layer's settings fit no integer op" if op is None else "use_kernels is off"
+            plan[name] = f"float: {why}"
             continue
         impl = m.kernel_implementation(device, build=build)
         if backend == "auto" and impl == "reference":

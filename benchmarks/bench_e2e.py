@@ -254,74 +254,66 @@ def bench_setting(loaded: dict, cfg: bool, args, fp_config, peers: dict | None =
     # width and MLP width: DiT's hidden_size and mlp_ratio, Large-DiT's dim and SwiGLU width
     width = getattr(c, "hidden_size", None) or c.dim
     mlp = int(c.hidden_size * c.mlp_ratio) if hasattr(c, "mlp_ratio") else c.ffn_hidden
-    for v, m in loaded.items():
+
+    def row(v: str, **fields) -> dict:
+        """The fields every row has, then the variant's own (``fields``)."""
         ms = median(times[v]) * 1e3
+        return {
+            "op": v,
+            "model": args.model + ("" if args.depth is None else f" ({args.depth} blocks)"),
+            "M": tokens,
+            "K": width,
+            "N": mlp,
+            "ms": ms,
+            "baseline": f"float model ({args.dtype})",
+            "baseline_ms": base_ms,
+            "speedup": None if base_ms is None else base_ms / ms,
+            **fields,
+            "max_abs_diff_vs_fp": diffs[v][1],
+            "batch": args.batch_size,
+            "cfg": cfg,
+            "steps": args.steps,
+            "device": device.type,
+            **args.row_machine,
+            "times_ms": [s * 1e3 for s in times[v]],
+        }
+
+    for v, m in loaded.items():
         plan = quant.kernel_plan(m, device)
         counts: dict[str, int] = {}
         for what in plan.values():
             counts[what] = counts.get(what, 0) + 1
         pre = prepacked_bytes(m, device)
         rows.append(
-            {
-                "op": v,
-                "model": args.model + ("" if args.depth is None else f" ({args.depth} blocks)"),
-                "M": tokens,
-                "K": width,
-                "N": mlp,
-                "ms": ms,
-                "baseline": f"float model ({args.dtype})",
-                "baseline_ms": base_ms,
-                "speedup": None if base_ms is None else base_ms / ms,
-                "weight_bytes": held_bytes(m) + pre,
-                "prepacked_bytes": pre,
-                "peak_cuda_bytes": peak[v],
-                "ckpt_bytes": args.ckpt_bytes[v.removesuffix(UNFUSED)],
-                "fusion": not v.endswith(UNFUSED),
-                "max_abs_diff_vs_fake_quant": diffs[v][0],
-                "max_abs_diff_vs_fp": diffs[v][1],
-                "batch": args.batch_size,
-                "cfg": cfg,
-                "steps": args.steps,
-                "backend": args.backend,
-                "resolved_backend": ops.resolve_backend(device),
-                "kernels": counts,
-                "peer": False,
-                "device": device.type,
-                **args.row_machine,
-                "times_ms": [s * 1e3 for s in times[v]],
-            }
+            row(
+                v,
+                weight_bytes=held_bytes(m) + pre,
+                prepacked_bytes=pre,
+                peak_cuda_bytes=peak[v],
+                ckpt_bytes=args.ckpt_bytes[v.removesuffix(UNFUSED)],
+                fusion=not v.endswith(UNFUSED),
+                max_abs_diff_vs_fake_quant=diffs[v][0],
+                backend=args.backend,
+                resolved_backend=ops.resolve_backend(device),
+                kernels=counts,
+                peer=False,
+            )
         )
     for v, fn in peers.items():
-        ms = median(times[v]) * 1e3
         rows.append(
-            {
-                "op": v,
-                "model": args.model + ("" if args.depth is None else f" ({args.depth} blocks)"),
-                "M": tokens,
-                "K": width,
-                "N": mlp,
-                "ms": ms,
-                "baseline": f"float model ({args.dtype})",
-                "baseline_ms": base_ms,
-                "speedup": None if base_ms is None else base_ms / ms,
-                "weight_bytes": fn.info["weight_bytes"],  # without the peer's internal prepacked copies
-                "prepacked_bytes": None,
-                "peak_cuda_bytes": None,
-                "ckpt_bytes": fn.info.get("file_bytes"),
-                "fusion": None,
-                "max_abs_diff_vs_fake_quant": None,
-                "max_abs_diff_vs_fp": diffs[v][1],
-                "batch": args.batch_size,
-                "cfg": cfg,
-                "steps": args.steps,
-                "backend": v,
-                "resolved_backend": fn.info["backend"],
-                "kernels": fn.info.get("kernels", {}),
-                "peer": True,
-                "device": device.type,
-                **args.row_machine,
-                "times_ms": [s * 1e3 for s in times[v]],
-            }
+            row(
+                v,
+                weight_bytes=fn.info["weight_bytes"],  # without the peer's internal prepacked copies
+                prepacked_bytes=None,
+                peak_cuda_bytes=None,
+                ckpt_bytes=fn.info.get("file_bytes"),
+                fusion=None,
+                max_abs_diff_vs_fake_quant=None,
+                backend=v,
+                resolved_backend=fn.info["backend"],
+                kernels=fn.info.get("kernels", {}),
+                peer=True,
+            )
         )
     log(
         f"[cfg {'on' if cfg else 'off'}] "

@@ -1,93 +1,56 @@
 """CPU implementations of the ditq ops: small C++ kernels built on first use, with fallbacks.
 
-What runs, per op (see :func:`available_backends` for this machine):
+What runs, per op and instruction set, is one rule table (:func:`rule_table`; for this machine
+:func:`available_backends`, or :func:`planned_backends` before the build), measured so that
+``auto`` never runs a path slower than fp32 ``F.linear`` (numbers, machines and commands:
+``docs/benchmarks.md``, "Integer speed on every x86 CPU"):
 
-* ``w8a8_linear``, ``w158a8_linear``, ``quantize_per_token_int8``: ditq's C++
-  kernels (``csrc/cpu_kernels.cpp``). On CPUs with AVX-512 VNNI, a micro-kernel
-  of 6 tokens x 64 output columns keeps 24 vector accumulators in registers and
-  multiplies with ``vpdpbusd`` against weights *prepacked* once per weight
-  tensor (cached, see below): int8 weights flipped to unsigned (``w + 128``, the
-  offset removed with per-token sums of x, bitnet.cpp's I2_S trick), ternary
-  weights kept at 2 bits each and unpacked in registers with one shift and one
-  AND per 4 inputs. On AVX2-only CPUs, ternary uses an AVX2 kernel that reads
-  the ``"k4"`` layout directly (``vpmaddubsw``) and int8 uses PyTorch's own
-  integer GEMM (``torch._int_mm``, oneDNN), which beat our AVX2 int8 kernel
-  beyond a few tokens.
-* ``layernorm_modulate_quantize_int8``, ``gelu_quantize_int8``,
-  ``rmsnorm_modulate_quantize_int8``, ``swiglu_quantize_int8`` (float32 inputs;
-  others take the reference): per row, the producer (LayerNorm, RMSNorm with
-  float64 sums, then the weight and adaLN modulation in the reference's order,
-  each step rounded as eager does; GELU as ``x / (1 + exp(-2u))``, SiLU as
-  PyTorch's ``g / (1 + exp(-g))``, with a Cephes ``exp`` in vector registers)
-  into a per-thread buffer, quantized there by the ``quantize_per_token_int8``
-  code; AVX-512 and AVX2 paths. The float activation never goes to memory: on
-  this machine (one thread, 4096 tokens) GELU then quantization 2.4-4x faster
-  than PyTorch's GELU plus ditq's quantizer, LayerNorm-modulate-quantize 2-3x;
-  RMSNorm-modulate-quantize 8.4x the eager composition on ``[8, 256, 3072]``
-  (6.6 against 55 ms), SwiGLU-quantize 5.2x on ``[2048, 8192]`` (21 against
-  110 ms; reading gate and up is most of it). Codes equal the reference's but
-  for rare off-by-ones at rounding boundaries.
-* ``w4a8_linear`` (Q-DiT's group-wise int4 weights, int8 or uint8 activations
-  with zero points): on AVX-512 VNNI, the same 6 x 64 micro-kernel against int4
-  codes prepacked 8 inputs per dword pair (two nibbles per byte, unpacked in
-  registers with one AND, or one shift and one AND, per 4 inputs); the codes
-  0..15 fit either operand of ``vpdpbusd``, so no offset is needed (int8
-  activations are the signed operand, uint8 ones the unsigned one). int32 sums
-  per segment of ``gcd(ga, gw)`` inputs (both scales constant) get the
-  zero-point terms subtracted exactly (sums of the codes per segment: of the
-  weight at prepack time, of the activations per call) and are scaled and added
-  in float32 in the reference's order, so results equal the reference bit for
-  bit. Segments must be a multiple of 8 inputs; other cases, and CPUs without
-  AVX-512 VNNI, take the reference.
-* ``ternary_linear``, ``int4_linear`` (weight-only, float32 activations), on AVX2
-  and AVX-512: up to ``WEIGHT_ONLY_FUSED_MAX_M`` tokens (int4 in groups of whole
-  vectors) the codes are decoded in registers and multiplied at once, four
-  columns' FMA chains side by side; up to ``WEIGHT_ONLY_DIRECT_MAX_M`` tokens, ditq's
-  fp32 GEMM: each work item dequantizes 16 weight rows into a per-thread buffer
-  (a table lookup per 16 codes: ``vpermps`` on a table of the row's or group's
-  dequantized values, so the buffer holds the reference's weights bit for bit)
-  and runs 4 tokens x 4 columns micro-tiles of FMAs over it (the two paths give
-  the same numbers: one accumulator per token and column, in k order); beyond,
-  blocks of columns are dequantized into a buffer of ``DEQUANT_BLOCK_BYTES`` and
-  multiplied by BLAS, so the float weight never exists whole. Only the summation
-  order differs from the reference (relative error ~4e-7). Measured (one thread,
-  quiet machine, ``docs/results/bench_kernels_cpu_weight_only*.json``), x fp32
-  ``F.linear`` on DiT-XL/2 and TerDiT-4.2B shapes: ternary 2.1-5.5x and int4
-  1.6-3.8x at M = 1 (the buffered path: 0.65-2.2x), 2.0-3.6x and 1.6-3.4x at
-  M = 4, 1.1-2.6x at M = 16, 0.88-0.96x at M >= 512, where the reference's
-  dequantize-then-BLAS took 0.06-0.5x. ``w158a8_linear`` is faster than these at
-  every M: the integer path is the fast one, weight-only the accurate one.
+* ``w8a8_linear``, ``w158a8_linear``, ``w4a8_linear``: ditq's C++ GEMMs
+  (``csrc/cpu_kernels.cpp``) at every token count, on AVX-512 VNNI and on AVX2. Weights are
+  *prepacked* once per weight tensor (cached, see below) into panels of 64 output columns
+  that both levels read. With AVX-512 VNNI, a micro-kernel of 6 tokens x 64 columns keeps 24
+  accumulators in registers and multiplies with ``vpdpbusd``: int8 weights flipped to unsigned
+  (``w + 128``, the offset removed with per-token sums of x, bitnet.cpp's I2_S trick), ternary
+  weights kept at 2 bits and unpacked in registers, int4 codes two per byte. With AVX2 only, a
+  micro-kernel of 6 tokens x 8 columns uses, per weight kind, the product instruction that
+  cannot saturate on it (AVX2's ``vpmaddubsw`` saturates its int16 pair sums, which is why
+  MLAS and fbgemm lose exactness or drop to 7-bit activations there): ``vpmaddwd`` on int16 for
+  int8 weights (two multiplies per 32 MACs, like the u8s8 pair, exact for every code), and
+  ``vpmaddubsw`` with int16 accumulation for ternary codes (60 steps between widenings) and
+  int4 codes (4 or 2). Results equal the references bit for bit. W4A8 needs both scales
+  constant over segments of a multiple of 8 inputs (``gcd(ga, gw) % 8 == 0``); other layouts
+  take the reference, and their layers keep the float path (``ops.implementation``).
+* Without AVX2 (or without a compiler), ``w8a8_linear`` runs ``torch._int_mm`` (oneDNN) only
+  where the CPU has int8 dot products (AVX-512 VNNI, AMX: 2-6x fp32); on an AVX2-only EPYC it
+  ran at 0.03-0.10x fp32, so there, and for the other integer ops, the reference is what an op
+  call runs and quantized layers keep their float path.
+* ``quantize_per_token_int8``, ``quantize_per_token_asym`` and the producers fused with int8
+  quantization (``layernorm_modulate_quantize_int8``, ``gelu_quantize_int8``,
+  ``rmsnorm_modulate_quantize_int8``, ``swiglu_quantize_int8``; float32 inputs, others take
+  the reference): per row, the producer (LayerNorm, RMSNorm with float64 sums, then the weight
+  and adaLN modulation in the reference's order, each step rounded as eager does; GELU as
+  ``x / (1 + exp(-2u))``, SiLU as PyTorch's ``g / (1 + exp(-g))``, with a Cephes ``exp`` in
+  vector registers) into a per-thread buffer, quantized there: the float activation never
+  goes to memory. AVX-512 and AVX2 paths. Codes equal the reference's but for rare off-by-ones
+  at rounding boundaries.
+* ``ternary_linear``, ``int4_linear`` (weight-only, float32 activations), on AVX2 and AVX-512:
+  up to ``WEIGHT_ONLY_FUSED_MAX_M`` tokens the codes are decoded in registers and multiplied at
+  once; up to ``WEIGHT_ONLY_DIRECT_MAX_M`` tokens, ditq's fp32 GEMM over 16 weight rows
+  dequantized into a per-thread buffer (a ``vpermps`` table lookup per 16 codes, bit for bit
+  the reference's weights); beyond, blocks of columns are dequantized into a buffer of
+  ``DEQUANT_BLOCK_BYTES`` and multiplied by BLAS, so the float weight never exists whole. Only
+  the summation order differs from the reference (relative error ~4e-7). ``w158a8_linear`` is
+  faster than these at every M: the integer path is the fast one, weight-only the accurate one.
 
-Measured first (``benchmarks/bench_kernels.py``, 2-vCPU Xeon @ 2.5 GHz, Cascade
-Lake with AVX-512 VNNI, torch 2.13, one thread, load average ~5 from other
-jobs, so ratios matter more than absolute times), DiT-XL/2 fc1 (K=1152,
-N=4608), ms per call and speedup over fp32 ``F.linear``::
-
-    M      fp32     ditq w8a8      ditq w1.58a8   torch._int_mm   torch.ao dynamic int8
-    1      4.0      1.7 (2.3x)     0.7 (5.6x)     1.0 (3.9x)      1.7 (2.4x)
-    16    12.2      2.0 (6.1x)     0.8 (15.7x)    2.4 (5.0x)      2.0 (6.3x)
-    512   98.2     28.5 (3.5x)    30.3 (3.2x)    43.4 (2.3x)     39.7 (2.5x)
-    1024 139.8     58.5 (2.4x)    61.4 (2.3x)    64.3 (2.2x)     60.3 (2.3x)
-
-(ditq's rows take int8 activations; with the activation quantization included
-they are 52.2 and 55.0 ms at M=1024.) W4A8 (groups of 128 inputs, measured
-later on the same machine, load ~2.8, one thread; fp32 5.8 / 90.5 ms): 1.3 ms
-(4.6x) at M=16 and 46 ms (2.0x) at M=1024, int8 or uint8 activations alike;
-the reference took 63 and 733 ms. The two nibble unpacks cost the W4A8 inner
-loop about a quarter against W8A8, the per-group epilogue another ~15%. ``torch.ops.aten._weight_int8pack_mm``
-(int8 weights, float activations) took 3.7 s at M=256 and 23 s at M=1024. Our
-first kernels (dot products along K, no prepacking, horizontal sums) ran at
-1.1-1.5x fp32 for M >= 256; the prepacked 6 x 64 micro-kernel doubled that.
-With two threads on the busy machine the float and oneDNN baselines slow down
-more than ours (ditq 3.7-4.5x fp32 there). The AVX2 kernels, forced on the
-same machine, were 2-6x faster than fp32 for M <= 16 but slower beyond M = 64
-(int8) and 256 (ternary); torch._int_mm took over int8 there.
+The instruction set is the best the CPU has; :func:`set_isa` or ``DITQ_CPU_ISA=avx2`` caps it,
+so an AVX2-only CPU's paths run and are tested on any x86 machine.
 
 **Prepacked weights** are cached per weight tensor (keyed by the tensor object,
-its version counter and data pointer; dropped when the tensor is freed). They
-cost the weight's size again for int8, 2 bits per weight for ternary (k4 +
-prepacked = 4 bits: 1/8 of float32) and 4 bits per weight plus an int32 code
-sum per output and segment for int4 (keyed by the segment length too). :func:`clear_prepack_cache` empties it.
+its version counter and data pointer; dropped when the tensor is freed), on both SIMD
+levels. They cost the weight's size again for int8, 2 bits per weight for ternary
+(k4 + prepacked = 4 bits: 1/8 of float32) and 4 bits per weight plus an int32 code
+sum per output and segment for int4 (keyed by the segment length too); W4A8's scales
+and zero points are kept transposed beside them. :func:`clear_prepack_cache` empties it.
 
 **Building**: nothing is compiled when ditq is imported; the first call that
 needs the kernels builds them with ``torch.utils.cpp_extension`` (about 10 s:
@@ -97,10 +60,10 @@ is set, else torch's default extension folder, and later processes reuse it.
 :func:`build` builds now. No flag such as ``-march=native`` is used: each SIMD
 path carries its own target attribute and the CPU is checked at run time, so a
 cached build is safe on another x86 machine (on other CPUs only the
-quantization runs in C++; the GEMMs take the fallbacks below). If the build
+quantization runs in C++; the GEMMs take the fallbacks above). If the build
 fails (no compiler, no ninja, a compile error), a single warning says so and the
-ops fall back: ``w8a8_linear`` to ``torch._int_mm``, the others to their
-references. ``DITQ_CPU_KERNELS=0`` turns the C++ kernels off.
+ops fall back as the rule table says for no kernels. ``DITQ_CPU_KERNELS=0`` turns
+the C++ kernels off.
 """
 
 from __future__ import annotations

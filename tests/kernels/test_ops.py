@@ -291,6 +291,27 @@ def test_op_matches_reference_and_fake(name):
         assert f.shape == r.shape and f.dtype == r.dtype
 
 
+@pytest.mark.parametrize("name", ops.OPS)
+def test_the_eager_shortcut_equals_the_custom_op(name):
+    # plain eager tensors skip the custom op's dispatch (it costs as much as a small GEMM); the
+    # results must be those of torch.ops.ditq.<name>, which fakes, tracing and gradients still take
+    args = _small_args()[name]
+    assert getattr(ops, name).custom_op is not None
+    out, via_op = getattr(ops, name)(*args), getattr(torch.ops.ditq, name)(*args)
+    outs, ops_ = (out, via_op) if isinstance(out, tuple) else ((out,), (via_op,))
+    for o, v in zip(outs, ops_, strict=True):
+        assert torch.equal(o, v)
+    floats = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if floats:  # an input that wants a gradient goes through the custom op, which has no formula
+        wants = list(args)
+        wants[floats[0]] = args[floats[0]].clone().requires_grad_()
+        result = getattr(ops, name)(*wants)
+        first = result[-1] if isinstance(result, tuple) else result
+        if first.requires_grad:
+            with pytest.raises(RuntimeError, match="no autograd formula"):
+                first.float().sum().backward()
+
+
 @pytest.mark.parametrize("name", ["w8a8_linear", "w158a8_linear", "quantize_per_token_int8"])
 def test_opcheck(name):
     # torch's own consistency checks of a custom op: schema, fake impl, dispatch

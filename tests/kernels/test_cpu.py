@@ -27,7 +27,7 @@ def _paths(best: int) -> list[str]:
     return [name for name in cpu.ISAS if cpu.ISAS.index(name) <= best]
 
 
-@pytest.fixture(params=["avx512_vnni", "avx2", "scalar"])
+@pytest.fixture(params=["avx512_vnni", "avx_vnni", "avx2", "scalar"])
 def isa(request, built):
     """Each instruction-set level the CPU has (scalar = the torch._int_mm / reference routes)."""
     if request.param not in _paths(built):

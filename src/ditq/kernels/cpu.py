@@ -86,10 +86,12 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 EXT_NAME = "ditq_cpu_kernels"
 ENV_DISABLE = "DITQ_CPU_KERNELS"
-ENV_ISA = "DITQ_CPU_ISA"  # cap the instruction set (avx2, scalar): an AVX2-only CPU's paths on any x86
-ISAS = ("scalar", "avx2", "avx512_vnni")
-"""Instruction sets of the C++ kernels, in the numbering the library uses (0, 1, 2)."""
-SCALAR, AVX2, AVX512_VNNI = range(3)
+ENV_ISA = "DITQ_CPU_ISA"  # cap the instruction set (avx_vnni, avx2, scalar): a lesser CPU's paths
+ISAS = ("scalar", "avx2", "avx_vnni", "avx512_vnni")
+"""Instruction sets of the C++ kernels, in the numbering the library uses (0..3). ``avx_vnni`` is AVX2
+with 256-bit ``vpdpbusd`` (AVX-VNNI, or AVX-512 VNNI's EVEX form when capped there): only the
+integer GEMMs differ from ``avx2``."""
+SCALAR, AVX2, AVX_VNNI, AVX512_VNNI = range(4)
 
 # Weight-only ops: up to this many tokens ditq's GEMM (dequantized weights in a per-thread buffer);
 # beyond, blocks of columns dequantized into a buffer of DEQUANT_BLOCK_BYTES and multiplied by BLAS.
@@ -312,19 +314,21 @@ def rule_table(level: int | None) -> dict[str, str]:
     CPUs, and a table gives the same answer on every run, in tests, and before anything is built.
     """
     cpp = f"cpp-{ISAS[level]}" if level is not None else None
-    simd = cpp if level in (AVX2, AVX512_VNNI) else None
+    simd = cpp if level is not None and level >= AVX2 else None
+    # everything but the integer GEMMs runs its AVX2 code on the avx_vnni level
+    vec = f"cpp-{ISAS[AVX2 if level == AVX_VNNI else level]}" if level is not None else None
     wo = "reference"
     if simd:
-        wo = f"{simd} (M <= {WEIGHT_ONLY_DIRECT_MAX_M}) / {simd} dequant + BLAS"
+        wo = f"{vec} (M <= {WEIGHT_ONLY_DIRECT_MAX_M}) / {vec} dequant + BLAS"
         if WEIGHT_ONLY_FUSED_MAX_M > 0:
             wo += f"; M <= {min(WEIGHT_ONLY_FUSED_MAX_M, 4)} decoded in registers"
     return {
-        "quantize_per_token_int8": cpp or "reference",
-        "quantize_per_token_asym": cpp or "reference",
-        "layernorm_modulate_quantize_int8": cpp or "reference",  # float32 inputs
-        "gelu_quantize_int8": cpp or "reference",
-        "rmsnorm_modulate_quantize_int8": cpp or "reference",
-        "swiglu_quantize_int8": cpp or "reference",
+        "quantize_per_token_int8": vec or "reference",
+        "quantize_per_token_asym": vec or "reference",
+        "layernorm_modulate_quantize_int8": vec or "reference",  # float32 inputs
+        "gelu_quantize_int8": vec or "reference",
+        "rmsnorm_modulate_quantize_int8": vec or "reference",
+        "swiglu_quantize_int8": vec or "reference",
         "w8a8_linear": simd or ("torch._int_mm" if _int_mm_is_fast() else "reference"),
         "w158a8_linear": simd or "reference",
         "w4a8_linear": simd or "reference",  # segments of gcd(ga, gw) % 8 != 0: the reference
@@ -361,7 +365,9 @@ def _isa_from_flags() -> int:
     flags = _cpu_flags()
     if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
         return AVX512_VNNI
-    return AVX2 if {"avx2", "fma"} <= flags else SCALAR
+    if not {"avx2", "fma"} <= flags:
+        return SCALAR
+    return AVX_VNNI if "avx_vnni" in flags else AVX2
 
 
 def planned_backends() -> dict[str, str]:
@@ -608,8 +614,8 @@ def w8a8_linear(xq, xs, wq, ws, bias, out_dtype):
     if m == 0 or n == 0:
         return NotImplemented
     xs32, ws32, b32 = _f32(xs), _f32(ws), _f32(bias)
-    level = isa() if _lib() is not None else None
-    if level in (AVX2, AVX512_VNNI):
+    level = isa() if _lib() is not None else SCALAR
+    if level >= AVX2:
         out = _gemm(_state.lib.ditq_w8a8_gemm, x2, xs32, wq, _prepacked.get(wq, 8), ws32, b32, n, level)
     elif _int_mm_is_fast():
         out = _int_mm_w8a8(x2, xs32, wq, ws32, b32)
@@ -625,7 +631,7 @@ def w158a8_linear(xq, xs, w_packed, w_scale, bias, out_dtype):
     if not _all_cpu(xs, w_packed, w_scale, bias) or _lib() is None:
         return NotImplemented
     level = isa()
-    if level not in (AVX2, AVX512_VNNI):
+    if level < AVX2:
         return NotImplemented  # the scalar C loop is slower than the reference's BLAS
     k, n = xq.shape[-1], w_packed.shape[0]
     x2 = xq.reshape(-1, k).contiguous()
@@ -645,7 +651,7 @@ def w4a8_linear(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype):
     if not _all_cpu(xq, xs, x_zero, w_packed, w_scale, w_zero, bias) or _lib() is None:
         return NotImplemented
     level = isa()
-    if level not in (AVX2, AVX512_VNNI):
+    if level < AVX2:
         return NotImplemented
     k, n = xq.shape[-1], w_packed.shape[0]
     x2 = xq.reshape(-1, k)
@@ -675,7 +681,7 @@ def _weight_only_ready(x, *params) -> bool:
     """Whether the weight-only kernels take this call: float32 CPU tensors on a SIMD CPU."""
     if not _all_cpu(x, *params) or x.dtype != torch.float32 or _lib() is None:
         return False
-    return isa() in (AVX2, AVX512_VNNI) and x.numel() > 0
+    return isa() >= AVX2 and x.numel() > 0
 
 
 def _weight_only(x, n: int, direct, dequant, bias) -> torch.Tensor:

@@ -42,6 +42,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 #define DITQ_X86 1
 #else
@@ -53,18 +54,45 @@
 
 namespace {
 
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+// kAvxVnni: AVX2 plus 256-bit vpdpbusd, as AVX-VNNI (VEX: Alder Lake, Sierra Forest, Zen 5) or
+// AVX-512 VNNI's EVEX form (a CPU with AVX-512 VNNI capped at this level). Only the integer GEMMs
+// differ from kAvx2; everything else runs its AVX2 code there (see vector_level).
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
+
+bool has_avx512_vnni() {
+#if DITQ_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+// AVX-VNNI (the VEX encoding), read with cpuid: leaf 7, subleaf 1, EAX bit 4.
+bool has_avx_vnni() {
+#if DITQ_X86
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return (a >> 4) & 1;
+#else
+  return false;
+#endif
+}
 
 int64_t detect_isa() {
 #if DITQ_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-    return kAvx512Vnni;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  if (has_avx512_vnni()) return kAvx512Vnni;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && has_avx_vnni()) return kAvxVnni;
+  if (avx2) return kAvx2;
 #endif
   return kScalar;
 }
+
+// The level of the vector code that is not an integer GEMM (quantizers, producers, weight-only).
+inline int64_t vector_level(int64_t isa) { return isa == kAvxVnni ? kAvx2 : isa; }
 
 // AVX-512 lane mask of the first min(left, 16) lanes (none for left <= 0): a row's tail.
 inline uint16_t lanes16(int64_t left) {
@@ -419,6 +447,47 @@ DITQ_AVX2 inline void store8(const Gemm& g, int64_t m, int64_t n, __m256i acc) {
   _mm256_storeu_ps(g.out + m * g.ldo + n, v);
 }
 
+// 256-bit vpdpbusd for the kAvxVnni level, by encoding: AVX-VNNI's VEX form ({vex}) or AVX-512
+// VNNI's EVEX one (ymm registers, AVX512VL). Inline asm, so that one AVX2-target function serves
+// both (GCC would not let an AVX2 function call either intrinsic) and the registers stay in
+// ymm0-15, which both encodings reach. kMaddubs: the AVX2 code without vpdpbusd.
+enum Dot : int { kMaddubs = 0, kVexDot = 1, kEvexDot = 2 };
+
+template <int DOT>
+DITQ_AVX2 inline __m256i dpbusd256(__m256i acc, __m256i u, __m256i s) {
+  if constexpr (DOT == kVexDot) {
+    asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  } else {
+    asm("vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  }
+  return acc;
+}
+
+// int8 weights (prepack_w8 layout) with vpdpbusd (kAvxVnni): per step of 4 inputs, one 32-byte
+// load is the column block's 8 columns x 4 inputs, u = w + 128 against a broadcast dword of x.
+template <int MR, int DOT>
+DITQ_AVX2 void tile_w8_dot(const Gemm& g, int64_t m0, int64_t n0) {
+  const uint8_t* pw = g.w + (n0 / kPanel) * g.ldw + (n0 % kPanel) * 4;
+  const int8_t* xp[MR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) xp[i] = g.x + (m0 + i) * g.ldx;
+  __m256i acc[MR];
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
+  const int64_t steps = (g.K + 3) / 4;
+  for (int64_t t = 0; t < steps; ++t, pw += 256) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pw));
+    DITQ_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      int32_t x4;
+      std::memcpy(&x4, xp[i] + 4 * t, 4);
+      acc[i] = dpbusd256<DOT>(acc[i], wv, _mm256_set1_epi32(x4));
+    }
+  }
+  DITQ_UNROLL
+  for (int i = 0; i < MR; ++i) store8(g, m0 + i, n0, acc[i]);
+}
+
 // int8 weights (prepack_w8 layout), x as int16 rows [M, ldx] (K padded to 4 with zeros). Per step
 // of 4 inputs: two 16-byte halves of the column block (4 columns x 4 inputs each) zero-extended
 // to int16, and a broadcast of the token's 4 inputs as int16; vpmaddwd leaves each column's sum
@@ -458,8 +527,9 @@ DITQ_AVX2 void tile_w8_avx2(const Gemm& g, int64_t m0, int64_t n0) {
 constexpr int64_t kW2Int16Steps = 60;
 
 // Ternary weights (prepack_w2 layout: per 16 inputs, each column's dword holds 4 codes per byte),
-// x int8 rows padded to 16. Codes are w + 1 (offset 1); padding codes are 0.
-template <int MR>
+// x int8 rows padded to 16. Codes are w + 1 (offset 1); padding codes are 0. DOT: vpdpbusd
+// straight into int32 (kAvxVnni) instead of the int16 partial sums.
+template <int MR, int DOT>
 DITQ_AVX2 void tile_w2_avx2(const Gemm& g, int64_t m0, int64_t n0) {
   const uint8_t* pw = g.w + (n0 / kPanel) * g.ldw + (n0 % kPanel) * 4;
   const int8_t* xp[MR];
@@ -469,7 +539,7 @@ DITQ_AVX2 void tile_w2_avx2(const Gemm& g, int64_t m0, int64_t n0) {
   DITQ_UNROLL
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
   const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-  const int64_t groups = (g.K + 15) / 16, per_flush = kW2Int16Steps / 4;
+  const int64_t groups = (g.K + 15) / 16, per_flush = DOT ? groups : kW2Int16Steps / 4;
   for (int64_t t0 = 0; t0 < groups; t0 += per_flush) {
     DITQ_UNROLL
     for (int i = 0; i < MR; ++i) part[i] = _mm256_setzero_si256();
@@ -483,20 +553,27 @@ DITQ_AVX2 void tile_w2_avx2(const Gemm& g, int64_t m0, int64_t n0) {
         for (int i = 0; i < MR; ++i) {
           int32_t x4;
           std::memcpy(&x4, xp[i] + 16 * t + 4 * s, 4);
-          part[i] = _mm256_add_epi16(part[i], _mm256_maddubs_epi16(wv, _mm256_set1_epi32(x4)));
+          if constexpr (DOT) {
+            acc[i] = dpbusd256<DOT>(acc[i], wv, _mm256_set1_epi32(x4));
+          } else {
+            part[i] = _mm256_add_epi16(part[i], _mm256_maddubs_epi16(wv, _mm256_set1_epi32(x4)));
+          }
         }
       }
     }
-    DITQ_UNROLL
-    for (int i = 0; i < MR; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(part[i], ones));
+    if constexpr (!DOT) {
+      DITQ_UNROLL
+      for (int i = 0; i < MR; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(part[i], ones));
+    }
   }
   DITQ_UNROLL
   for (int i = 0; i < MR; ++i) store8(g, m0 + i, n0, acc[i]);
 }
 
 // W4A8 (prepack_w4 layout), x bytes [M, K]: per segment, int16 partial sums widened every
-// `flush` steps of 8 inputs, then the segment's float epilogue added into y as tile_w4_vnni does.
-template <int MR, bool XU8>
+// `flush` steps of 8 inputs (DOT: vpdpbusd straight into int32), then the segment's float
+// epilogue added into y as tile_w4_vnni does.
+template <int MR, bool XU8, int DOT>
 DITQ_AVX2 void tile_w4_avx2(const W4Gemm& g, int64_t m0, int64_t n0) {
   const uint8_t* pw = g.w + (n0 / kPanel) * g.ldw + (n0 % kPanel) * 4;
   const uint8_t* xp[MR];
@@ -508,8 +585,8 @@ DITQ_AVX2 void tile_w4_avx2(const W4Gemm& g, int64_t m0, int64_t n0) {
   const int64_t left = g.N - n0;
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   // |pair| <= 2 * 15 * 128 = 3840 (int8 x): 4 steps of 2 products in int16; uint8 x: 7650, 2 steps
-  constexpr int64_t flush = XU8 ? 2 : 4;
   const int64_t spg = g.L / 8;
+  const int64_t flush = DOT ? spg : XU8 ? 2 : 4;
   // columns of this block that exist (the others read zeros from the padded tables)
   alignas(32) int32_t lane_ok[8];
   for (int j = 0; j < 8; ++j) lane_ok[j] = j < left ? -1 : 0;
@@ -534,12 +611,18 @@ DITQ_AVX2 void tile_w4_avx2(const W4Gemm& g, int64_t m0, int64_t n0) {
             int32_t x4;
             std::memcpy(&x4, xp[i] + 8 * t + 4 * half, 4);
             const __m256i xb = _mm256_set1_epi32(x4);
-            part[i] = _mm256_add_epi16(part[i], XU8 ? _mm256_maddubs_epi16(xb, wv) : _mm256_maddubs_epi16(wv, xb));
+            if constexpr (DOT) {
+              acc[i] = XU8 ? dpbusd256<DOT>(acc[i], xb, wv) : dpbusd256<DOT>(acc[i], wv, xb);
+            } else {
+              part[i] = _mm256_add_epi16(part[i], XU8 ? _mm256_maddubs_epi16(xb, wv) : _mm256_maddubs_epi16(wv, xb));
+            }
           }
         }
       }
-      DITQ_UNROLL
-      for (int i = 0; i < MR; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(part[i], ones));
+      if constexpr (!DOT) {
+        DITQ_UNROLL
+        for (int i = 0; i < MR; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(part[i], ones));
+      }
     }
     const float* ws_row = g.ws + gwi * g.N + n0;
     const int32_t* wz_row = g.wz + gwi * g.N + n0;
@@ -720,37 +803,47 @@ Gemm make_gemm(const int8_t* x, const float* xs, const void* w, int64_t ldw, con
   return g;
 }
 
-// `wpre`: the prepacked weight (prepack_w8), read by both SIMD levels.
+// Tables of one micro-tile function per token count 1..6 (index 0 unused).
+#define DITQ_TILES(f, ...) {nullptr, f<1, ##__VA_ARGS__>, f<2, ##__VA_ARGS__>, f<3, ##__VA_ARGS__>, \
+                            f<4, ##__VA_ARGS__>, f<5, ##__VA_ARGS__>, f<6, ##__VA_ARGS__>}
+
+// kAvxVnni's encoding of vpdpbusd: VEX where the CPU has AVX-VNNI, else (a CPU with AVX-512 VNNI
+// capped at kAvxVnni) EVEX.
+inline bool vex_dot() { return has_avx_vnni(); }
+
+// `wpre`: the prepacked weight (prepack_w8), read by every SIMD level.
 void w8a8_gemm(Gemm g, const uint8_t* wpre, int64_t isa) {
 #if DITQ_X86
-  if (isa == kAvx512Vnni || isa == kAvx2) {
+  if (isa >= kAvx2) {
     const std::vector<int32_t> xsum = row_sums(g.x, g.M, g.K);
     g.xsum = xsum.data();
     g.offset = 128;
     g.w = wpre;
     g.ldw = prepacked_bytes(kPanel, g.K, 4);  // bytes per panel
+    std::vector<int8_t> buf;
     if (isa == kAvx512Vnni) {
-      std::vector<int8_t> buf;
       g.x = padded_rows(g.x, g.M, g.K, 4, buf, &g.ldx);
-      static const PanelFn fns[kMR512 + 1] = {nullptr,          tile_w8_vnni<1>, tile_w8_vnni<2>, tile_w8_vnni<3>,
-                                              tile_w8_vnni<4>, tile_w8_vnni<5>, tile_w8_vnni<6>};
+      static const PanelFn fns[] = DITQ_TILES(tile_w8_vnni);
       run_panels<kMR512>(g, fns, kPanel);
+    } else if (isa == kAvxVnni) {
+      g.x = padded_rows(g.x, g.M, g.K, 4, buf, &g.ldx);
+      static const PanelFn vex[] = DITQ_TILES(tile_w8_dot, kVexDot), evex[] = DITQ_TILES(tile_w8_dot, kEvexDot);
+      run_panels<kMR256>(g, vex_dot() ? vex : evex, kNB256);
     } else {
       const std::vector<int16_t> x16 = widen_rows(g.x, g.M, g.K, &g.ldx);
       g.x = reinterpret_cast<const int8_t*>(x16.data());
-      static const PanelFn fns[kMR256 + 1] = {nullptr,          tile_w8_avx2<1>, tile_w8_avx2<2>, tile_w8_avx2<3>,
-                                              tile_w8_avx2<4>, tile_w8_avx2<5>, tile_w8_avx2<6>};
+      static const PanelFn fns[] = DITQ_TILES(tile_w8_avx2);
       run_panels<kMR256>(g, fns, kNB256);
     }
     return;
   }
 #endif
-  throw std::runtime_error("the int8 GEMM needs AVX2 or AVX-512 VNNI");
+  throw std::runtime_error("the int8 GEMM needs AVX2");
 }
 
 void w2a8_gemm(Gemm g, const uint8_t* wpre, int64_t isa) {
 #if DITQ_X86
-  if (isa == kAvx512Vnni || isa == kAvx2) {
+  if (isa >= kAvx2) {
     const std::vector<int32_t> xsum = row_sums(g.x, g.M, g.K);
     g.xsum = xsum.data();
     g.offset = 1;  // codes are w + 1
@@ -759,18 +852,17 @@ void w2a8_gemm(Gemm g, const uint8_t* wpre, int64_t isa) {
     g.w = wpre;
     g.ldw = prepacked_bytes(kPanel, g.K, 16);
     if (isa == kAvx512Vnni) {
-      static const PanelFn fns[kMR512 + 1] = {nullptr,          tile_w2_vnni<1>, tile_w2_vnni<2>, tile_w2_vnni<3>,
-                                              tile_w2_vnni<4>, tile_w2_vnni<5>, tile_w2_vnni<6>};
+      static const PanelFn fns[] = DITQ_TILES(tile_w2_vnni);
       run_panels<kMR512>(g, fns, kPanel);
     } else {
-      static const PanelFn fns[kMR256 + 1] = {nullptr,          tile_w2_avx2<1>, tile_w2_avx2<2>, tile_w2_avx2<3>,
-                                              tile_w2_avx2<4>, tile_w2_avx2<5>, tile_w2_avx2<6>};
-      run_panels<kMR256>(g, fns, kNB256);
+      static const PanelFn avx2[] = DITQ_TILES(tile_w2_avx2, kMaddubs), vex[] = DITQ_TILES(tile_w2_avx2, kVexDot),
+                           evex[] = DITQ_TILES(tile_w2_avx2, kEvexDot);
+      run_panels<kMR256>(g, isa == kAvx2 ? avx2 : vex_dot() ? vex : evex, kNB256);
     }
     return;
   }
 #endif
-  throw std::runtime_error("the ternary GEMM needs AVX2 or AVX-512 VNNI");
+  throw std::runtime_error("the ternary GEMM needs AVX2");
 }
 
 // int4 codes packed two per byte along K (pack_int4: byte j of a row holds input 2j in the low
@@ -808,7 +900,7 @@ void prepack_w4(const uint8_t* wp, int64_t N, int64_t K, int64_t L, uint8_t* out
 
 void w4a8_gemm(W4Gemm g, bool x_unsigned, int64_t isa) {
 #if DITQ_X86
-  if (isa == kAvx512Vnni || isa == kAvx2) {
+  if (isa >= kAvx2) {
     std::vector<int32_t> xsum(g.M * g.S);
     at::parallel_for(0, g.M, 16, [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m)
@@ -826,22 +918,22 @@ void w4a8_gemm(W4Gemm g, bool x_unsigned, int64_t isa) {
     g.xsum = xsum.data();
     using Fn = void (*)(const W4Gemm&, int64_t, int64_t);
     if (isa == kAvx512Vnni) {
-      static const Fn fu[kMR512 + 1] = {nullptr, tile_w4_vnni<1, true>, tile_w4_vnni<2, true>, tile_w4_vnni<3, true>,
-                                        tile_w4_vnni<4, true>, tile_w4_vnni<5, true>, tile_w4_vnni<6, true>};
-      static const Fn fs[kMR512 + 1] = {nullptr, tile_w4_vnni<1, false>, tile_w4_vnni<2, false>, tile_w4_vnni<3, false>,
-                                        tile_w4_vnni<4, false>, tile_w4_vnni<5, false>, tile_w4_vnni<6, false>};
+      static const Fn fu[] = DITQ_TILES(tile_w4_vnni, true), fs[] = DITQ_TILES(tile_w4_vnni, false);
       run_panels<kMR512>(g, x_unsigned ? fu : fs, kPanel);
     } else {
-      static const Fn fu[kMR256 + 1] = {nullptr, tile_w4_avx2<1, true>, tile_w4_avx2<2, true>, tile_w4_avx2<3, true>,
-                                        tile_w4_avx2<4, true>, tile_w4_avx2<5, true>, tile_w4_avx2<6, true>};
-      static const Fn fs[kMR256 + 1] = {nullptr, tile_w4_avx2<1, false>, tile_w4_avx2<2, false>, tile_w4_avx2<3, false>,
-                                        tile_w4_avx2<4, false>, tile_w4_avx2<5, false>, tile_w4_avx2<6, false>};
-      run_panels<kMR256>(g, x_unsigned ? fu : fs, kNB256);
+      const int dot = isa == kAvx2 ? kMaddubs : vex_dot() ? kVexDot : kEvexDot;
+      static const Fn fu[3][kMR256 + 1] = {DITQ_TILES(tile_w4_avx2, true, kMaddubs),
+                                           DITQ_TILES(tile_w4_avx2, true, kVexDot),
+                                           DITQ_TILES(tile_w4_avx2, true, kEvexDot)};
+      static const Fn fs[3][kMR256 + 1] = {DITQ_TILES(tile_w4_avx2, false, kMaddubs),
+                                           DITQ_TILES(tile_w4_avx2, false, kVexDot),
+                                           DITQ_TILES(tile_w4_avx2, false, kEvexDot)};
+      run_panels<kMR256>(g, (x_unsigned ? fu : fs)[dot], kNB256);
     }
     return;
   }
 #endif
-  throw std::runtime_error("the W4A8 GEMM needs AVX2 or AVX-512 VNNI");
+  throw std::runtime_error("the W4A8 GEMM needs AVX2");
 }
 
 // Per-token (per row of `group` values) absmax int8 quantization, BitNet b1.58's rule in float32:
@@ -1880,19 +1972,19 @@ int ditq_w4a8_gemm(const uint8_t* xq, int64_t x_unsigned, const float* xs, const
 
 // x f32 [rows * group] -> q int8 [rows * group], s f32 [rows]: one absmax scale per `group` values
 int ditq_quantize_per_token(const float* x, int8_t* q, float* s, int64_t rows, int64_t group, int64_t isa) {
-  return guarded(isa, [&] { quantize_per_token(x, q, s, rows, group, isa); });
+  return guarded(isa, [&] { quantize_per_token(x, q, s, rows, group, vector_level(isa)); });
 }
 
 // GELU (tanh) then per-token int8: x f32 [rows, K] -> q int8 [rows, K], s f32 [rows].
 int ditq_gelu_quantize(const float* x, int8_t* q, float* s, int64_t rows, int64_t K, int64_t isa) {
-  return guarded(isa, [&] { gelu_quantize(x, q, s, rows, K, isa); });
+  return guarded(isa, [&] { gelu_quantize(x, q, s, rows, K, vector_level(isa)); });
 }
 
 // LayerNorm (no affine, eps) + adaLN modulation then per-token int8: x f32 [B, T, K], shift and
 // scale f32 [B, K] -> q int8 [B, T, K], s f32 [B * T].
 int ditq_layernorm_modulate_quantize(const float* x, const float* shift, const float* scale, int8_t* q, float* s,
                                      int64_t B, int64_t T, int64_t K, double eps, int64_t isa) {
-  return guarded(isa, [&] { layernorm_modulate_quantize(x, shift, scale, q, s, B, T, K, static_cast<float>(eps), isa); });
+  return guarded(isa, [&] { layernorm_modulate_quantize(x, shift, scale, q, s, B, T, K, static_cast<float>(eps), vector_level(isa)); });
 }
 
 // RMSNorm (weight, eps) + adaLN modulation then per-token int8: x f32 [B, T, K], weight f32 [K],
@@ -1900,14 +1992,14 @@ int ditq_layernorm_modulate_quantize(const float* x, const float* shift, const f
 int ditq_rmsnorm_modulate_quantize(const float* x, const float* weight, const float* shift, const float* scale,
                                    int8_t* q, float* s, int64_t B, int64_t T, int64_t K, double eps, int64_t isa) {
   return guarded(isa, [&] {
-    rmsnorm_modulate_quantize(x, weight, shift, scale, q, s, B, T, K, static_cast<float>(eps), isa);
+    rmsnorm_modulate_quantize(x, weight, shift, scale, q, s, B, T, K, static_cast<float>(eps), vector_level(isa));
   });
 }
 
 // silu(gate) * up then per-token int8: gate, up f32 [rows, K] -> q int8 [rows, K], s f32 [rows].
 int ditq_swiglu_quantize(const float* gate, const float* up, int8_t* q, float* s, int64_t rows, int64_t K,
                          int64_t isa) {
-  return guarded(isa, [&] { swiglu_quantize(gate, up, q, s, rows, K, isa); });
+  return guarded(isa, [&] { swiglu_quantize(gate, up, q, s, rows, K, vector_level(isa)); });
 }
 
 // Weight-only ternary: x f32 [M, K], w k4 uint8 [N, K/4], scale f32 [N] (scale_per_row) or [1],
@@ -1921,7 +2013,7 @@ int ditq_ternary_wo_gemm(const float* x, const uint8_t* w, const float* scale, i
   }
   return guarded(isa, [&] {
     WoGemm g{x, w, false, scale, scale_per_row != 0, nullptr, 0, bias, out, M, N, K, K};
-    wo_gemm(g, isa, fused_max_m);
+    wo_gemm(g, vector_level(isa), fused_max_m);
   });
 }
 
@@ -1936,7 +2028,7 @@ int ditq_int4_wo_gemm(const float* x, const uint8_t* w, const float* scale, cons
   }
   return guarded(isa, [&] {
     WoGemm g{x, w, true, scale, true, zero, group, bias, out, M, N, K, K};
-    wo_gemm(g, isa, fused_max_m);
+    wo_gemm(g, vector_level(isa), fused_max_m);
   });
 }
 
@@ -1950,7 +2042,7 @@ int ditq_ternary_dequant(const uint8_t* w, const float* scale, int64_t scale_per
   }
   return guarded(isa, [&] {
     WoGemm g{nullptr, w, false, scale, scale_per_row != 0, nullptr, 0, nullptr, nullptr, 0, N, K, K};
-    wo_dequant_rows(g, n0, n1, out, isa);
+    wo_dequant_rows(g, n0, n1, out, vector_level(isa));
   });
 }
 
@@ -1962,7 +2054,7 @@ int ditq_int4_dequant(const uint8_t* w, const float* scale, const float* zero, i
   }
   return guarded(isa, [&] {
     WoGemm g{nullptr, w, true, scale, true, zero, group, nullptr, nullptr, 0, N, K, K};
-    wo_dequant_rows(g, n0, n1, out, isa);
+    wo_dequant_rows(g, n0, n1, out, vector_level(isa));
   });
 }
 
@@ -1974,7 +2066,7 @@ int ditq_quantize_asym(const float* x, uint8_t* q, float* s, float* z, int64_t r
     last_error = "asymmetric quantization needs 2 <= bits <= 8 and group >= 1";
     return 2;
   }
-  return guarded(isa, [&] { quantize_asym(x, q, s, z, rows, group, bits, isa); });
+  return guarded(isa, [&] { quantize_asym(x, q, s, z, rows, group, bits, vector_level(isa)); });
 }
 
 }  // extern "C"

@@ -646,6 +646,9 @@ def test_what_will_run_is_known_before_the_build(fresh_state, monkeypatch):
     if ops.implementation("w158a8_linear", "cpu", build=False) != "reference":  # a compiler is there
         assert ops.implementation("w158a8_linear", "cpu", build=False) == "cpp-avx2 (built on first use)"
     assert not cpu._state.tried
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset({"avx2", "fma", "avx_vnni"}))
+    planned = cpu.planned_backends()  # AVX-VNNI: its own GEMMs, AVX2 code for the rest
+    assert planned["w158a8_linear"] == "cpp-avx_vnni" and planned["gelu_quantize_int8"] == "cpp-avx2"
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset({"sse4_2"}))
     assert cpu.planned_backends()["w4a8_linear"] == "reference"
 

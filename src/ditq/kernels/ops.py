@@ -76,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ditq.errors import DitqError
 from ditq.kernels.packing import unpack_2bit, unpack_int4
 
 NAMESPACE = "ditq"
@@ -104,8 +105,9 @@ OPS = (
 )
 
 
-class KernelError(ValueError):
-    """Arguments an op cannot take: wrong dtype, shape or layout (one-line message)."""
+class KernelError(DitqError, ValueError):
+    """Arguments an op cannot take (wrong dtype, shape or layout), or a backend or instruction set
+    this machine lacks: a one-line message, which the CLI prints as such."""
 
 
 # ----------------------------------------------------------------------------

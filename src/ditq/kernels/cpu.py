@@ -6,9 +6,9 @@ What runs, per op and instruction set, is one rule table (:func:`rule_table`; fo
 ``docs/benchmarks.md``, "Integer speed on every x86 CPU"):
 
 * ``w8a8_linear``, ``w158a8_linear``, ``w4a8_linear``: ditq's C++ GEMMs
-  (``csrc/cpu_kernels.cpp``) at every token count, on AVX-512 VNNI and on AVX2. Weights are
-  *prepacked* once per weight tensor (cached, see below) into panels of 64 output columns
-  that both levels read. With AVX-512 VNNI, a micro-kernel of 6 tokens x 64 columns keeps 24
+  (``csrc/cpu_kernels.cpp``) at every token count, on AVX-512 VNNI, AVX-VNNI and AVX2. Weights
+  are *prepacked* once per weight tensor (cached, see below) into panels of 64 output columns
+  that every level reads. With AVX-512 VNNI, a micro-kernel of 6 tokens x 64 columns keeps 24
   accumulators in registers and multiplies with ``vpdpbusd``: int8 weights flipped to unsigned
   (``w + 128``, the offset removed with per-token sums of x, bitnet.cpp's I2_S trick), ternary
   weights kept at 2 bits and unpacked in registers, int4 codes two per byte. With AVX2 only, a
@@ -17,7 +17,10 @@ What runs, per op and instruction set, is one rule table (:func:`rule_table`; fo
   MLAS and fbgemm lose exactness or drop to 7-bit activations there): ``vpmaddwd`` on int16 for
   int8 weights (two multiplies per 32 MACs, like the u8s8 pair, exact for every code), and
   ``vpmaddubsw`` with int16 accumulation for ternary codes (60 steps between widenings) and
-  int4 codes (4 or 2). Results equal the references bit for bit. W4A8 needs both scales
+  int4 codes (4 or 2). With AVX-VNNI (``avx_vnni``: Alder Lake, Sierra Forest, Zen 5 without
+  AVX-512, or an AVX-512 VNNI CPU capped there, which runs the EVEX form), the same 6 x 8
+  micro-kernel multiplies with 256-bit ``vpdpbusd`` straight into int32, as the AVX-512 one
+  does. Results equal the references bit for bit. W4A8 needs both scales
   constant over segments of a multiple of 8 inputs (``gcd(ga, gw) % 8 == 0``); other layouts
   take the reference, and their layers keep the float path (``ops.implementation``).
 * Without AVX2 (or without a compiler), ``w8a8_linear`` runs ``torch._int_mm`` (oneDNN) only
@@ -43,7 +46,7 @@ What runs, per op and instruction set, is one rule table (:func:`rule_table`; fo
   faster than these at every M: the integer path is the fast one, weight-only the accurate one.
 
 The instruction set is the best the CPU has; :func:`set_isa` or ``DITQ_CPU_ISA=avx2`` caps it,
-so an AVX2-only CPU's paths run and are tested on any x86 machine.
+so a lesser CPU's paths run and are tested on any x86 machine with AVX-512 VNNI.
 
 **Prepacked weights** are cached per weight tensor (keyed by the tensor object,
 its version counter and data pointer; dropped when the tensor is freed), on both SIMD

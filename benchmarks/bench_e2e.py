@@ -8,7 +8,9 @@ in memory, round-to-nearest and without calibration:
 * ``fp32``: the float model (the baseline), run in ``--dtype`` like the others
   (bfloat16 on CUDA by default: the GPU targets are against bf16 eager);
 * ``w8a8``: Q-DiT layers with symmetric per-channel int8 weights and dynamic
-  symmetric per-token int8 activations (``w8a8_linear``);
+  symmetric per-token int8 activations (``w8a8_linear``); ``w8a8+adaln``: the
+  same with the adaLN modulation linears quantized too (as the peers and TerDiT
+  do; at a few images per step they only read weights, 4x fewer bytes in int8);
 * ``w4a8``: Q-DiT W4A8 with groups of 128 (asymmetric 4-bit weights, dynamic
   asymmetric per-token 8-bit activations; ``w4a8_linear``);
 * ``w1.58a8`` / ``w1.58a16``: TerDiT ternary layers (adaLN included) with int8
@@ -76,6 +78,7 @@ notes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import tempfile
@@ -103,10 +106,12 @@ from ditq.pipelines.deploy import W8A8_INTEGER, held_bytes
 from ditq.pipelines.ptq import load_model, save_quantized
 from ditq.quant.export import save_ternary
 
-VARIANTS = ("fp32", "w8a8", "w4a8", "w1.58a8", "w1.58a16")
+VARIANTS = ("fp32", "w8a8", "w8a8+adaln", "w4a8", "w1.58a8", "w1.58a16")
 PEERS = ("fbgemm", "onnxruntime")  # the float model quantized by torch's fbgemm / onnxruntime (CPU)
 QDIT = {
     "w8a8": W8A8_INTEGER,  # the settings w8a8_linear runs
+    # ... with the adaLN modulation linears too, as the peers and TerDiT quantize them
+    "w8a8+adaln": dataclasses.replace(W8A8_INTEGER, quantize_adaln=True),
     "w4a8": quant.QDiTConfig(w_bits=4, a_bits=8, w_group=128),
 }
 TERNARY = {"w1.58a8": 8, "w1.58a16": None}
@@ -155,17 +160,21 @@ def build_variant(variant: str, fp_path: Path, folder: Path) -> Path:
 
 
 def prepacked_bytes(model: torch.nn.Module, device: torch.device) -> int:
-    """Bytes of the prepacked weight copies the AVX-512 CPU kernels cache for the layers that ran them."""
+    """Bytes of the prepacked weight copies ditq's SIMD CPU kernels cache for the layers that ran them."""
     if device.type != "cpu":
         return 0
-    backends = cpu.available_backends()
     total = 0
     for layer, what in quant.kernel_plan(model, device).items():
+        if not what.endswith("]") or "[cpp-" not in what:  # "op [cpp-<isa>]": a C++ GEMM that prepacks
+            continue
         m = model.get_submodule(layer)
-        if what == "w8a8_linear" and backends.get(what, "").startswith("cpp-avx512"):
+        op = what.split(" ")[0]
+        if op == "w8a8_linear":
             total += cpu.prepacked_bytes(m.out_features, m.in_features, 8)
-        elif what == "w158a8_linear" and backends.get(what, "").startswith("cpp-avx512"):
+        elif op == "w158a8_linear":
             total += cpu.prepacked_bytes(m.out_features, m.in_features, 2)
+        elif op == "w4a8_linear":  # segments of gcd(activation group, weight group) inputs
+            total += cpu.prepacked_bytes_w4(m.out_features, m.in_features, m.w_group or m.in_features)
     return total
 
 

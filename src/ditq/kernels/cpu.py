@@ -148,7 +148,12 @@ def _compile(verbose: bool) -> str:
     return cpp_extension.load(
         name=EXT_NAME,
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-ffp-contract=off"],  # no FMA contraction: the epilogue matches the reference
+        # no FMA contraction: the epilogue matches the reference. -fopenmp: at::parallel_for is a
+        # header template whose `omp parallel` compiles into this library; without the flag it ran
+        # every GEMM on one thread (torch's own libgomp is the one loaded, so torch.set_num_threads
+        # governs it)
+        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
         build_directory=_build_directory(),
         is_python_module=False,
         verbose=verbose,

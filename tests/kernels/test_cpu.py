@@ -299,6 +299,12 @@ def test_extreme_codes_and_leading_axes(isa, poisoned):
         assert (out == 127.0 * sign * k).all()
 
 
+def test_the_kernels_run_on_the_threads_torch_is_given(built):
+    # the GEMMs split work with at::parallel_for; built without OpenMP it ran on one thread
+    assert cpu.threads_used() == 1  # the test session runs single-threaded (conftest)
+    assert _on_two_threads(cpu.threads_used) == 2
+
+
 def test_two_threads_split_the_work_the_same(built, poisoned):
     # the test session runs single-threaded (conftest); the kernels parallelize over tokens x columns
     xq, wq = _int8((200, 520), 21), _int8((300, 520), 22)

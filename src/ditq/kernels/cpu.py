@@ -165,6 +165,8 @@ def _bind(path: str) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.ditq_best_isa.restype = i64
     lib.ditq_best_isa.argtypes = []
+    lib.ditq_threads_used.restype = i64
+    lib.ditq_threads_used.argtypes = [i64]
     lib.ditq_last_error.restype = ctypes.c_char_p
     lib.ditq_last_error.argtypes = []
     lib.ditq_prepacked_bytes.restype = i64
@@ -278,6 +280,13 @@ def isa() -> int:
         return SCALAR
     cap = _state.forced_isa if _state.forced_isa is not None else _env_isa()
     return _state.best_isa if cap is None else min(_state.best_isa, cap)
+
+
+def threads_used(items: int = 64) -> int:
+    """How many threads the kernels' parallel loops run on now (``torch.set_num_threads`` sets it):
+    distinct threads that ran ``items`` work items; 1 without the library."""
+    lib = _lib()
+    return 1 if lib is None else int(lib.ditq_threads_used(items))
 
 
 def set_isa(name: str | None) -> None:

@@ -36,9 +36,12 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <numeric>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -1884,6 +1887,19 @@ int guarded(int64_t isa, F&& f) {
 extern "C" {
 
 int64_t ditq_best_isa() { return detect_isa(); }
+
+// How many threads at::parallel_for gives `n` work items of grain 1 here: what every GEMM above
+// gets. A check that this library was built with OpenMP (without it, the parallel region in
+// ATen's header compiles to a plain loop on the caller's thread).
+int64_t ditq_threads_used(int64_t n) {
+  std::mutex lock;
+  std::set<std::thread::id> ids;
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> guard(lock);
+    ids.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(ids.size());
+}
 
 const char* ditq_last_error() { return last_error.c_str(); }
 

@@ -155,9 +155,9 @@ def candidates(
         )
     }
     backends = cpu.available_backends() if device.type == "cpu" else {}
-    # the AVX-512 kernels keep a prepacked copy of the weight beside the op's input
-    pre8 = cpu.prepacked_bytes(n, k, 8) if backends.get("w8a8_linear", "").startswith("cpp-avx512") else 0
-    pre2 = cpu.prepacked_bytes(n, k, 2) if backends.get("w158a8_linear", "").startswith("cpp-avx512") else 0
+    # the SIMD kernels (cpp-avx2, cpp-avx_vnni, cpp-avx512_vnni) keep a prepacked copy beside the input
+    pre8 = cpu.prepacked_bytes(n, k, 8) if backends.get("w8a8_linear", "").startswith("cpp-avx") else 0
+    pre2 = cpu.prepacked_bytes(n, k, 2) if backends.get("w158a8_linear", "").startswith("cpp-avx") else 0
     x, xq, xs, wq, ws, b = d["x"], d["xq"], d["xs"], d["wq"], d["ws"], d["b"]
     wt, gamma = d["wt_packed"], d["gamma"]
     w8_float = wq.float() * ws[:, None]
@@ -186,7 +186,7 @@ def candidates(
         w4p, w4s, w4z = d["w4_packed"], d["w4_scale"], d["w4_zero"]
         pre4 = (
             cpu.prepacked_bytes_w4(n, k, W4_GROUP)
-            if backends.get("w4a8_linear", "").startswith("cpp-avx512")
+            if backends.get("w4a8_linear", "").startswith("cpp-avx")
             else 0
         )
         w4_bytes = n * k // 2 + pre4 + 8 * w4s.numel()

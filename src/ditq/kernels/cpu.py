@@ -408,7 +408,7 @@ def _ptr(t: torch.Tensor | None):
 
 
 # ----------------------------------------------------------------------------
-# Prepacked weights (AVX-512 path)
+# Prepacked weights (every SIMD level)
 # ----------------------------------------------------------------------------
 
 
@@ -498,7 +498,7 @@ def _prepack(w: torch.Tensor, bits) -> torch.Tensor:
 
 
 def prepacked_bytes(n: int, k: int, bits: int) -> int:
-    """Bytes of the prepacked copy of an ``[n, k]`` weight (bits 8 or 2) the AVX-512 kernels keep."""
+    """Bytes of the prepacked copy of an ``[n, k]`` weight (bits 8 or 2) the SIMD kernels keep."""
     lib = _lib()
     if lib is None:
         return 0

@@ -659,6 +659,23 @@ def test_what_will_run_is_known_before_the_build(fresh_state, monkeypatch):
     assert cpu.planned_backends()["w4a8_linear"] == "reference"
 
 
+def test_a_compiler_without_openmp_still_builds_one_thread_kernels(monkeypatch):
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def load(**kw):
+        calls.append(kw["extra_cflags"])
+        if "-fopenmp" in kw["extra_cflags"]:
+            raise RuntimeError("error: unsupported option '-fopenmp'")
+        return "/tmp/libditq.so"
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    with pytest.warns(RuntimeWarning, match="built without OpenMP .*-fopenmp.*run on one thread"):
+        assert cpu._compile(verbose=False) == "/tmp/libditq.so"
+    assert ["-fopenmp" in c for c in calls] == [True, False]
+
+
 def test_missing_source_is_a_build_failure(fresh_state, monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "SOURCE", tmp_path / "missing.cpp")
     with pytest.warns(RuntimeWarning, match="missing"):

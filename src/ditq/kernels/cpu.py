@@ -140,24 +140,40 @@ def _build_directory() -> str | None:
 
 
 def _compile(verbose: bool) -> str:
-    """Build (or find in the cache) the kernel library; returns its path. Raises on any failure."""
+    """Build (or find in the cache) the kernel library; returns its path. Raises on any failure.
+
+    With OpenMP first (``-fopenmp``: at::parallel_for is a header template whose ``omp parallel``
+    compiles into this library; without the flag every GEMM ran on one thread; torch's own libgomp
+    is the one loaded, so ``torch.set_num_threads`` governs it); a compiler without OpenMP gets a
+    one-thread build and a warning rather than no kernels.
+    """
     if not SOURCE.is_file():
         raise FileNotFoundError(f"kernel source {SOURCE} is missing from the installed package")
     from torch.utils import cpp_extension
 
-    return cpp_extension.load(
-        name=EXT_NAME,
-        sources=[str(SOURCE)],
-        # no FMA contraction: the epilogue matches the reference. -fopenmp: at::parallel_for is a
-        # header template whose `omp parallel` compiles into this library; without the flag it ran
-        # every GEMM on one thread (torch's own libgomp is the one loaded, so torch.set_num_threads
-        # governs it)
-        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=_build_directory(),
-        is_python_module=False,
-        verbose=verbose,
-    )
+    def load(openmp: bool) -> str:
+        flag = ["-fopenmp"] if openmp else []
+        return cpp_extension.load(
+            name=EXT_NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-ffp-contract=off", *flag],  # no FMA contraction: the reference's epilogue
+            extra_ldflags=flag,
+            build_directory=_build_directory(),
+            is_python_module=False,
+            verbose=verbose,
+        )
+
+    try:
+        return load(openmp=True)
+    except Exception as exc:  # e.g. clang without libomp
+        path = load(openmp=False)
+        warnings.warn(
+            f"ditq: the C++ CPU kernels were built without OpenMP ({_one_line(exc)}); they run on one "
+            "thread. Install the compiler's OpenMP runtime (libgomp, libomp) for more.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return path
 
 
 def _bind(path: str) -> ctypes.CDLL:

@@ -164,16 +164,17 @@ def prepacked_bytes(model: torch.nn.Module, device: torch.device) -> int:
     if device.type != "cpu":
         return 0
     total = 0
-    for layer, what in quant.kernel_plan(model, device).items():
-        if not what.endswith("]") or "[cpp-" not in what:  # "op [cpp-<isa>]": a C++ GEMM that prepacks
+    for m in model.modules():
+        # the layers whose op runs one of ditq's C++ GEMMs (cpp-<isa>), which prepack their weight
+        if not isinstance(m, (quant.QuantLinear, quant.TernaryLinear)) or not m.use_kernels:
             continue
-        m = model.get_submodule(layer)
-        op = what.split(" ")[0]
-        if op == "w8a8_linear":
+        if not m.kernel_implementation(device).startswith("cpp-avx"):
+            continue
+        if m.kernel_op == "w8a8_linear":
             total += cpu.prepacked_bytes(m.out_features, m.in_features, 8)
-        elif op == "w158a8_linear":
+        elif m.kernel_op == "w158a8_linear":
             total += cpu.prepacked_bytes(m.out_features, m.in_features, 2)
-        elif op == "w4a8_linear":  # segments of gcd(activation group, weight group) inputs
+        elif m.kernel_op == "w4a8_linear":  # segments of gcd(activation group, weight group) inputs
             total += cpu.prepacked_bytes_w4(m.out_features, m.in_features, m.w_group or m.in_features)
     return total
 

@@ -72,6 +72,7 @@ the C++ kernels off.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -287,6 +288,12 @@ def _env_isa() -> int | None:
     return ISAS.index(name)
 
 
+def _capped(level: int) -> int:
+    """``level`` capped by :func:`set_isa`, or else by ``DITQ_CPU_ISA``."""
+    cap = _state.forced_isa if _state.forced_isa is not None else _env_isa()
+    return level if cap is None else min(level, cap)
+
+
 def isa() -> int:
     """The instruction set the kernels use now (index into :data:`ISAS`); builds the library if needed.
 
@@ -294,8 +301,7 @@ def isa() -> int:
     variable (``DITQ_CPU_ISA=avx2 ditq demo`` runs what an AVX2-only CPU would)."""
     if _lib() is None:
         return SCALAR
-    cap = _state.forced_isa if _state.forced_isa is not None else _env_isa()
-    return _state.best_isa if cap is None else min(_state.best_isa, cap)
+    return _capped(_state.best_isa)
 
 
 def threads_used(items: int = 64) -> int:
@@ -316,8 +322,10 @@ def set_isa(name: str | None) -> None:
     _state.forced_isa = None if name is None else ISAS.index(name)
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none), read once: the rule
+    table asks on every forward of a layer without ditq's kernels (55 us a read here)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -408,9 +416,7 @@ def planned_backends() -> dict[str, str]:
     the instruction set read from the CPU's flags (capped as :func:`isa` caps it)."""
     if _state.tried:
         return {k: v for k, v in available_backends().items() if k != "extension"}
-    cap = _state.forced_isa if _state.forced_isa is not None else _env_isa()
-    level = _isa_from_flags() if cap is None else min(_isa_from_flags(), cap)
-    return rule_table(level)
+    return rule_table(_capped(_isa_from_flags()))
 
 
 def _check(rc: int) -> None:

@@ -72,26 +72,32 @@ bool has_avx512_vnni() {
 #endif
 }
 
-// AVX-VNNI (the VEX encoding), read with cpuid: leaf 7, subleaf 1, EAX bit 4.
+// AVX-VNNI (the VEX encoding), read with cpuid once: leaf 7, subleaf 1, EAX bit 4. (Every kernel
+// call asks, through detect_isa and vex_dot, and cpuid traps to the hypervisor in a VM.)
 bool has_avx_vnni() {
 #if DITQ_X86
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-  return (a >> 4) & 1;
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1);
+  }();
+  return has;
 #else
   return false;
 #endif
 }
 
 int64_t detect_isa() {
+  static const int64_t level = [] {
 #if DITQ_X86
-  __builtin_cpu_init();
-  if (has_avx512_vnni()) return kAvx512Vnni;
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2 && has_avx_vnni()) return kAvxVnni;
-  if (avx2) return kAvx2;
+    __builtin_cpu_init();
+    if (has_avx512_vnni()) return kAvx512Vnni;
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx2 && has_avx_vnni()) return kAvxVnni;
+    if (avx2) return kAvx2;
 #endif
-  return kScalar;
+    return kScalar;
+  }();
+  return level;
 }
 
 // The level of the vector code that is not an integer GEMM (quantizers, producers, weight-only).

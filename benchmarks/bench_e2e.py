@@ -98,13 +98,14 @@ from _common import (
     time_call,
 )
 
+import ditq
 from ditq import models, quant
 from ditq.diffusion import ClassifierFreeGuidance
+from ditq.formats import qdit
+from ditq.formats.ternary import save_ternary
 from ditq.kernels import cpu, ops
 from ditq.models import registry
 from ditq.pipelines.deploy import W8A8_INTEGER, held_bytes
-from ditq.pipelines.ptq import load_model, save_quantized
-from ditq.quant.export import save_ternary
 
 VARIANTS = ("fp32", "w8a8", "w8a8+adaln", "w4a8", "w1.58a8", "w1.58a16")
 PEERS = ("fbgemm", "onnxruntime")  # the float model quantized by torch's fbgemm / onnxruntime (CPU)
@@ -128,10 +129,10 @@ def log(msg: str) -> None:
 def float_model(name: str, seed: int, depth: int | None = None) -> torch.nn.Module:
     """The embedded model with its weights, or a registry model with random weights at real shapes
     (``depth`` blocks instead of its own, when given)."""
-    if name in models.hub.EMBEDDED_MODELS:
+    if name in models.loader.EMBEDDED_MODELS:
         if depth is not None:
             raise SystemExit("--depth applies to registry models, not the embedded one")
-        return models.load(name)
+        return ditq.load(name)
     torch.manual_seed(seed)
     config = registry.get_config(name)
     if depth is not None:  # DiT counts blocks in `depth`, Large-DiT in `n_layers`
@@ -146,11 +147,11 @@ def float_model(name: str, seed: int, depth: int | None = None) -> torch.nn.Modu
 
 def build_variant(variant: str, fp_path: Path, folder: Path) -> Path:
     """Quantize the float model of ``fp_path`` as ``variant`` (RTN) and save it; returns the file."""
-    model = models.load(fp_path)
+    model = ditq.load(fp_path)
     path = folder / f"{variant}.safetensors"
     if variant in QDIT:
         quant.quantize_(model, QDIT[variant])
-        save_quantized(model, path, QDIT[variant], command="bench_e2e")
+        qdit.save(model, path, QDIT[variant], command="bench_e2e")
     else:
         config = quant.TernaryQATConfig(act_bits=TERNARY[variant])
         quant.quantize_(model, config)  # prepare: alpha by least squares from the float weights
@@ -494,7 +495,7 @@ def main(argv=None) -> dict:
         fp = float_model(args.model, args.seed, args.depth)
         fp_config = fp.config
         fp_path = folder / "fp32.safetensors"
-        models.save(fp, fp_path)
+        ditq.save(fp, fp_path)
         peers = build_peers(fp, args, notes)
         del fp
         paths = {"fp32": fp_path}
@@ -508,7 +509,7 @@ def main(argv=None) -> dict:
         results["args"]["variants"] = [v for v in args.variants if v not in PEERS or v in peers]
         # the float parts (and the quantized layers' scales and biases) in --dtype; packed codes stay
         dtype = getattr(torch, args.dtype)
-        loaded = {v: load_model(p, device=args.device).to(dtype) for v, p in paths.items()}
+        loaded = {v: ditq.load(p, device=args.device).to(dtype) for v, p in paths.items()}
         if args.fusion == "both":
             for v in FUSABLE:
                 if v in loaded:

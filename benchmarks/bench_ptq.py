@@ -26,6 +26,7 @@ import time
 import torch
 from _common import format_table, load_average, machine_info, write_json
 
+import ditq
 from ditq import models, quant
 from ditq.pipelines import ptq
 
@@ -41,7 +42,7 @@ def timed(fn):
 
 
 def bench_embedded(args) -> dict:
-    model = models.load("ditq-fmnist")
+    model = ditq.load("ditq-fmnist")
     spec = ptq.CalibSpec(num_samples=args.calib_samples)
     calib, t_calib = timed(lambda: ptq.record_calibration(model, spec, cache=False))
     config = quant.QDiTConfig(w_bits=4, a_bits=8, w_group=128, a_group=128)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from _machine import cpu_name
 
-from ditq import models
+import ditq
 from ditq.checkpoint import atomic_write
 from ditq.eval.fmnist import load_fmnist_evaluator
 from ditq.pipelines.sample import sample
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/eval_embedded.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
 
-    model = models.load(args.model, device=device)
+    model = ditq.load(args.model, device=device)
     evaluator = load_fmnist_evaluator(args.classifier, device=device)
     meta = evaluator.metadata
     num_classes = model.config.num_classes

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_embedded import accuracy, generate, train_classifier  # noqa: E402
 
-from ditq import models  # noqa: E402
+import ditq
 from ditq.data import load_idx_dataset  # noqa: E402
 from ditq.models import DiT  # noqa: E402
 
@@ -31,7 +31,7 @@ def main() -> None:
     xt, yt = load_idx_dataset(split="test")
     clf = train_classifier(x, y, "cpu", epochs=1)
     real_acc, _ = accuracy(clf, xt, yt, "cpu")
-    shipped = models.load("ditq-fmnist")
+    shipped = ditq.load("ditq-fmnist")
     ema = DiT(shipped.config)
     ema.load_state_dict(torch.load(args.state, weights_only=True)["ema"])
     ema.eval()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from _machine import cpu_name
 
-from ditq import models
+import ditq
 from ditq.checkpoint import atomic_write
 from ditq.pipelines import ladder, ptq
 
@@ -101,7 +101,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    model = models.load("ditq-fmnist")
+    model = ditq.load("ditq-fmnist")
     if args.sample_only:
         quality = lambda images, labels: {"fid": float("nan"), "class_acc": None}  # noqa: E731
     else:

@@ -243,7 +243,7 @@ def _score(model, args, device) -> dict:
 def evaluate(name: str, args) -> dict:
     import torch
 
-    from ditq.pipelines.ptq import load_model
+    import ditq
 
     run = _run_dir(args.out, name)
     result_path = run / "ablation_eval.json"
@@ -253,13 +253,13 @@ def evaluate(name: str, args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     if "model" in VARIANTS[name]:
-        from ditq.models.hub import embedded_model_path
+        from ditq.formats import embedded_model_path
 
         path = embedded_model_path(VARIANTS[name]["model"])
         run.mkdir(parents=True, exist_ok=True)
     else:
         path = run / "model.safetensors"
-    model = load_model(path, device=device).eval()
+    model = ditq.load(path, device=device).eval()
     scores = _score(model, args, device)
     rows = _log_rows(run) if (run / "log.jsonl").exists() else []
     tail = [r["loss"] for r in rows if r["step"] > rows[-1]["step"] - 100] if rows else []

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
+import ditq
 from ditq import models, quant
 from ditq.checkpoint import atomic_write
-from ditq.quant.export import checkpoint_sizes
+from ditq.formats.ternary import checkpoint_sizes
 
 
 def sizes(name: str) -> dict:
     if name == "ditq-fmnist":
-        config = dataclasses.replace(models.load("ditq-fmnist").config, adaln_norm=True)
+        config = dataclasses.replace(ditq.load("ditq-fmnist").config, adaln_norm=True)
         build = lambda: models.DiT(config)  # noqa: E731
     else:
         build = lambda: models.create_model(name)  # noqa: E731

@@ -6,7 +6,7 @@ key, ``"ditq"``, whose value is a JSON object::
     {"format_version": 1, "model_config": {...}, "command": "...", "quant_config": {...}, ...}
 
 Only ``format_version`` is fixed here; the rest is whatever the writer passes
-(``ditq.models.save`` stores ``model_config``, the CLI adds ``command``, the
+(``ditq.save`` stores ``model_config``, the CLI adds ``command``, the
 quantizer adds ``quant_config``). Any safetensors reader can open the tensors;
 nothing in the file is ever executed.
 
@@ -242,7 +242,7 @@ def _parse_ditq_metadata(path: Path, raw_meta: Mapping[str, str]) -> dict:
     if METADATA_KEY not in raw_meta:
         raise CheckpointError(
             f"{path} is a safetensors file without ditq metadata, so not a ditq checkpoint; "
-            "load it with ditq.models.load, which infers the model from the tensor shapes"
+            "load it with ditq.load, which infers the model from the tensor shapes"
         )
     try:
         meta = json.loads(raw_meta[METADATA_KEY])

@@ -10,12 +10,13 @@ import sys
 import pytest
 import torch
 
+import ditq
 from ditq import quant
 from ditq.cli.main import main
+from ditq.formats import qdit
+from ditq.formats.ternary import checkpoint_sizes, save_ternary
 from ditq.models import DiTConfig, build_model
-from ditq.pipelines.ptq import save_quantized
 from ditq.quant import QDiTConfig, TernaryQATConfig, quantize_
-from ditq.quant.export import checkpoint_sizes, save_ternary
 
 TINY = DiTConfig(
     depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=5
@@ -85,7 +86,7 @@ def test_ternary_checkpoint_counts_four_weights_per_packed_byte(tmp_path, capsys
 def test_qdit_checkpoint_counts_weights_not_scales(tmp_path, capsys):
     config = QDiTConfig(w_bits=4, w_group=16, a_bits=8)
     model = quantize_(_random(), config)
-    path = save_quantized(model, tmp_path / "q.safetensors", config)
+    path = qdit.save(model, tmp_path / "q.safetensors", config)
     _, out = _info(capsys, path, "--json")
     d = json.loads(out)
     q = d["quantized"]
@@ -109,10 +110,9 @@ def test_qdit_checkpoint_counts_weights_not_scales(tmp_path, capsys):
 
 
 def test_float_checkpoint_is_described_as_before(tmp_path, capsys):
-    from ditq import models
 
     path = tmp_path / "f.safetensors"
-    models.save(_random(), path)
+    ditq.save(_random(), path)
     _, out = _info(capsys, path, "--json")
     d = json.loads(out)
     assert d["num_parameters"] == _float_params() == _stored(path)

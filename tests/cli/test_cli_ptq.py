@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import ditq
 from ditq import models
 from ditq.cli.main import main
 
@@ -23,7 +24,7 @@ def tiny_ckpt(tmp_path_factory):
             if p.requires_grad:
                 p.normal_(std=0.05)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    models.save(model, path, command="test")
+    ditq.save(model, path, command="test")
     return path
 
 

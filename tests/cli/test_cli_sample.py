@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+import ditq
 from ditq import models
 from ditq.cli.main import main
-from ditq.models import hub
+from ditq.formats import official_dit, qdit
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def tiny_ckpt(tmp_path_factory):
             if "adaLN" in name or "final_layer" in name:
                 p.normal_(std=0.05)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    models.save(model, path, command="test")
+    ditq.save(model, path, command="test")
     return path
 
 
@@ -122,7 +123,7 @@ def test_options_are_checked_before_any_download(tmp_path, capsys, monkeypatch):
         raise AssertionError("tried to download")
 
     monkeypatch.setenv("DITQ_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(hub, "fetch_url", no_download)
+    monkeypatch.setattr(official_dit, "fetch_url", no_download)
     for bad in (["--num-samples", "0"], ["--batch-size", "0"], ["--cfg-scale", "0.5"], ["--steps", "0"]):
         code, _, err = run(capsys, "sample", "--model", "DiT-XL/2", "--out", tmp_path / "x.npz", *bad)
         assert_one_line_error(code, err)
@@ -137,7 +138,7 @@ def test_latent_model_without_diffusers_says_how_to_install(tmp_path, capsys, mo
     monkeypatch.setitem(sys.modules, "diffusers.models", None)
     model = models.create_model("DiT-S/8", input_size=8, depth=1, hidden_size=32, num_heads=2)
     path = tmp_path / "latent.safetensors"
-    models.save(model, path)
+    ditq.save(model, path)
     code, _, err = run(capsys, *sample_args(path, tmp_path / "x.npz"))
     assert_one_line_error(code, err, "pip install 'ditq[vae]'")
 
@@ -148,7 +149,7 @@ def test_label_out_of_range_is_reported_before_the_vae(tmp_path, capsys, monkeyp
     monkeypatch.setitem(sys.modules, "diffusers", None)
     model = models.create_model("DiT-S/8", input_size=8, depth=1, hidden_size=32, num_heads=2, num_classes=7)
     path = tmp_path / "latent.safetensors"
-    models.save(model, path)
+    ditq.save(model, path)
     code, _, err = run(capsys, *sample_args(path, tmp_path / "x.npz", "--class-labels", "7"))
     assert_one_line_error(code, err, "class label 7 is out of range")
 
@@ -230,11 +231,10 @@ def test_a_grid_under_torchrun_is_a_one_line_error(tmp_path, capsys, monkeypatch
 def test_backend_chooses_the_kernels_of_a_quantized_checkpoint(tmp_path, capsys, tiny_ckpt):
     from ditq import quant
     from ditq.kernels import ops
-    from ditq.pipelines import ptq
 
     config = quant.QDiTConfig(w_bits=8, a_bits=8, w_group=0, w_sym=True, a_sym=True)
-    model = quant.quantize_(models.load(tiny_ckpt), config)
-    path = ptq.save_quantized(model, tmp_path / "w8a8.safetensors", config)
+    model = quant.quantize_(ditq.load(tiny_ckpt), config)
+    path = qdit.save(model, tmp_path / "w8a8.safetensors", config)
     common = ["--num-samples", "3", "--batch-size", "3", "--cfg-scale", "2", "--class-labels", "0,4"]
     images = {}
     for backend in ("auto", *ops.available_backends()):

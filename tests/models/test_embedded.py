@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from ditq import models
-from ditq.models import hub
+import ditq
+from ditq.formats import loader
 
 
 def test_embedded_model_loads_by_name():
-    if hub.embedded_model_path("ditq-fmnist") is None:
+    if loader.embedded_model_path("ditq-fmnist") is None:
         pytest.skip("this install has no embedded model")
-    model = models.load("ditq-fmnist")
+    model = ditq.load("ditq-fmnist")
     cfg = model.config
     assert (cfg.in_channels, cfg.input_size, cfg.num_classes) == (1, 32, 10)
     x = torch.zeros(2, 1, 32, 32)

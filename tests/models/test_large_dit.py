@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from ditq.errors import InvalidArgumentError
+from ditq.formats import load, save
+from ditq.formats.official_dit import infer_config
 from ditq.models import (
     DiT,
     DiTConfig,
@@ -16,11 +18,8 @@ from ditq.models import (
     create_model,
     get_config,
     list_models,
-    load,
     map_class_labels,
-    save,
 )
-from ditq.models.hub import infer_config
 from ditq.models.large_dit import ffn_hidden_dim, lexicographic_label_table, map_labels, rope_angles
 from ditq.quant import TernaryLinear, TernaryQATConfig, empty_ternary_
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ditq import models
+import ditq
 from ditq.errors import InvalidArgumentError
 from ditq.eval.fmnist import FMNISTClassifier, FMNISTClassifierConfig, save_fmnist_evaluator
 from ditq.pipelines import demo
@@ -67,7 +67,7 @@ def test_run_demo_with_the_random_stand_in(tmp_path, monkeypatch):
 
 def test_run_demo_loads_the_embedded_model(tmp_path, monkeypatch):
     path = tmp_path / "ditq-fmnist.safetensors"
-    models.save(tiny_demo_model(seed=1), path)
+    ditq.save(tiny_demo_model(seed=1), path)
     monkeypatch.setattr(demo, "find_embedded_model", lambda: path)
     lines: list[str] = []
     result = run_demo(
@@ -111,7 +111,7 @@ def test_run_demo_trains_a_tiny_model_and_can_run_again(tmp_path, monkeypatch):
     assert training.last_checkpoint.is_file()
     assert any(line.startswith("loss ") for line in lines)
     assert any(str(training.model_path) in line for line in lines)
-    assert models.load(training.model_path).config.input_size == 16
+    assert ditq.load(training.model_path).config.input_size == 16
 
 
 #################################################################################
@@ -159,7 +159,7 @@ def test_run_demo_names_the_published_evaluation_for_the_embedded_model(
     tmp_path, tiny_classifier, monkeypatch
 ):
     path = tmp_path / "ditq-fmnist.safetensors"
-    models.save(tiny_demo_model(seed=1), path)
+    ditq.save(tiny_demo_model(seed=1), path)
     monkeypatch.setattr(demo, "find_embedded_model", lambda: path)
     published = {"fid_fmnist": 12.5, "class_acc": 0.875, "samples": 1000, "steps": 50, "cfg_scale": 3.0}
     monkeypatch.setattr(demo, "published_evaluation", lambda: published)
@@ -216,7 +216,6 @@ def test_the_fast_ptq_ladder_scores_every_rung_on_the_same_samples(tmp_path):
 
 @pytest.mark.skipif(find_embedded_model() is None, reason="no embedded model in this install")
 def test_the_ternary_part_distils_scores_and_deploys(tmp_path, monkeypatch):
-    from ditq.pipelines.ptq import load_model
     from ditq.quant import TernaryLinear
 
     monkeypatch.setattr(demo, "DEMO_DISTILL_POOL", 8)  # teacher samples
@@ -232,7 +231,7 @@ def test_the_ternary_part_distils_scores_and_deploys(tmp_path, monkeypatch):
     assert t is not None and t["model_path"] == str(path) and t["steps"] == 3 and t["samples"] == 4
     assert t["checkpoint_bytes"] == path.stat().st_size < t["fp32_bytes"] / 7  # 2-bit block linears
     assert np.isfinite(t["fid"]) and np.isfinite(t["fp_fid"])
-    student = load_model(path)
+    student = ditq.load(path)
     layers = [m for m in student.modules() if isinstance(m, TernaryLinear)]
     assert len(layers) == 30 and all(m.act_bits == 8 for m in layers)  # every block linear, W1.58A8
     assert student.config.adaln_norm  # TerDiT's adaLN RMSNorm

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from ditq import models, quant
+import ditq
+from ditq import quant
 from ditq.checkpoint import load_tensors, read_metadata, read_safetensors_header, save_checkpoint
 from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.formats import ditq_float, qdit
 from ditq.kernels import ops
 from ditq.models import DiT, DiTConfig
-from ditq.pipelines import ptq
+from ditq.pipelines import deploy
 from ditq.pipelines.qat import export_model
 from ditq.pipelines.sample import sample
 
@@ -45,7 +47,7 @@ def _checkpoint(tmp_path, kind: str):
     path = tmp_path / f"{kind}.safetensors"
     if kind in ("w8a8", "w4a8"):
         config = W8A8 if kind == "w8a8" else W4A8
-        return ptq.save_quantized(quant.quantize_(model, config), path, config)
+        return qdit.save(quant.quantize_(model, config), path, config)
     config = quant.TernaryQATConfig(act_bits=8 if kind == "ternary-a8" else None)
     quant.quantize_(model, config)
     return export_model(model, path, config)
@@ -69,7 +71,7 @@ def _sample(model, **kwargs) -> np.ndarray:
     ],
 )
 def test_deployed_samples_equal_the_fake_quant_models(tmp_path, kind, op):
-    model = ptq.load_model(_checkpoint(tmp_path, kind))
+    model = ditq.load(_checkpoint(tmp_path, kind))
     quant.set_kernels(model, False)
     fake = _sample(model)
     quant.set_kernels(model, True)
@@ -91,7 +93,7 @@ def test_loading_builds_no_float_weight_of_a_quantized_layer(tmp_path, kind, flo
     assert not QUANTIZED_SHAPES & {tuple(v["shape"]) for v in info.values() if v["dtype"] == "F32"}
     spy = float_allocations
     with spy:
-        model = ptq.load_quantized(path)
+        model = ditq.load(path)
     assert not QUANTIZED_SHAPES & set(spy.shapes)
     held = {tuple(t.shape) for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
     assert not QUANTIZED_SHAPES & held
@@ -116,8 +118,8 @@ def test_loading_builds_no_float_weight_of_a_quantized_layer(tmp_path, kind, flo
 def test_older_files_with_codes_one_per_byte_still_load(tmp_path):
     model = quant.quantize_(_dit(), W4A8)
     path = tmp_path / "old.safetensors"
-    models.save(model, path, extra_metadata={"quant_kind": "qdit", "quant_config": W4A8.to_dict()})
-    back = ptq.load_quantized(path)
+    ditq_float.write(model, path, extra_metadata={"quant_kind": "qdit", "quant_config": W4A8.to_dict()})
+    back = ditq.load(path)
     assert back.blocks[0].attn.qkv.packed  # packed on the way in
     x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([5, 500]), torch.tensor([0, 3])
     with torch.no_grad(), ops.use_backend("reference"):
@@ -141,31 +143,33 @@ def test_files_whose_codes_disagree_with_their_metadata_are_one_line_errors(tmp_
     unpacked = quant.quantize_(_dit(), W4A8).blocks[0].attn.qkv.qweight  # 4-bit codes, one per byte
     bad = _rewrite(w4, tmp_path / "a.safetensors", {"blocks.0.attn.qkv.qweight": unpacked})
     with pytest.raises(CheckpointError) as e:
-        ptq.load_quantized(bad)
+        ditq.load(bad)
     _one_line(e, "layer 'blocks.0.attn.qkv': qweight is torch.uint8 (192, 64)", "(192, 32) (int4-packed)")
     with pytest.raises(CheckpointError) as e:
-        ptq.load_quantized(_rewrite(w4, tmp_path / "b.safetensors", meta={"qweight_layout": "int3"}))
+        ditq.load(_rewrite(w4, tmp_path / "b.safetensors", meta={"qweight_layout": "int3"}))
     _one_line(e, "qweight_layout 'int3' is not one this ditq reads")
 
     eight = quant.QDiTConfig(w_bits=8, a_bits=8, w_group=32)  # metadata will say 4 bits
     model = quant.quantize_(_dit(), eight)
     path = tmp_path / "c.safetensors"
     four = dict(eight.to_dict(), w_bits=4)
-    models.save(model, path, extra_metadata={"quant_kind": "qdit", "quant_config": four})  # codes per byte
+    ditq_float.write(
+        model, path, extra_metadata={"quant_kind": "qdit", "quant_config": four}
+    )  # codes per byte
     with pytest.raises(CheckpointError) as e:
-        ptq.load_quantized(path)
+        ditq.load(path)
     _one_line(e, "layer 'blocks.0.attn.qkv': qweight holds codes from 0 to 255", "4-bit range [0, 15]")
 
     ternary = _checkpoint(tmp_path, "ternary")
     narrow = torch.zeros(192, 8, dtype=torch.uint8)
     with pytest.raises(CheckpointError) as e:
-        ptq.load_model(_rewrite(ternary, tmp_path / "d.safetensors", {"blocks.0.attn.qkv.weight": narrow}))
+        ditq.load(_rewrite(ternary, tmp_path / "d.safetensors", {"blocks.0.attn.qkv.weight": narrow}))
     _one_line(e, "blocks.0.attn.qkv.weight: expected (192, 16) (packed 2-bit codes, 4 per byte)")
 
 
 def test_describe_kernels_says_what_each_checkpoint_would_run(tmp_path):
     w8, w4 = _checkpoint(tmp_path, "w8a8"), _checkpoint(tmp_path, "w4a8")
-    d = ptq.describe_kernels(w8, "cpu")
+    d = deploy.describe_kernels(w8, "cpu")
     assert d["backend"] == "auto" and d["device"] == "cpu" and d["available"] == ops.available_backends()
     slow = "float: no fast {} on cpu (backend auto)"
 
@@ -174,19 +178,19 @@ def test_describe_kernels_says_what_each_checkpoint_would_run(tmp_path):
         return f"{op} [{impl}]" if impl != "reference" else slow.format(op)
 
     assert d["layers"] == {runs("w8a8_linear"): 8}
-    assert ptq.describe_kernels(w4, "cpu")["layers"] == {runs("w4a8_linear"): 8}
+    assert deploy.describe_kernels(w4, "cpu")["layers"] == {runs("w4a8_linear"): 8}
     with ops.use_backend("reference"):
-        d = ptq.describe_kernels(w4, "cpu")
+        d = deploy.describe_kernels(w4, "cpu")
     assert d["resolved"] == "reference" and d["layers"] == {"w4a8_linear [reference]": 8}
-    ternary = ptq.describe_kernels(_checkpoint(tmp_path, "ternary-a8"), "cpu")
+    ternary = deploy.describe_kernels(_checkpoint(tmp_path, "ternary-a8"), "cpu")
     assert sum(ternary["layers"].values()) == 10  # adaLN too, as TerDiT
     float_file = tmp_path / "fp.safetensors"
-    models.save(_dit(), float_file)
-    assert ptq.describe_kernels(float_file, "cpu")["layers"] == {}
+    ditq.save(_dit(), float_file)
+    assert deploy.describe_kernels(float_file, "cpu")["layers"] == {}
 
 
 def test_sample_refuses_a_backend_this_machine_lacks(tmp_path):
-    model = ptq.load_model(_checkpoint(tmp_path, "w8a8"))
+    model = ditq.load(_checkpoint(tmp_path, "w8a8"))
     with pytest.raises(InvalidArgumentError, match="unknown kernel backend 'fast'"):
         _sample(model, kernel_backend="fast")
     if not torch.cuda.is_available():
@@ -202,7 +206,7 @@ def test_compare_times_every_checkpoint_and_tables_them(tmp_path):
 
     model = _dit()
     fp_path = tmp_path / "fp32.safetensors"
-    models.save(model, fp_path)
+    ditq.save(model, fp_path)
     w8_path = deploy.save_w8a8(model, tmp_path / "w8a8.safetensors")
     rows = deploy.compare({"FP32": fp_path, "W8A8": w8_path}, batch_size=2, repeats=2)
     assert [r.name for r in rows] == ["FP32", "W8A8"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditq import models
+import ditq
 from ditq.checkpoint import load_tensors
 from ditq.cli.main import main
 from ditq.errors import DitqError
@@ -122,7 +122,7 @@ def test_fsdp_runs_on_cpu_and_writes_full_loadable_checkpoints(runs):
     assert state["opt_format"] == "names" and "blocks.0.attn.qkv.weight" in state["opt"]["state"]
     ref = load_state(root / "ref" / "checkpoints" / "step_0000004.pt")
     assert {k: v.shape for k, v in state["model"].items()} == {k: v.shape for k, v in ref["model"].items()}
-    model = models.load(out / "model.safetensors")  # full (unsharded) EMA weights
+    model = ditq.load(out / "model.safetensors")  # full (unsharded) EMA weights
     assert model.config.depth == 2
     _assert_same_weights(root / "ref", out)  # FSDP's reduce-scatter averages like DDP's all-reduce
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ditq import models
+import ditq
 from ditq.checkpoint import load_tensors, read_metadata
 from ditq.errors import CheckpointError, DitqError
 from ditq.pipelines.train import run_training
@@ -65,7 +65,7 @@ def test_writes_config_log_checkpoints_and_the_ema_model(tmp_path):
     assert meta["command"] == "ditq train --config x.yaml"
     assert TrainRun.from_dict(meta["train_run"]) == run
     assert meta["class_names"][0] == "disk" and meta["train_steps"] == 6
-    model = models.load(out / "model.safetensors")
+    model = ditq.load(out / "model.safetensors")
     cfg = model.config
     assert (cfg.input_size, cfg.in_channels, cfg.num_classes, cfg.depth) == (8, 1, 10, 1)
     state = load_state(result.last_checkpoint)

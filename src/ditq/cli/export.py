@@ -8,7 +8,7 @@ The source is a ``ditq train`` output folder or one of its training states
 (a run with a ``quant: {method: ternary}`` section; its EMA by default), or a
 ternary checkpoint to rewrite. The file holds the ternary weights packed four
 per byte (layout ``k4``), one scale per layer and the float rest; the layout is
-documented in ``ditq.quant.export``. It prints the exact size against float32
+documented in ``ditq.formats.ternary``. It prints the exact size against float32
 and bfloat16; ``--sizes`` writes that breakdown as JSON.
 """
 

@@ -173,7 +173,7 @@ CFG_CHANNELS = {None: "auto", "3": 3, "all": None}
 
 
 def _run_npz(args: argparse.Namespace, class_labels: list[int] | None) -> int:
-    from ditq.pipelines.ptq import load_model
+    from ditq.formats import load as load_model
     from ditq.pipelines.sample import sample_to_npz
     from ditq.train.distributed import env_world_size
 
@@ -218,10 +218,10 @@ def _run_npz(args: argparse.Namespace, class_labels: list[int] | None) -> int:
 
 def _run_grid(args: argparse.Namespace, class_labels: list[int] | None) -> int:
     from ditq.eval.sampling import make_eval_labels
+    from ditq.formats import load as load_model
     from ditq.images import save_grid
     from ditq.kernels import use_backend
     from ditq.models.vae import vae_for_model
-    from ditq.pipelines.ptq import load_model
     from ditq.pipelines.sample import kernel_summary, make_labels, sample
 
     steps, device = _check(args)

@@ -4,7 +4,7 @@ TerDiT: Lu et al., "Ternary Diffusion Models with Transformers". A
 re-implementation of Alpha-VLLM Large-DiT ``DiT_Llama`` as TerDiT's
 inference code runs it (``Lucky-Lance/TerDiT`` ``models.py``), with the same
 module tree and state-dict names, so an official TerDiT checkpoint loads into
-it (see :mod:`ditq.models.terdit`). Differences from DiT: pre-norm RMSNorm
+it (see :mod:`ditq.formats.official_terdit`). Differences from DiT: pre-norm RMSNorm
 (eps 1e-5), attention ``wq/wk/wv/wo`` without bias and with optional QK-norm
 (LayerNorm over the full q and k projections, before RoPE), 1-D rotary
 position embedding over the flattened patch sequence instead of an absolute

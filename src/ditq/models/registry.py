@@ -1,7 +1,7 @@
 """Model sizes as data: ``"DiT-XL/2"`` -> a config, and the builders for each arch.
 
 The registry knows architectures and sizes; where weights come from is
-``hub.py``'s business.
+the business of :mod:`ditq.formats`.
 """
 
 from __future__ import annotations

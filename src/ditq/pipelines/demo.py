@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ditq import models
+from ditq import formats
 from ditq.data import FASHION_MNIST_CLASSES
 from ditq.errors import DitqError, InvalidArgumentError
 from ditq.eval.fmnist import default_evaluator_path, evaluate_fmnist
@@ -141,7 +141,7 @@ def demo_distill_run(
 
 def find_embedded_model() -> Path | None:
     """The path of the embedded demo checkpoint, or ``None`` when this install has none."""
-    return models.hub.embedded_model_path("ditq-fmnist")
+    return formats.embedded_model_path("ditq-fmnist")
 
 
 def tiny_demo_model(seed: int = 0) -> nn.Module:
@@ -220,7 +220,7 @@ def run_demo(
     started = time.perf_counter()
     model_path = find_embedded_model()
     if model_path is not None:
-        model = models.load(model_path, device="cpu")
+        model = formats.load(model_path, device="cpu")
         log(f"model: the embedded Fashion-MNIST DiT ({model_path.name})")
     else:
         model = tiny_demo_model(seed)
@@ -434,7 +434,7 @@ def _deploy_part(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     fp_path = out_dir / "fp32.safetensors"
-    models.save(model.float(), fp_path, command="ditq demo")
+    formats.save(model.float(), fp_path, command="ditq demo")
     paths = {
         "FP32": fp_path,
         "W8A8": deploy.save_w8a8(model, out_dir / "w8a8.safetensors", command="ditq demo"),
@@ -476,8 +476,8 @@ def _ternary_part(
     log: Callable[[str], None],
 ) -> dict | None:
     """Data-free ternary distillation of the embedded model; its FID-FMNIST and file size next to FP."""
+    from ditq.formats.ternary import checkpoint_sizes
     from ditq.pipelines import ptq
-    from ditq.quant.export import checkpoint_sizes
 
     try:
         quality = ptq.quality_function(model)
@@ -496,7 +496,7 @@ def _ternary_part(
         run = demo_distill_run(out_dir, model_path, model.config.to_dict(), steps, seed)
         result = run_training(run, log=lambda _: None)
         trained = time.perf_counter()
-        student = ptq.load_model(result.model_path)
+        student = formats.load(result.model_path)
         if fp_row is None or fp_row.get("samples") != num_samples:  # no PTQ ladder row to reuse
             fp_scores = quality(*ptq.draw_samples(model, spec))
             fp_row = {"fid": ptq.primary_score(fp_scores), "class_acc": fp_scores.get("class_acc")}

@@ -4,7 +4,7 @@
     rows = deploy.compare({"FP32": fp_path, "W8A8": w8a8_path, "ternary": ternary_path}, batch_size=20)
     print(deploy.table(rows))
 
-Each checkpoint is loaded as a user would (:func:`ditq.pipelines.ptq.load_model`:
+Each checkpoint is loaded as a user would (:func:`ditq.load`:
 quantized layers hold their packed codes and run the integer ops of
 :mod:`ditq.kernels` where this machine has them), then one sampling step (the
 model on a batch of noisy inputs, doubled for classifier-free guidance) is
@@ -12,7 +12,8 @@ timed, the variants in turn, repeatedly, so that a change of machine load
 touches them all alike; the fastest repeat is kept (the one least disturbed by
 other work on the machine, as ``timeit`` does). :func:`save_w8a8` writes the W8A8 checkpoint the
 integer ``w8a8_linear`` op runs: symmetric per-channel 8-bit weights (RTN),
-dynamic symmetric per-token 8-bit activations.
+dynamic symmetric per-token 8-bit activations. :func:`describe_kernels` says what
+the layers of a checkpoint would run here, from its header alone (``ditq info``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ditq import quant
+from ditq import formats, quant
 from ditq.errors import InvalidArgumentError
-from ditq.pipelines.ptq import load_model, save_quantized
 from ditq.pipelines.sample import kernel_summary
 
 PathLike = str | os.PathLike
@@ -70,7 +70,7 @@ def save_w8a8(model: nn.Module, path: PathLike, *, command: str | None = None) -
     quant.quantize_(q, W8A8_INTEGER)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_quantized(q, path, W8A8_INTEGER, command=command)
+    formats.save(q, path, config=W8A8_INTEGER, command=command)
     return path
 
 
@@ -108,7 +108,7 @@ def compare(
         raise InvalidArgumentError("compare needs at least one checkpoint")
     if batch_size < 1 or repeats < 1:
         raise InvalidArgumentError(f"batch_size and repeats must be positive, got {batch_size} and {repeats}")
-    loaded = {name: load_model(path).eval() for name, path in checkpoints.items()}
+    loaded = {name: formats.load(path).eval() for name, path in checkpoints.items()}
     configs = {name: m.config for name, m in loaded.items()}
     inputs = {name: _step_inputs(c, batch_size, cfg, seed) for name, c in configs.items()}
     times: dict[str, list[float]] = {name: [] for name in loaded}
@@ -159,3 +159,25 @@ def _short_kernels(summary: str | None) -> str:
     if summary is None:
         return "float (F.linear)"
     return summary.split(": ", 1)[-1]
+
+
+def describe_kernels(path: str | os.PathLike, device: str | torch.device = "auto") -> dict:
+    """Which kernels the quantized layers of checkpoint ``path`` would run on ``device`` under the
+    kernel backend in force: ``backend``, ``device``, ``resolved`` (the concrete backend),
+    ``available`` (this machine's backends) and ``layers`` (``{op or "float: <why>": count}``).
+    Reads the header only and builds no kernels (not-yet-built CPU kernels count as buildable)."""
+    from ditq.common import resolve_device
+    from ditq.kernels import ops
+
+    device = resolve_device(device)
+    model = formats.skeleton(path)
+    counts: dict[str, int] = {}
+    for what in (quant.kernel_plan(model, device, build=False) if model is not None else {}).values():
+        counts[what] = counts.get(what, 0) + 1
+    return {
+        "backend": ops.get_backend(),
+        "device": device.type,
+        "resolved": ops.resolve_backend(device),
+        "available": ops.available_backends(),
+        "layers": counts,
+    }

@@ -1,30 +1,14 @@
-"""Q-DiT post-training quantization as whole workflows: calibrate, (search,) quantize, save, reload.
+"""Q-DiT post-training quantization as a whole workflow with a report: calibrate, (search,) quantize, save.
 
-    from ditq import models, quant
+    import ditq
     from ditq.pipelines import ptq
-    model = models.load("ditq-fmnist")
+    model = ditq.load("ditq-fmnist")
     calib = ptq.record_calibration(model, ptq.CalibSpec(num_samples=256))   # DDIM-50, cfg 1.5
-    ptq.quantize_model(model, quant.QDiTConfig(w_bits=4, a_bits=8), calib=calib, gptq=True)
-    ptq.save_quantized(model, "w4a8.safetensors", command="...")
-    model = ptq.load_quantized("w4a8.safetensors")                          # identical outputs
+    ptq.quantize_model(model, ditq.QDiTConfig(w_bits=4, a_bits=8), calib=calib, gptq=True)
+    ditq.save(model, "w4a8.safetensors")
+    model = ditq.load("w4a8.safetensors")                                    # identical outputs
 
-A quantized checkpoint is a ditq safetensors file whose state dict holds the
-integer codes and group parameters of every quantized layer (``qweight``,
-``w_scale``, ``w_zero``, static ``act_quant.lo/hi``) beside the float tensors
-of the rest, with ``model_config`` and ``quant_config`` (the full
-:class:`~ditq.quant.QDiTConfig`, per-layer map included) in its metadata.
-``qweight`` holds the codes of layers of at most 4 bits packed two per byte
-(uint8 ``[out, in/2]``, the int4 layout of :mod:`ditq.kernels.packing`,
-symmetric codes as ``q + 8``; metadata ``qweight_layout: "int4"``) and
-those of wider layers one per byte (uint8/int8 ``[out, in]``); files without
-``qweight_layout`` (older ones) hold every layer's codes one per byte.
-
-:func:`load_quantized` builds the model on the meta device and adopts the
-file's tensors: no float weight of a quantized layer is ever allocated, and
-the codes of layers of at most 4 bits stay packed in memory. In eval mode the
-layers run the integer ops of :mod:`ditq.kernels` where their settings fit
-one (:mod:`ditq.quant.nn`); ``ditq.kernels.set_backend`` chooses the
-implementation.
+``ditq ptq`` is :func:`run_ptq`. The checkpoint format is :mod:`ditq.formats.qdit`.
 """
 
 from __future__ import annotations
@@ -34,8 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from itertools import chain
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,23 +26,15 @@ import torch
 from torch import nn
 
 from ditq import checkpoint as ckpt
-from ditq import quant
+from ditq import formats, quant
 from ditq.errors import CheckpointError, InvalidArgumentError
-from ditq.models import hub, registry
+from ditq.formats.official_dit import resolve_cache_dir
 from ditq.models.dit import DiT
 from ditq.pipelines.sample import make_labels, sample
 from ditq.quant.calibration import CalibrationData, CalibrationRecorder, run_calibration
 from ditq.quant.gptq import gptq_model
 
 Log = Callable[[str], None]
-
-QUANT_KIND = "qdit"
-"""``quant_kind`` in the metadata of a Q-DiT checkpoint."""
-
-QWEIGHT_LAYOUTS = ("codes", "int4")
-"""``qweight_layout`` values: codes one per byte everywhere (files without the key), or packed int4 codes
-for layers of at most 4 bits (what :func:`save_quantized` writes)."""
-
 
 # ----------------------------------------------------------------------------
 # Calibration data
@@ -99,7 +74,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def _calib_cache_path(model: nn.Module, spec: CalibSpec, cache_dir: str | os.PathLike | None) -> Path:
     key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
-    return hub.resolve_cache_dir(cache_dir) / "calibration" / f"{model_fingerprint(model)}-{key}.safetensors"
+    return resolve_cache_dir(cache_dir) / "calibration" / f"{model_fingerprint(model)}-{key}.safetensors"
 
 
 def record_calibration(
@@ -198,180 +173,6 @@ def quantize_model(
         with quant.calibrate(model):
             run_calibration(model, calib, batch_size)
     return model
-
-
-# ----------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------
-
-
-def save_quantized(
-    model: nn.Module,
-    path: str | os.PathLike,
-    config: quant.QDiTConfig,
-    *,
-    command: str | None = None,
-    extra_metadata: dict | None = None,
-) -> Path:
-    """Write a quantized model (codes, group parameters, float rest) with its configs, atomically.
-
-    Codes of layers of at most 4 bits are written int4-packed (see the module doc); the model is
-    not changed."""
-    if not quant.quantized_layers(model):
-        raise InvalidArgumentError("the model has no quantized layers; quantize it before save_quantized")
-    meta = {
-        "quant_kind": QUANT_KIND,
-        "quant_config": config.to_dict(),
-        "qweight_layout": "int4",
-        **(extra_metadata or {}),
-    }
-    hub.save(model, path, command=command, extra_metadata=meta, state_dict=quant.packed_state_dict(model))
-    return Path(path)
-
-
-def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a ditq safetensors file with a ``quant_config`` in its metadata."""
-    p = Path(path)
-    if not p.is_file() or not ckpt.is_safetensors(p):
-        return False
-    try:
-        return "quant_config" in ckpt.read_metadata(p)
-    except CheckpointError:
-        return False
-
-
-def load_quantized(
-    path: str | os.PathLike, *, device: str | torch.device = "cpu", packed: bool = True
-) -> nn.Module:
-    """Rebuild a model saved by :func:`save_quantized`: same layers, codes and outputs, in eval mode.
-
-    The model is built on the meta device and adopts the file's tensors, so no float weight of a
-    quantized layer is ever allocated; with ``packed`` (default) the codes of layers of at most 4
-    bits stay two per byte. Codes that do not fit the metadata (bit width, layout) are a one-line
-    :class:`CheckpointError` naming the layer. Ternary checkpoints go to
-    :func:`ditq.pipelines.qat.load_ternary`.
-    """
-    meta = ckpt.read_metadata(path)
-    if "quant_config" not in meta or "model_config" not in meta:
-        raise CheckpointError(f"{path} is not a quantized ditq checkpoint (no quant_config/model_config)")
-    if meta.get("quant_kind") == "ternary":  # TerDiT QAT, packed 2-bit (ditq export)
-        from ditq.pipelines.qat import load_ternary
-
-        return load_ternary(path, device=device)
-    if meta.get("quant_kind", QUANT_KIND) != QUANT_KIND:
-        raise CheckpointError(f"{path} holds a '{meta['quant_kind']}' model, not a Q-DiT one")
-    layout = meta.get("qweight_layout", "codes")
-    if layout not in QWEIGHT_LAYOUTS:
-        raise CheckpointError(
-            f"{path}: qweight_layout {layout!r} is not one this ditq reads ({', '.join(QWEIGHT_LAYOUTS)}); "
-            "a newer ditq wrote it"
-        )
-    config = registry.config_from_dict(meta["model_config"])
-    try:
-        qconfig = quant.QDiTConfig.from_dict(meta["quant_config"])
-    except InvalidArgumentError as e:
-        raise CheckpointError(f"{path}: its quant_config does not parse: {e}") from None
-    with torch.device("meta"):  # shapes only: the file's tensors are adopted below
-        model = registry.build_model(config)  # a DiT, or a Large-DiT quantized through the API
-    try:
-        quant.load_quantized_state_dict(
-            model, ckpt.load_tensors(path), qconfig, layout=layout, packed=packed, assign=True
-        )
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    left = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
-    if left:
-        raise CheckpointError(
-            f"{path}: the model has tensors the checkpoint does not hold ({', '.join(left[:3])})"
-        )
-    for q in quant.quantized_layers(model).values():
-        if q.bias is not None:  # an inference model: its layers need no gradient to run the kernels
-            q.bias.requires_grad_(False)
-    model.quant_config = qconfig
-    return model.to(device).eval()
-
-
-def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", **kwargs) -> nn.Module:
-    """:func:`ditq.models.load` for float models, :func:`load_quantized` for quantized checkpoints."""
-    if is_quantized_checkpoint(name_or_path):
-        model = load_quantized(name_or_path, device=device)
-        size = kwargs.get("image_size")
-        if size is not None and size != hub._image_size(model.config):
-            raise CheckpointError(
-                f"{name_or_path} holds a model for {hub._image_size(model.config)} px images, not {size} px"
-            )
-        return model
-    return hub.load(name_or_path, device=device, **kwargs)
-
-
-def kernel_skeleton(path: str | os.PathLike) -> nn.Module | None:
-    """The model of a quantized checkpoint on the meta device, its quantized layers swapped in (empty:
-    nothing is read but the header); None for a float checkpoint. For :func:`describe_kernels`."""
-    meta = ckpt.read_metadata(path)
-    kind = meta.get("quant_kind") or (QUANT_KIND if "quant_config" in meta else None)
-    if kind is None:
-        return None
-    if not isinstance(meta.get("model_config"), dict):
-        raise CheckpointError(f"{path} has no model_config in its metadata")
-    try:
-        return _kernel_skeleton(path, meta, kind)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, InvalidArgumentError):
-            raise CheckpointError(f"{path}: {e}") from None
-        raise CheckpointError(
-            f"{path} does not describe a model ditq can build ({type(e).__name__}: {e})"
-        ) from None
-
-
-def _kernel_skeleton(path, meta: dict, kind: str) -> nn.Module:
-    if kind == "ternary":
-        from ditq.quant import export as ternary_export
-        from ditq.quant.ternary import empty_ternary_
-
-        _, tconfig, layers = ternary_export.read_ternary_metadata(path)
-        with torch.device("meta"):
-            model = registry.build_model(registry.config_from_dict(meta["model_config"]))
-        empty_ternary_(model, replace(tconfig, step="convert"), include=layers, exclude=[])
-        return model
-    if kind != QUANT_KIND:
-        raise CheckpointError(f"{path} holds a '{kind}' model, which this ditq does not run")
-    try:
-        qconfig = quant.QDiTConfig.from_dict(meta["quant_config"])
-    except InvalidArgumentError as e:
-        raise CheckpointError(f"{path}: its quant_config does not parse: {e}") from None
-    with torch.device("meta"):
-        model = registry.build_model(registry.config_from_dict(meta["model_config"]))
-    info, _ = ckpt.read_safetensors_header(path)
-    from ditq.quant.presets import set_module
-
-    for key in info:
-        name = key[: -len(".qweight")]
-        if key.endswith(".qweight") and isinstance(model.get_submodule(name), nn.Linear):
-            q = quant.QuantLinear.empty(model.get_submodule(name), qconfig.for_layer(name), layer=name)
-            set_module(model, name, q)
-    return model
-
-
-def describe_kernels(path: str | os.PathLike, device: str | torch.device = "auto") -> dict:
-    """Which kernels the quantized layers of checkpoint ``path`` would run on ``device`` under the
-    kernel backend in force: ``backend``, ``device``, ``resolved`` (the concrete backend),
-    ``available`` (this machine's backends) and ``layers`` (``{op or "float: <why>": count}``).
-    Reads the header only and builds no kernels (not-yet-built CPU kernels count as buildable)."""
-    from ditq.common import resolve_device
-    from ditq.kernels import ops
-
-    device = resolve_device(device)
-    model = kernel_skeleton(path)
-    counts: dict[str, int] = {}
-    for what in (quant.kernel_plan(model, device, build=False) if model is not None else {}).values():
-        counts[what] = counts.get(what, 0) + 1
-    return {
-        "backend": ops.get_backend(),
-        "device": device.type,
-        "resolved": ops.resolve_backend(device),
-        "available": ops.available_backends(),
-        "layers": counts,
-    }
 
 
 # ----------------------------------------------------------------------------
@@ -536,7 +337,7 @@ def run_ptq(
     layers = {}
     if options.layer_config:
         layers = quant.read_layer_config(options.layer_config)["layers"]
-    model = load_model(options.model, device=device)
+    model = formats.load(options.model, device=device)
     if not isinstance(model, DiT):
         raise InvalidArgumentError(f"ditq ptq quantizes float DiT models; {options.model} is not one")
     timings["load"] = time.perf_counter() - t0
@@ -585,7 +386,7 @@ def run_ptq(
         q_quality = quality(*draw_samples(model, options.eval, progress=progress))
         timings["eval_quantized"] = time.perf_counter() - t
 
-    path = save_quantized(model, options.out, config, command=options.command)
+    path = formats.save(model, options.out, config=config, command=options.command)
     timings["total"] = time.perf_counter() - t0
     report = {
         "model": options.model,

@@ -1,15 +1,15 @@
-"""TerDiT ternary QAT as workflows: a trained run to a packed 2-bit checkpoint, and back to a model.
+"""TerDiT ternary QAT as a workflow: a trained run to a packed 2-bit checkpoint.
 
+    import ditq
     from ditq.pipelines import qat
     qat.export_ternary("out/terdit_600m", "terdit-600m.safetensors")  # a run folder or a training state
-    model = qat.load_ternary("terdit-600m.safetensors")               # never holds float ternary weights
+    model = ditq.load("terdit-600m.safetensors")                      # never holds float ternary weights
 
 Training itself is ``ditq train`` with a ``quant:`` section
 (:mod:`ditq.pipelines.train`): it prepares the model, trains latent weights
 and α, keeps that QAT state in its training states, and writes the converted
 EMA as ``OUT/model.safetensors``. The file layout is documented in
-:mod:`ditq.quant.export`; :func:`ditq.pipelines.ptq.load_model` (and so
-``ditq sample``) loads it through :func:`load_ternary`.
+:mod:`ditq.formats.ternary`; :func:`ditq.load` (and so ``ditq sample``) reads it.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torch import nn
 
 from ditq import checkpoint as ckpt
 from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.formats import ternary as ternary_export
 from ditq.models import registry
 from ditq.quant import TernaryQATConfig, TernaryQATLinear, quantize_
-from ditq.quant import export as ternary_export
 
 PathLike = str | os.PathLike
 WEIGHTS = ("ema", "model")
@@ -146,7 +146,7 @@ def export_ternary(
                 f"{src} holds {kind}; ditq export packs ternary QAT runs: give the run folder or a training "
                 "state of a run trained with a 'quant: {method: ternary}' section"
             )
-        model = load_ternary(src)
+        model = ternary_export.load(src)
         meta = {k: v for k, v in ckpt.read_metadata(src).items() if k in _KEPT}
         config = model.quant_config
     else:
@@ -171,28 +171,6 @@ _KEPT = ("weights", "train_steps", "train_run", "data", "class_names", "vae")
 """Metadata carried over when a ternary checkpoint is rewritten."""
 
 
-def load_ternary(
-    path: PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> nn.Module:
-    """A model from a ternary checkpoint, in eval mode on ``device``, its ternary layers packed.
-
-    The model is built on the meta device and adopts the file's tensors
-    (:func:`ditq.quant.export.load_ternary_into`): the float weights of its
-    ternary layers never exist. Floating-point tensors come back as ``dtype``.
-    """
-    meta, qconfig, _ = ternary_export.read_ternary_metadata(path)
-    try:
-        config = registry.config_from_dict(meta["model_config"])
-        config.validate()
-    except InvalidArgumentError as e:
-        raise CheckpointError(f"{path}: its model_config does not make a model: {e}") from None
-    with torch.device("meta"):
-        model = registry.build_model(config)
-    ternary_export.load_ternary_into(model, path, dtype=dtype)
-    model.quant_config = qconfig
-    return model.to(device).eval()
-
-
 def _describe_safetensors(path: Path) -> str:
     try:
         meta = ckpt.read_metadata(path)
@@ -204,4 +182,4 @@ def _describe_safetensors(path: Path) -> str:
     return "a full-precision model"
 
 
-__all__ = ["ExportResult", "export_model", "export_ternary", "load_ternary", "qat_model_from_state"]
+__all__ = ["ExportResult", "export_model", "export_ternary", "qat_model_from_state"]

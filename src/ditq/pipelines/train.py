@@ -16,7 +16,7 @@ Three ways to start, and quantization-aware training on top of any:
 
 - from scratch (the registry init, seeded);
 - ``init: {from: NAME_OR_PATH}``: full-precision weights (anything
-  :func:`ditq.models.load` takes) loaded into the model before anything else
+  :func:`ditq.load` takes) loaded into the model before anything else
   (fine-tuning); TerDiT's adaLN RMSNorm gains, which a float model lacks, start
   at the RMS of the float adaLN outputs (``adaln_gain: rms``, see
   :func:`adaln_rms_gains_`; with gains of 1, ``adaln_gain: one``, a ternary
@@ -30,8 +30,8 @@ is built, so the latent weights and each layer's α train; EMA and training
 states hold that QAT state (``--resume`` continues it exactly), and
 ``OUT/model.safetensors`` holds the *converted* raw weights (``checkpoint.export:
 auto``; ``ema`` for the EMA, see :class:`~ditq.train.config.CheckpointSpec` for why
-not by default): packed 2-bit weights (:mod:`ditq.quant.export`), loadable by
-:func:`ditq.pipelines.ptq.load_model` and ``ditq sample``. ``ditq export RUN
+not by default): packed 2-bit weights (:mod:`ditq.formats.ternary`), loadable by
+:func:`ditq.load` and ``ditq sample``. ``ditq export RUN
 --weights ema|model`` converts either from a training state.
 
 Under ``torchrun --nproc_per_node=K`` the same call trains on K processes
@@ -56,7 +56,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ditq.errors import CheckpointError, DitqError, InvalidArgumentError
-from ditq.models import build_model, config_from_dict, get_config, save
+from ditq.formats.ditq_float import write as save
+from ditq.models import build_model, config_from_dict, get_config
 from ditq.models.registry import ModelConfig
 from ditq.train.checkpoint import CheckpointDir
 from ditq.train.config import ConfigError, DataSpec, ModelSpec, QuantSpec, TrainRun
@@ -207,14 +208,14 @@ def resolve_model_config(spec: ModelSpec, data: TrainData, quant: QuantSpec | No
 def init_from(
     model: nn.Module, source: str, log: Callable[[str], None] | None = None, *, adaln_gain: str = "rms"
 ) -> None:
-    """Load full-precision weights (anything :func:`ditq.models.load` takes) into ``model``, a float model.
+    """Load full-precision weights (anything :func:`ditq.load` takes) into ``model``, a float model.
 
     The source's config must be ``model``'s but for ``adaln_norm`` and
     ``class_dropout_prob``. The adaLN RMSNorm gains ``model`` has and the
     source lacks start at 1 (``adaln_gain="one"``) or, by default (``"rms"``),
     at the mean RMS of each block's adaLN outputs (see :func:`adaln_rms_gains_`).
     """
-    from ditq.models import load
+    from ditq.formats import load
 
     try:
         loaded = load(source)

@@ -22,8 +22,6 @@ GPTQ), and the primitives it is built from.
                  convert through quantize_), TernaryQATLinear (latent weights, STE, learnable
                  alpha or absmean gamma, optional int8 activations), TernaryLinear (packed 2-bit,
                  integer kernels in eval mode)
-    export       ternary checkpoints: the file layout (packed "k4" codes, per-layer scales, float
-                 rest), save_ternary, load_ternary_into (meta-device loading), checkpoint_sizes
 
 ``quant`` never imports ``models``, ``diffusion`` or ``eval``: it sees tensors, modules and names.
 """
@@ -42,7 +40,6 @@ from ditq.quant.api import (
 )
 from ditq.quant.calibration import CalibrationData, CalibrationRecorder, run_calibration
 from ditq.quant.config import PER_TENSOR, LayerQuant, QDiTConfig
-from ditq.quant.export import checkpoint_sizes, is_ternary_checkpoint, load_ternary_into, save_ternary
 from ditq.quant.gptq import GPTQ, GPTQResult, find_stages, gptq_model, gptq_quantize
 from ditq.quant.granularity import (
     Granularity,
@@ -176,8 +173,4 @@ __all__ = [
     "select_ternary_layers",
     "ternarize",
     "ternary_layers",
-    "checkpoint_sizes",
-    "is_ternary_checkpoint",
-    "load_ternary_into",
-    "save_ternary",
 ]

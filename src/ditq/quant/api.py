@@ -286,7 +286,7 @@ def load_quantized_state_dict(
     gives their bits and group sizes. ``layout`` says how the state dict holds
     the codes of layers of at most 4 bits (and an even number of inputs):
     ``"codes"`` one per byte ``[out, in]``, ``"int4"`` packed ``[out, in/2]``
-    (what :func:`packed_state_dict` and ``save_quantized`` write), ``"auto"``
+    (what :func:`packed_state_dict` and ``ditq.save`` writes), ``"auto"``
     either; other layers always hold codes one per byte. ``packed=True``
     makes the rebuilt layers store packed codes (:meth:`QuantLinear.pack_`).
     ``assign`` adopts the state dict's tensors instead of copying them

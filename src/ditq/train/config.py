@@ -24,7 +24,7 @@ A recipe file (``configs/*.yaml``) looks like::
       strategy: ddp                 # ddp | fsdp (FSDP2: blocks and root sharded)
       backend: auto                 # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     init:                           # optional: fine-tune from full-precision weights
-      from: ditq-fmnist             # anything ditq.models.load takes (name, file)
+      from: ditq-fmnist             # anything ditq.load takes (name, file)
       adaln_gain: rms               # new adaLN RMSNorm gains: rms (the float outputs' scale) | one
     quant:                          # optional: quantization-aware training (TerDiT)
       method: ternary               # the one QAT method (Q-DiT is post-training: ditq ptq)
@@ -144,7 +144,7 @@ class DistributedSpec:
 class InitSpec:
     """Full-precision weights to start from (fine-tuning), loaded before ``quant`` prepares the model.
 
-    ``from`` (YAML key; ``from_`` here) is anything :func:`ditq.models.load`
+    ``from`` (YAML key; ``from_`` here) is anything :func:`ditq.load`
     takes. Its config must be the run's model config but for ``adaln_norm``
     and ``class_dropout_prob``. TerDiT's adaLN RMSNorm gains, absent from a
     float model, start at ``adaln_gain``: ``rms`` (default), each block's mean

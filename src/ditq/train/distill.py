@@ -65,8 +65,8 @@ POOL_CHUNK = 64
 
 
 def load_teacher(name_or_path: str, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The teacher: anything :func:`ditq.models.load` takes, frozen, in eval mode."""
-    from ditq.models import load
+    """The teacher: anything :func:`ditq.load` takes, frozen, in eval mode."""
+    from ditq.formats import load
 
     try:
         teacher = load(name_or_path, device=device)

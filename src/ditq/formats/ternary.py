@@ -1,4 +1,4 @@
-"""Ternary checkpoints: the file ``ditq export`` writes, how it is read back, and what it weighs.
+"""Ternary checkpoints (TerDiT QAT): the file ``ditq export`` writes, how it is read back, what it weighs.
 
 A ternary checkpoint is a ditq safetensors checkpoint (:mod:`ditq.checkpoint`)
 of a model whose ternary layers are packed :class:`~ditq.quant.TernaryLinear`:
@@ -40,8 +40,6 @@ weight of a ternary layer exists at any point.
 file) against the same model in float32 and bfloat16, and lists what stays in
 floating point.
 
-Like the rest of :mod:`ditq.quant`, this module sees modules and names only;
-building the model a file describes is :mod:`ditq.pipelines.qat`'s job.
 """
 
 from __future__ import annotations
@@ -59,6 +57,7 @@ from torch import nn
 
 from ditq import checkpoint as ckpt
 from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.formats import build, ditq_float
 from ditq.quant.ternary import LAYOUT, TernaryLinear, TernaryQATConfig, TernaryQATLinear, empty_ternary_
 
 QUANT_KIND = "ternary"
@@ -153,21 +152,15 @@ def save_ternary(
         )
     cast = _float_dtype(float_dtype)
     meta = ternary_metadata(model, config, None if cast is None else _dtype_name(cast))
-    from ditq import __version__
-
-    metadata: dict[str, Any] = {"model_config": config_obj.to_dict(), "ditq_version": __version__}
-    if command is not None:
-        metadata["command"] = command
-    for k, v in (extra_metadata or {}).items():
-        if k in ("format_version", "model_config", *meta):
-            raise ValueError(f"extra_metadata cannot set '{k}'; save_ternary writes it")
-        metadata[k] = v
-    metadata.update(meta)
+    clash = [k for k in (extra_metadata or {}) if k in meta]
+    if clash:
+        raise InvalidArgumentError(f"extra_metadata cannot set '{clash[0]}'; save_ternary writes it")
     state = model.state_dict()
     if cast is not None:
         state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
-    ckpt.save_checkpoint(path, state, metadata)
-    return Path(path)
+    return ditq_float.write(
+        model, path, command=command, extra_metadata={**(extra_metadata or {}), **meta}, state_dict=state
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -240,7 +233,8 @@ def load_ternary_into(
     absent = [n for n in layers if not isinstance(modules.get(n), nn.Linear)]
     if absent:
         raise CheckpointError(
-            f"{path} lists ternary layers the model of its model_config has no linear for: {_few(absent)}"
+            f"{path} lists ternary layers that the model of its model_config has no linear for: "
+            f"{build.few(absent)}"
         )
     try:
         empty_ternary_(skeleton, replace(config, step="convert"), include=layers, exclude=[])
@@ -254,8 +248,30 @@ def load_ternary_into(
     skeleton.load_state_dict(tensors, strict=True, assign=True)
     left = [n for n, t in chain(skeleton.named_parameters(), skeleton.named_buffers()) if t.is_meta]
     if left:
-        raise CheckpointError(f"{path}: the model has tensors no checkpoint holds ({_few(left)})")
+        raise CheckpointError(f"{path}: the model has tensors no checkpoint holds ({build.few(left)})")
     return skeleton
+
+
+def load(path: PathLike, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A model from a ternary checkpoint, in eval mode on the CPU, its ternary layers packed.
+
+    The model is built on the meta device and adopts the file's tensors
+    (:func:`load_ternary_into`): the float weights of its ternary layers never
+    exist. Floating-point tensors come back as ``dtype``.
+    """
+    meta, qconfig, _ = read_ternary_metadata(path)
+    model = build.meta_skeleton(build.config_from_metadata(meta, str(path)))
+    load_ternary_into(model, path, dtype=dtype)
+    model.quant_config = qconfig
+    return model.eval()
+
+
+def skeleton(path: PathLike) -> nn.Module:
+    """The model of a ternary checkpoint on the meta device, its ternary layers swapped in (header only)."""
+    meta, tconfig, layers = read_ternary_metadata(path)
+    model = build.meta_skeleton(build.config_from_metadata(meta, str(path)))
+    empty_ternary_(model, replace(tconfig, step="convert"), include=layers, exclude=[])
+    return model
 
 
 def _check_header(path, expected: dict[str, tuple], info: dict[str, dict]) -> None:
@@ -276,11 +292,11 @@ def _check_header(path, expected: dict[str, tuple], info: dict[str, dict]) -> No
             bad.append(f"{k}: expected {want}, found {info[k]['dtype']}")
     problems = []
     if missing:
-        problems.append(f"missing {_few(missing)}")
+        problems.append(f"missing {build.few(missing)}")
     if unexpected:
-        problems.append(f"unexpected {_few(unexpected)}")
+        problems.append(f"unexpected {build.few(unexpected)}")
     if bad:
-        problems.append(f"mismatched {_few(bad)}")
+        problems.append(f"mismatched {build.few(bad)}")
     if problems:
         raise CheckpointError(f"{path} does not fit the model of its own metadata: {'; '.join(problems)}")
 
@@ -321,7 +337,7 @@ def checkpoint_sizes(source: PathLike | nn.Module) -> dict:
                     f"{source}: tensor {k} has dtype {v['dtype']}, which ditq does not read"
                 )
             shape = tuple(v["shape"])
-            entries[k] = (shape, dtype, _numel(shape) * size)
+            entries[k] = (shape, dtype, build.numel(shape) * size)
         file_bytes = Path(source).stat().st_size
     if not layers:
         raise InvalidArgumentError("no ternary layers to count; convert the model first")
@@ -338,7 +354,7 @@ def checkpoint_sizes(source: PathLike | nn.Module) -> dict:
         ternary_keys.add(f"{name}.alphas")
         if f"{name}.bias" in entries:
             biases += entries[f"{name}.bias"][2]
-            bias_params += _numel(entries[f"{name}.bias"][0])
+            bias_params += build.numel(entries[f"{name}.bias"][0])
             ternary_keys.add(f"{name}.bias")
     groups: dict[str, dict] = {}
     for k, (shape, dtype, nbytes) in entries.items():
@@ -348,7 +364,7 @@ def checkpoint_sizes(source: PathLike | nn.Module) -> dict:
             re.sub(r"^(\w+)\.\d+\.", r"\1.*.", k), {"tensors": 0, "params": 0, "bytes": 0, "dtypes": []}
         )
         g["tensors"] += 1
-        g["params"] += _numel(shape)
+        g["params"] += build.numel(shape)
         g["bytes"] += nbytes
         name = str(dtype).removeprefix("torch.")
         if name not in g["dtypes"]:
@@ -417,18 +433,6 @@ def _float_dtypes_of(state: Mapping[str, torch.Tensor]) -> str:
     return names[0] if len(names) == 1 else "mixed: " + ", ".join(names)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _few(items: list[str], n: int = 3) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
 __all__ = [
     "BITS",
     "CODE",
@@ -436,9 +440,11 @@ __all__ = [
     "QUANT_KIND",
     "checkpoint_sizes",
     "is_ternary_checkpoint",
+    "load",
     "load_ternary_into",
     "read_ternary_metadata",
     "save_ternary",
+    "skeleton",
     "sizes_line",
     "ternary_metadata",
 ]

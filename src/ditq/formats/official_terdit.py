@@ -11,8 +11,8 @@ A TerDiT release is a folder with two pickles:
   ``model`` (``DiT_Llama_600M_patch2``...), ``image_size``, ``num_classes``
   and ``qk_norm`` are the fields sampling needs.
 
-:func:`load_official` (and so :func:`ditq.models.load` given such a folder, or
-its ``consolidated*.pth`` file) builds a :class:`~ditq.models.large_dit.LargeDiT`
+:func:`load_official` (and so :func:`ditq.load` given such a folder, or its
+``consolidated*.pth`` file) builds a :class:`~ditq.models.large_dit.LargeDiT`
 whose ternary layers are :class:`ditq.quant.TernaryLinear`, and loads the
 weights strictly. The packed weights are **repacked** at load time into
 ditq's ``"k4"`` layout (four consecutive inputs per byte, what ditq's kernels
@@ -28,7 +28,7 @@ is the one extra class let in (it only holds attribute values).
 ImageNet id, so its label for ImageNet class ``k`` is the position of
 ``str(k)`` in the sorted list ``["0", "1", "10", "100", ...]`` (its
 ``class_to_idx.json``: 89 -> 878). Loaded models carry
-``config.label_order = "lexicographic"``; :func:`map_class_labels` (or
+``config.label_order = "lexicographic"``; :func:`ditq.models.map_class_labels` (or
 ``model.map_labels``) turns ImageNet ids into those labels. The null label
 (``num_classes``, 1000) is not remapped, as in the original ``sample.py``.
 Sampling code should call it on the class ids before the model sees them::
@@ -49,8 +49,9 @@ import torch
 from torch import nn
 
 from ditq.errors import CheckpointError, InvalidArgumentError
-from ditq.models import hub, registry
-from ditq.models.large_dit import LargeDiT, LargeDiTConfig, lexicographic_label_table, map_class_labels
+from ditq.formats import build, pickles
+from ditq.models import registry
+from ditq.models.large_dit import LargeDiT, LargeDiTConfig, lexicographic_label_table
 from ditq.quant.ternary import TernaryLinear, TernaryQATConfig, empty_ternary_
 
 CHECKPOINT_FILE = "consolidated_ema_ternary.00-of-01.pth"
@@ -104,13 +105,13 @@ def load_official(
     state_dict = _read_state_dict(ckpt_path)
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     config = config_from_args(args, shapes, num_heads=num_heads, source=str(ckpt_path))
-    if image_size is not None and image_size != config.input_size * hub.LATENT_DOWNSAMPLE:
+    if image_size is not None and image_size != config.input_size * build.LATENT_DOWNSAMPLE:
         raise CheckpointError(
-            f"{ckpt_path} holds a model for {config.input_size * hub.LATENT_DOWNSAMPLE} px images "
+            f"{ckpt_path} holds a model for {config.input_size * build.LATENT_DOWNSAMPLE} px images "
             f"(model_args.pth image_size), not {image_size} px; drop image_size or use another checkpoint"
         )
     model = build_skeleton(config)
-    hub._check_fits(official_shapes(model), state_dict, str(ckpt_path), config)
+    build.check_fits(official_shapes(model), state_dict, str(ckpt_path), config)
     reference = model.state_dict()
     loaded = {}
     for k, v in state_dict.items():
@@ -128,7 +129,7 @@ def load_official(
 
 
 def describe_official(path: PathLike, *, num_heads: int | None = None) -> dict[str, Any]:
-    """What a TerDiT checkpoint holds, as :func:`ditq.models.hub.describe` gives it (``"terdit-official"``).
+    """What a TerDiT checkpoint holds, as :func:`ditq.formats.describe` gives it (``"terdit-official"``).
 
     ``num_parameters`` counts weights, not bytes: each packed uint8 holds four
     ternary weights. ``metadata`` has the plain fields of ``model_args.pth``.
@@ -139,7 +140,7 @@ def describe_official(path: PathLike, *, num_heads: int | None = None) -> dict[s
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     out: dict[str, Any] = {
         "path": str(ckpt_path),
-        "format": "terdit-official",
+        "format": FORMAT,
         "file_size": ckpt_path.stat().st_size,
     }
     try:
@@ -184,14 +185,14 @@ def find_files(path: PathLike) -> tuple[Path, Path]:
 
 def read_args(path: PathLike) -> dict[str, Any]:
     """The plain fields of ``model_args.pth`` (an ``argparse.Namespace``, or a dict) as a dict."""
-    obj = hub._torch_load(Path(path))
+    obj = pickles.torch_load(Path(path))
     if isinstance(obj, argparse.Namespace):
         obj = vars(obj)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, not the argparse Namespace of Large-DiT's train.py"
         )
-    return {str(k): v for k, v in obj.items() if hub._is_plain(v)}
+    return {str(k): v for k, v in obj.items() if pickles.is_plain(v)}
 
 
 def config_from_args(
@@ -241,7 +242,7 @@ def config_from_args(
             f"{source}: {ARGS_FILE} has no image_size; it is not a Large-DiT train.py Namespace"
         )
     image_size = int(args["image_size"])
-    if image_size % hub.LATENT_DOWNSAMPLE:
+    if image_size % build.LATENT_DOWNSAMPLE:
         raise CheckpointError(f"{source}: image_size {image_size} in {ARGS_FILE} is not a multiple of 8")
     heads = num_heads or _heads(model_name, dim, n_layers)
     if heads is None:
@@ -250,7 +251,7 @@ def config_from_args(
             f"(model {model_name!r} is not an official size); pass num_heads= (--num-heads in the CLI)"
         )
     config = LargeDiTConfig(
-        input_size=image_size // hub.LATENT_DOWNSAMPLE,
+        input_size=image_size // build.LATENT_DOWNSAMPLE,
         patch_size=patch,
         in_channels=in_channels,
         dim=dim,
@@ -304,8 +305,8 @@ def _consolidated(folder: Path) -> list[Path]:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    obj = hub._torch_load(path)
-    if not isinstance(obj, Mapping) or not hub._is_state_dict(obj):
+    obj = pickles.torch_load(path)
+    if not isinstance(obj, Mapping) or not pickles.is_state_dict(obj):
         raise CheckpointError(f"{path} is not a state dict (a flat mapping of names to tensors)")
     return dict(obj)
 
@@ -324,8 +325,12 @@ def _heads(model_name: str, dim: int, n_layers: int) -> int | None:
     return None
 
 
+FORMAT = "terdit-official"
+"""``describe()['format']`` of an official TerDiT checkpoint."""
+
 __all__ = [
     "ARGS_FILE",
+    "FORMAT",
     "CHECKPOINT_FILE",
     "IMAGENET_CLASS_TO_IDX",
     "OFFICIAL_SIZES",
@@ -335,7 +340,6 @@ __all__ = [
     "find_files",
     "is_official_checkpoint",
     "load_official",
-    "map_class_labels",
     "official_shapes",
     "read_args",
 ]

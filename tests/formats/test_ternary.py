@@ -10,14 +10,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ditq import models
+import ditq
 from ditq.checkpoint import load_tensors, read_metadata, read_safetensors_header, save_checkpoint
 from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.formats.ternary import checkpoint_sizes, is_ternary_checkpoint, save_ternary, sizes_line
 from ditq.models import DiTConfig, LargeDiTConfig, build_model
-from ditq.pipelines.ptq import load_model
-from ditq.pipelines.qat import export_model, load_ternary
+from ditq.pipelines.qat import export_model
 from ditq.quant import TernaryLinear, TernaryQATConfig, quantize_, set_kernels, ternary_layers
-from ditq.quant.export import checkpoint_sizes, is_ternary_checkpoint, save_ternary, sizes_line
 
 DIT = DiTConfig(
     depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=5
@@ -76,7 +75,7 @@ def test_prepare_train_convert_export_load_is_exact(tmp_path, config, qconfig):
         want_cfg = qat.forward_with_cfg(x, t, torch.tensor([1, 2, 5, 5]), 3.0, cfg_channels=None)
     path = export_model(copy.deepcopy(qat), tmp_path / "t.safetensors", qconfig, command="test")
     assert is_ternary_checkpoint(path)
-    for loaded in (load_ternary(path), load_model(path)):
+    for loaded in (ditq.load(path), ditq.load(path)):
         assert loaded.config == config and not loaded.training
         assert list(ternary_layers(loaded)) == list(ternary_layers(qat))
         assert all(isinstance(m, TernaryLinear) for m in ternary_layers(loaded).values())
@@ -106,7 +105,7 @@ def test_loading_never_materializes_float_ternary_weights(tmp_path, float_alloca
     assert len(ternary) == 4
     spy = float_allocations
     with spy:
-        model = load_ternary(path)
+        model = ditq.load(path)
     # What the dispatcher saw (the float rest, cast on the way in) and what the model holds.
     assert not ternary & set(spy.shapes)
     held = {tuple(t.shape) for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
@@ -152,12 +151,12 @@ def test_sizes_are_two_bits_per_weight_plus_the_float_rest(tmp_path):
     assert read_metadata(half)["ternary"]["float_dtype"] == "bfloat16"
     x, t_, y = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(load_ternary(half)(x, t_, y), converted(x, t_, y), atol=0.05, rtol=0.05)
+        torch.testing.assert_close(ditq.load(half)(x, t_, y), converted(x, t_, y), atol=0.05, rtol=0.05)
 
 
 def test_embedded_size_model():
     """The embedded model's architecture, ternary: about 8x smaller than float32 (numbers for the docs)."""
-    model = models.load("ditq-fmnist")
+    model = ditq.load("ditq-fmnist")
     quantize_(model, TernaryQATConfig())
     quantize_(model, TernaryQATConfig(step="convert"))
     sizes = checkpoint_sizes(model)
@@ -189,7 +188,7 @@ def test_bad_files_are_one_line_errors(tmp_path, change, match):
     path = export_model(_trained_qat(DIT, TernaryQATConfig()), tmp_path / "t.safetensors")
     _rewrite(path, tmp_path / "bad.safetensors", change)
     with pytest.raises(CheckpointError, match=match) as e:
-        load_model(tmp_path / "bad.safetensors")
+        ditq.load(tmp_path / "bad.safetensors")
     assert "\n" not in str(e.value)
 
 
@@ -201,11 +200,11 @@ def test_packed_weights_of_another_dtype_or_code_are_refused(tmp_path):
     with pytest.raises(
         CheckpointError, match="blocks.0.attn.qkv.weight: expected uint8 \\(packed 2-bit codes\\)"
     ):
-        load_ternary(tmp_path / "f.safetensors")
+        ditq.load(tmp_path / "f.safetensors")
     threes = torch.full_like(qkv, 255)  # code 3 everywhere: not ternary
     save_checkpoint(tmp_path / "c.safetensors", {**tensors, "blocks.0.attn.qkv.weight": threes}, meta)
     with pytest.raises(CheckpointError, match="code"):
-        load_ternary(tmp_path / "c.safetensors")
+        ditq.load(tmp_path / "c.safetensors")
 
 
 def test_saving_needs_a_converted_model(tmp_path):

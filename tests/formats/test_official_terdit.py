@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from ditq.errors import CheckpointError
-from ditq.models import LargeDiT, LargeDiTConfig, load, map_class_labels, terdit
+from ditq.formats import load
+from ditq.formats import official_terdit as terdit
+from ditq.models import LargeDiT, LargeDiTConfig, map_class_labels
 from ditq.quant import TernaryLinear
 
 ATOL = RTOL = 1e-5
@@ -55,9 +57,9 @@ def test_load_folder_matches_original(release, terdit_ref):
 
 
 def test_describe_folder(release, terdit_ref):
-    from ditq.models import hub
+    from ditq.formats import loader
 
-    info = hub.describe(release, num_heads=4)
+    info = loader.describe(release, num_heads=4)
     assert info["format"] == "terdit-official" and info["num_tensors"] == 59
     assert info["config"]["arch"] == "large-dit" and info["config"]["n_heads"] == 4
     assert info["metadata"]["args"]["image_size"] == 64

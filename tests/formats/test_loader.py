@@ -10,7 +10,9 @@ import torch
 from ditq.checkpoint import load_tensors, read_metadata, save_checkpoint
 from ditq.cli import info
 from ditq.errors import CheckpointError, DownloadError, UnknownModelError
-from ditq.models import DiT, DiTConfig, hub, load, registry, save
+from ditq.formats import loader, official_dit
+from ditq.formats.loader import load, save
+from ditq.models import DiT, DiTConfig, registry
 
 TINY = DiTConfig(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, num_classes=10)
 
@@ -224,10 +226,12 @@ def fake_official(monkeypatch, tmp_path):
     """Official entries that fit tiny models, and a fetcher serving their files; never the network."""
     models = {256: _tiny(seed=2), 512: _tiny(replace(TINY, input_size=16), seed=3)}
     entries = {
-        ("DiT-XL/2", size): hub.OfficialWeights("DiT-XL/2", size, f"DiT-XL-2-{size}x{size}.pt", m.config)
+        ("DiT-XL/2", size): official_dit.OfficialWeights(
+            "DiT-XL/2", size, f"DiT-XL-2-{size}x{size}.pt", m.config
+        )
         for size, m in models.items()
     }
-    monkeypatch.setattr(hub, "OFFICIAL_WEIGHTS", entries)
+    monkeypatch.setattr(official_dit, "OFFICIAL_WEIGHTS", entries)
     served = tmp_path / "served"
     served.mkdir()
     for size, m in models.items():
@@ -238,7 +242,7 @@ def fake_official(monkeypatch, tmp_path):
         calls.append(url)
         dst.write_bytes((served / url.rsplit("/", 1)[-1]).read_bytes())
 
-    monkeypatch.setattr(hub, "fetch_url", fetch)
+    monkeypatch.setattr(official_dit, "fetch_url", fetch)
     return models, entries, calls
 
 
@@ -266,7 +270,7 @@ def test_offline_error_names_url_and_target(tmp_path, fake_official, monkeypatch
     def offline(url, dst, *, progress=None):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(hub, "fetch_url", offline)
+    monkeypatch.setattr(official_dit, "fetch_url", offline)
     cache = tmp_path / "cache"
     with pytest.raises(DownloadError) as e:
         load("DiT-XL/2", cache_dir=cache)
@@ -304,7 +308,7 @@ def test_bad_download_fails_integrity_check_and_is_not_cached(tmp_path, fake_off
         else:
             dst.write_bytes(b"\x80\x02" + b"\x00" * 100)
 
-    monkeypatch.setattr(hub, "fetch_url", fetch)
+    monkeypatch.setattr(official_dit, "fetch_url", fetch)
     with pytest.raises(DownloadError, match="integrity check") as e:
         load("DiT-XL/2", cache_dir=tmp_path / "cache")
     assert "\n" not in str(e.value)
@@ -315,17 +319,20 @@ def test_sha256_is_checked_when_known(tmp_path, fake_official, monkeypatch):
     models, entries, _ = fake_official
     served = (tmp_path / "served" / "DiT-XL-2-256x256.pt").read_bytes()
     good = replace(entries[("DiT-XL/2", 256)], sha256=hashlib.sha256(served).hexdigest())
-    monkeypatch.setitem(hub.OFFICIAL_WEIGHTS, ("DiT-XL/2", 256), good)
+    monkeypatch.setitem(official_dit.OFFICIAL_WEIGHTS, ("DiT-XL/2", 256), good)
     assert torch.equal(_out(load("DiT-XL/2", cache_dir=tmp_path / "a")), _out(models[256]))
 
     bad = replace(good, sha256="0" * 64)
-    monkeypatch.setitem(hub.OFFICIAL_WEIGHTS, ("DiT-XL/2", 256), bad)
+    monkeypatch.setitem(official_dit.OFFICIAL_WEIGHTS, ("DiT-XL/2", 256), bad)
     with pytest.raises(DownloadError, match="sha256"):
         load("DiT-XL/2", cache_dir=tmp_path / "b")
 
 
 def test_official_entries_point_at_the_published_files():
-    e256, e512 = hub.OFFICIAL_WEIGHTS[("DiT-XL/2", 256)], hub.OFFICIAL_WEIGHTS[("DiT-XL/2", 512)]
+    e256, e512 = (
+        official_dit.OFFICIAL_WEIGHTS[("DiT-XL/2", 256)],
+        official_dit.OFFICIAL_WEIGHTS[("DiT-XL/2", 512)],
+    )
     assert e256.url == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
     assert e512.url == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"
     assert (e256.config.input_size, e512.config.input_size) == (32, 64)
@@ -334,10 +341,10 @@ def test_official_entries_point_at_the_published_files():
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv("DITQ_CACHE", raising=False)
-    assert hub.resolve_cache_dir().parts[-2:] == (".cache", "ditq")
+    assert official_dit.resolve_cache_dir().parts[-2:] == (".cache", "ditq")
     monkeypatch.setenv("DITQ_CACHE", str(tmp_path))
-    assert hub.resolve_cache_dir() == tmp_path
-    assert hub.resolve_cache_dir(tmp_path / "x") == tmp_path / "x"
+    assert official_dit.resolve_cache_dir() == tmp_path
+    assert official_dit.resolve_cache_dir(tmp_path / "x") == tmp_path / "x"
 
 
 #################################################################################
@@ -366,7 +373,7 @@ def test_describe_each_format(tmp_path, tiny_in_registry):
     save_file(model.state_dict(), str(files["safetensors"]))
 
     for fmt, path in files.items():
-        d = hub.describe(path)
+        d = loader.describe(path)
         assert d["format"] == fmt
         assert d["config"] == TINY.to_dict()
         assert d["num_tensors"] == n_tensors
@@ -374,8 +381,8 @@ def test_describe_each_format(tmp_path, tiny_in_registry):
         assert d["file_size"] == path.stat().st_size
         assert d["dtypes"] == {"float32": n_tensors}
         json.dumps(d)  # machine-readable as is
-    assert hub.describe(files["ditq-safetensors"])["metadata"]["command"] == "ditq train"
-    training = hub.describe(files["dit-training"])
+    assert loader.describe(files["ditq-safetensors"])["metadata"]["command"] == "ditq train"
+    training = loader.describe(files["dit-training"])
     assert training["state_dict"] == "ema"
     assert training["metadata"]["args"] == {"model": "DiT-Tiny/2", "image_size": 64}
 
@@ -383,9 +390,9 @@ def test_describe_each_format(tmp_path, tiny_in_registry):
 def test_describe_without_heads_reports_why(tmp_path):
     path = tmp_path / "official.pt"
     torch.save(_tiny().state_dict(), path)
-    d = hub.describe(path)
+    d = loader.describe(path)
     assert d["config"] is None and "num_heads" in d["config_error"]
-    assert hub.describe(path, num_heads=2)["config"] == TINY.to_dict()
+    assert loader.describe(path, num_heads=2)["config"] == TINY.to_dict()
 
 
 def test_load_of_plain_safetensors_state_dict(tmp_path, tiny_in_registry):
@@ -428,12 +435,12 @@ def test_embedded_model_by_name(monkeypatch, tmp_path):
     model = _tiny()
     path = tmp_path / "ditq-fmnist.safetensors"
     save(model, path)
-    monkeypatch.setattr(hub, "embedded_model_path", lambda name="ditq-fmnist": path)
+    monkeypatch.setattr(loader, "embedded_model_path", lambda name="ditq-fmnist": path)
     loaded = load("ditq-fmnist")
     assert loaded.config == model.config
-    monkeypatch.setattr(hub, "embedded_model_path", lambda name="ditq-fmnist": None)
+    monkeypatch.setattr(loader, "embedded_model_path", lambda name="ditq-fmnist": None)
     with pytest.raises(CheckpointError, match="not in this install"):
         load("ditq-fmnist")
     monkeypatch.undo()
     with pytest.raises(UnknownModelError):
-        hub.embedded_model_path("ditq-cifar")
+        loader.embedded_model_path("ditq-cifar")

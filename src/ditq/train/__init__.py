@@ -4,8 +4,9 @@
 - :mod:`ditq.train.config`: :class:`~ditq.train.config.TrainRun`, a whole run as YAML-able data.
 - :mod:`ditq.train.sampler`: the seeded, resumable data order.
 - :mod:`ditq.train.checkpoint`: training states, keep-last-K folders.
-- :mod:`ditq.train.distributed`: torchrun process groups, DDP / FSDP2 wrapping, rank 0 writes.
 - :mod:`ditq.train.ema`: the exponential moving average of the weights.
 
-``ditq train`` (:mod:`ditq.pipelines.train`) puts these together.
+``ditq train`` (:mod:`ditq.pipelines.train`) puts these together, with
+:mod:`ditq.distributed` (torchrun process groups, DDP / FSDP2 wrapping, rank 0 writes),
+which sits outside this package because sampling uses it too.
 """

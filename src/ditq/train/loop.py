@@ -22,7 +22,7 @@ model's own classifier-free-guidance label dropout (DiT's ``LabelEmbedder``)
 is drawn here for the same reason (see :class:`_LabelDrop`); anything else a
 model draws itself comes from the global RNG, seeded ``seed + rank``.
 
-Under ``torchrun`` (see :mod:`ditq.train.distributed`) the model is wrapped
+Under ``torchrun`` (see :mod:`ditq.distributed`) the model is wrapped
 in DDP, or sharded with FSDP2 (``strategy="fsdp"``); ``cfg.batch_size`` is
 the global batch, split evenly. The EMA is kept on every process: with DDP
 the weights are identical everywhere, so every process's EMA is too; with
@@ -50,11 +50,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ditq import distributed as dist
 from ditq.diffusion import create_diffusion
+from ditq.distributed import STRATEGIES, get_rank, get_world_size, is_main_process
 from ditq.errors import CheckpointError, DitqError, InvalidArgumentError
-from ditq.train import distributed as dist
 from ditq.train.checkpoint import SingleFileState, StateStore, load_state
-from ditq.train.distributed import STRATEGIES, get_rank, get_world_size, is_main_process
 from ditq.train.ema import make_ema, update_ema
 from ditq.train.sampler import ResumableSampler
 
@@ -181,7 +181,7 @@ def fit(
     when it has a ``"model_config"``, resuming checks that the state has the same.
 
     In a distributed run (a process group is initialized, see
-    :mod:`ditq.train.distributed`), ``cfg.batch_size`` is the global batch and
+    :mod:`ditq.distributed`), ``cfg.batch_size`` is the global batch and
     must divide by the number of processes; ``strategy`` is ``"ddp"`` or
     ``"fsdp"`` (FSDP2; ignored by a single process). Every process must call
     ``fit`` with the same arguments. The returned model and EMA are plain

@@ -152,7 +152,7 @@ def test_a_global_batch_that_does_not_divide_is_a_one_line_error(runs):
 
 
 def test_without_torchrun_nothing_is_initialized(monkeypatch):
-    from ditq.train.distributed import init_distributed
+    from ditq.distributed import init_distributed
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     ctx = init_distributed("cpu")
@@ -162,7 +162,7 @@ def test_without_torchrun_nothing_is_initialized(monkeypatch):
 
 
 def test_world_size_without_the_rest_of_torchruns_environment(monkeypatch):
-    from ditq.train.distributed import init_distributed
+    from ditq.distributed import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

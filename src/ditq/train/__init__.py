@@ -1,6 +1,6 @@
 """Training: the loop, its config, data order, training-state checkpoints and EMA.
 
-- :mod:`ditq.train.loop`: :func:`~ditq.train.loop.fit` (and the older :func:`~ditq.train.loop.train`).
+- :mod:`ditq.train.loop`: :func:`~ditq.train.loop.fit`.
 - :mod:`ditq.train.config`: :class:`~ditq.train.config.TrainRun`, a whole run as YAML-able data.
 - :mod:`ditq.train.sampler`: the seeded, resumable data order.
 - :mod:`ditq.train.checkpoint`: training states, keep-last-K folders.

@@ -30,8 +30,6 @@ FSDP the EMA is sharded like the model and each process averages its own
 shard. Rank 0 logs and writes checkpoints (full, unsharded state dicts in
 every case), the others wait for it; every process reads the checkpoint it
 resumes from.
-
-:func:`train` is the original entry point (one state file), kept for scripts.
 """
 
 from __future__ import annotations
@@ -54,7 +52,7 @@ from ditq import distributed as dist
 from ditq.diffusion import create_diffusion
 from ditq.distributed import STRATEGIES, get_rank, get_world_size, is_main_process
 from ditq.errors import CheckpointError, DitqError, InvalidArgumentError
-from ditq.train.checkpoint import SingleFileState, StateStore, load_state
+from ditq.train.checkpoint import StateStore, load_state
 from ditq.train.ema import make_ema, update_ema
 from ditq.train.sampler import ResumableSampler
 
@@ -406,39 +404,6 @@ def _steps(
             log_file.close()
         del batches  # shuts down DataLoader workers
     return records
-
-
-def train(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    cfg: TrainConfig,
-    *,
-    device: str | torch.device = "cpu",
-    log_path: str | Path | None = None,
-    on_log: Callable[[dict], None] | None = None,
-    state_path: str | Path | None = None,
-    save_every: int = 0,
-) -> tuple[nn.Module, nn.Module, list[dict]]:
-    """Train ``model`` on (images in [-1, 1], labels); return (model, ema, log records).
-
-    With ``state_path``, the full training state (model, EMA, optimizer, step,
-    RNG, data cursor) is written there atomically every ``save_every`` steps
-    and at the end, and a run finding that file continues from it.
-    """
-    store = SingleFileState(state_path) if state_path is not None else None
-    result = fit(
-        model,
-        (images, labels),
-        cfg,
-        device=device,
-        store=store,
-        save_every=save_every,
-        resume=True,
-        log_path=log_path,
-        on_log=on_log,
-    )
-    return result.model, result.ema, result.records
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -150,3 +150,14 @@ def test_half_precision_needs_cuda():
     x, y = _data(4)
     with pytest.raises(DitqError, match="needs a CUDA device"):
         fit(_model(), (x, y), TrainConfig(steps=1, batch_size=2, precision="bf16"))
+
+
+def test_step_noise_is_a_slice_of_the_global_draw():
+    from ditq.train.loop import _StepNoise
+
+    gen = _StepNoise(seed=3, device=torch.device("cpu"))
+    whole = gen.draw(5, 6, (1, 2, 2), 1000, 0, 6)
+    halves = [gen.draw(5, 6, (1, 2, 2), 1000, lo, lo + 3) for lo in (0, 3)]
+    for i in range(3):
+        assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
+    assert not torch.equal(whole[1], gen.draw(6, 6, (1, 2, 2), 1000, 0, 6)[1])  # a new draw per step

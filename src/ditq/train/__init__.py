@@ -4,6 +4,7 @@
 - :mod:`ditq.train.config`: :class:`~ditq.train.config.TrainRun`, a whole run as YAML-able data.
 - :mod:`ditq.train.sampler`: the seeded, resumable data order.
 - :mod:`ditq.train.checkpoint`: training states, keep-last-K folders.
+- :mod:`ditq.train.resume`: what a training state holds; saving it on rank 0, resuming every rank.
 - :mod:`ditq.train.ema`: the exponential moving average of the weights.
 
 ``ditq train`` (:mod:`ditq.pipelines.train`) puts these together, with

@@ -28,7 +28,8 @@ from ditq.checkpoint import save_checkpoint
 from ditq.data import FASHION_MNIST_CLASSES, load_idx_dataset
 from ditq.diffusion import ClassifierFreeGuidance, create_diffusion, sample_loop
 from ditq.models import DiT, DiTConfig
-from ditq.train.loop import TrainConfig, train
+from ditq.train.checkpoint import SingleFileState
+from ditq.train.loop import TrainConfig, fit
 
 MODEL = DiTConfig(
     depth=6, hidden_size=192, num_heads=6, patch_size=2, input_size=32, in_channels=1, num_classes=10
@@ -133,18 +134,18 @@ def save_grid(images, path, nrow):
 def _train(model_config, x, y, cfg, device, out, save_every):
     """Train (resuming from OUT/train_state.pt if present); return the EMA model and wall seconds."""
     t0 = time.time()
-    _, ema, _ = train(
+    result = fit(
         DiT(model_config),
-        x,
-        y,
+        (x, y),
         cfg,
         device=device,
+        store=SingleFileState(out / "train_state.pt"),
+        save_every=save_every,
+        resume=True,
         log_path=out / "train_log.jsonl",
         on_log=lambda r: print(json.dumps(r), flush=True),
-        state_path=out / "train_state.pt",
-        save_every=save_every,
     )
-    return ema, time.time() - t0
+    return result.ema, time.time() - t0
 
 
 def main(argv=None):
@@ -219,7 +220,7 @@ def main(argv=None):
         print(f"exporting the EMA of {out / 'train_state.pt'} at step {steps}", flush=True)
     elif steps <= 0:  # time a short probe run (compile included), then size the real run to the budget
         probe = TrainConfig(steps=300, **{**base, "log_every": 100})
-        _, _, rec = train(DiT(MODEL), x, y, probe, device=device)
+        rec = fit(DiT(MODEL), (x, y), probe, device=device).records
         per_step = (rec[-1]["elapsed_s"] - rec[0]["elapsed_s"]) / (rec[-1]["step"] - rec[0]["step"])
         steps = int(args.time_budget / per_step) // 500 * 500
         print(

@@ -18,6 +18,7 @@ Subpackages:
     diffusion  Gaussian diffusion as DiT uses it: schedules, respacing, samplers
     data       synthetic shapes, (Fashion-)MNIST idx files, image folders
     train      the training loop, EMA, resumable sampler and checkpoints
+    distributed  torchrun process groups, DDP / FSDP2 (training and sampling use it)
     eval       ADM-compatible Inception features, FID, sFID, IS, Precision, Recall
     pipelines  whole workflows with reports (sample, ptq, train, demo), callable from Python
     cli        the ``ditq`` command line (a thin layer over ``pipelines`` and the doors)

@@ -116,7 +116,7 @@ def test_a_quantized_large_dit_reloads_as_a_large_dit(tmp_path):
         assert torch.equal(back(x, t, y), model(x, t, y))
 
 
-def test_load_model_passes_float_checkpoints_to_models_load(tmp_path):
+def test_ditq_load_reads_float_checkpoints_too(tmp_path):
     model = _dit()
     ditq.save(model, tmp_path / "fp.safetensors")
     back = ditq.load(tmp_path / "fp.safetensors")

@@ -3,9 +3,9 @@ import torch
 
 from ditq.errors import DitqError
 from ditq.models import create_model
-from ditq.train.checkpoint import CheckpointDir, load_state
+from ditq.train.checkpoint import CheckpointDir, SingleFileState, load_state
 from ditq.train.ema import make_ema, update_ema
-from ditq.train.loop import TrainConfig, fit, lr_at, train
+from ditq.train.loop import TrainConfig, fit, lr_at
 
 
 def _data(n=32):
@@ -26,17 +26,19 @@ def _model():
 def test_loss_goes_down():
     x, y = _data()
     cfg = TrainConfig(steps=150, batch_size=16, lr=1e-3, log_every=50, ema_decay=0.9)
-    _, _, rec = train(_model(), x, y, cfg)
+    rec = fit(_model(), (x, y), cfg).records
     assert rec[-1]["loss"] < 0.7 * rec[0]["loss"]
 
 
 def test_resume_is_exact(tmp_path):
     x, y = _data()
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, ema_decay=0.5, log_every=3)
-    full, full_ema, _ = train(_model(), x, y, cfg)
-    state = tmp_path / "state.pt"
-    train(_model(), x, y, TrainConfig(**{**cfg.__dict__, "steps": 3}), state_path=state)
-    resumed, resumed_ema, _ = train(_model(), x, y, cfg, state_path=state)
+    whole = fit(_model(), (x, y), cfg)
+    full, full_ema = whole.model, whole.ema
+    state = SingleFileState(tmp_path / "state.pt")  # one file, overwritten: the form scripts use
+    fit(_model(), (x, y), TrainConfig(**{**cfg.__dict__, "steps": 3}), store=state, resume=True)
+    again = fit(_model(), (x, y), cfg, store=state, resume=True)
+    resumed, resumed_ema = again.model, again.ema
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     for a, b in zip(full_ema.state_dict().values(), resumed_ema.state_dict().values(), strict=True):
@@ -148,3 +150,14 @@ def test_half_precision_needs_cuda():
     x, y = _data(4)
     with pytest.raises(DitqError, match="needs a CUDA device"):
         fit(_model(), (x, y), TrainConfig(steps=1, batch_size=2, precision="bf16"))
+
+
+def test_step_noise_is_a_slice_of_the_global_draw():
+    from ditq.train.loop import _StepNoise
+
+    gen = _StepNoise(seed=3, device=torch.device("cpu"))
+    whole = gen.draw(5, 6, (1, 2, 2), 1000, 0, 6)
+    halves = [gen.draw(5, 6, (1, 2, 2), 1000, lo, lo + 3) for lo in (0, 3)]
+    for i in range(3):
+        assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
+    assert not torch.equal(whole[1], gen.draw(6, 6, (1, 2, 2), 1000, 0, 6)[1])  # a new draw per step

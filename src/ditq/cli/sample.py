@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.balanced and class_labels is not None:
         raise InvalidArgumentError("--balanced and --class-labels exclude each other; drop one of them")
     if fmt != "npz":
-        from ditq.train.distributed import env_world_size
+        from ditq.distributed import env_world_size
 
         if env_world_size() > 1:
             raise InvalidArgumentError(
@@ -173,9 +173,9 @@ CFG_CHANNELS = {None: "auto", "3": 3, "all": None}
 
 
 def _run_npz(args: argparse.Namespace, class_labels: list[int] | None) -> int:
+    from ditq.distributed import env_world_size
     from ditq.formats import load as load_model
     from ditq.pipelines.sample import sample_to_npz
-    from ditq.train.distributed import env_world_size
 
     steps, device = _check(args)
     say = (lambda _: None) if args.quiet else print

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ditq.common import resolve_device
 from ditq.diffusion import ClassifierFreeGuidance, create_diffusion, sample_loop
+from ditq.distributed import agree, init_distributed
 from ditq.errors import DitqError, InvalidArgumentError
 from ditq.eval.npz import open_images
 from ditq.eval.sampling import (
@@ -54,7 +55,6 @@ from ditq.kernels import KernelError
 from ditq.kernels import ops as kernel_ops
 from ditq.models.large_dit import map_class_labels
 from ditq.models.vae import VAE, vae_for_model
-from ditq.train.distributed import agree, init_distributed
 
 SAMPLERS = ("ddpm", "ddim")
 # DiT samples with 250 ancestral steps; Q-DiT evaluates with DDIM-50.

@@ -35,7 +35,7 @@ not by default): packed 2-bit weights (:mod:`ditq.formats.ternary`), loadable by
 --weights ema|model`` converts either from a training state.
 
 Under ``torchrun --nproc_per_node=K`` the same call trains on K processes
-(:func:`ditq.train.distributed.init_distributed` starts the process group
+(:func:`ditq.distributed.init_distributed` starts the process group
 from the environment, and destroys it at the end): ``optim.batch_size`` is
 the global batch, ``distributed.strategy`` picks DDP or FSDP2, rank 0 writes
 everything and every rank reads the checkpoint it resumes from. A run
@@ -55,13 +55,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ditq.distributed import agree, init_distributed
 from ditq.errors import CheckpointError, DitqError, InvalidArgumentError
 from ditq.formats.ditq_float import write as save
 from ditq.models import build_model, config_from_dict, get_config
 from ditq.models.registry import ModelConfig
 from ditq.train.checkpoint import CheckpointDir
 from ditq.train.config import ConfigError, DataSpec, ModelSpec, QuantSpec, TrainRun
-from ditq.train.distributed import agree, init_distributed
 from ditq.train.loop import fit
 
 CONFIG_FILE = "config.yaml"

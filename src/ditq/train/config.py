@@ -58,8 +58,8 @@ from typing import Any
 
 import yaml
 
+from ditq.distributed import BACKENDS, STRATEGIES
 from ditq.errors import InvalidArgumentError
-from ditq.train.distributed import BACKENDS, STRATEGIES
 from ditq.train.loop import TrainConfig
 
 DATA_KINDS = ("synthetic", "idx", "folder", "latents", "distill")

@@ -56,9 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditq import distributed as dist
 from ditq.diffusion import ClassifierFreeGuidance, create_diffusion, sample_loop
 from ditq.errors import CheckpointError, InvalidArgumentError
-from ditq.train import distributed as dist
 
 POOL_CHUNK = 64
 """Teacher samples made per forward batch (fixed, so pools do not depend on the number of processes)."""

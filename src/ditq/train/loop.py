@@ -8,8 +8,8 @@ itself (the teacher's sample pool of data-free distillation,
 :mod:`ditq.train.distill`). All read in the order of a
 :class:`~ditq.train.sampler.ResumableSampler`, so a run is a function of its
 seed, and the training state (model, EMA, optimizer, step, RNG states, data
-cursor) saved every ``save_every`` steps lets a resumed run continue bit for
-bit where the saved one was.
+cursor, see :mod:`ditq.train.resume`) saved every ``save_every`` steps lets a
+resumed run continue bit for bit where the saved one was.
 
 Randomness is a function of the *global* sample position, not of the
 process: at every step one generator, seeded from ``(seed, step)``, draws
@@ -22,7 +22,7 @@ model's own classifier-free-guidance label dropout (DiT's ``LabelEmbedder``)
 is drawn here for the same reason (see :class:`_LabelDrop`); anything else a
 model draws itself comes from the global RNG, seeded ``seed + rank``.
 
-Under ``torchrun`` (see :mod:`ditq.train.distributed`) the model is wrapped
+Under ``torchrun`` (see :mod:`ditq.distributed`) the model is wrapped
 in DDP, or sharded with FSDP2 (``strategy="fsdp"``); ``cfg.batch_size`` is
 the global batch, split evenly. The EMA is kept on every process: with DDP
 the weights are identical everywhere, so every process's EMA is too; with
@@ -30,8 +30,6 @@ FSDP the EMA is sharded like the model and each process averages its own
 shard. Rank 0 logs and writes checkpoints (full, unsharded state dicts in
 every case), the others wait for it; every process reads the checkpoint it
 resumes from.
-
-:func:`train` is the original entry point (one state file), kept for scripts.
 """
 
 from __future__ import annotations
@@ -50,12 +48,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ditq import distributed as dist
 from ditq.diffusion import create_diffusion
-from ditq.errors import CheckpointError, DitqError, InvalidArgumentError
-from ditq.train import distributed as dist
-from ditq.train.checkpoint import SingleFileState, StateStore, load_state
-from ditq.train.distributed import STRATEGIES, get_rank, get_world_size, is_main_process
+from ditq.distributed import STRATEGIES, get_rank, get_world_size, is_main_process
+from ditq.errors import DitqError, InvalidArgumentError
+from ditq.train.checkpoint import StateStore
 from ditq.train.ema import make_ema, update_ema
+from ditq.train.resume import RunState
 from ditq.train.sampler import ResumableSampler
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -181,7 +180,7 @@ def fit(
     when it has a ``"model_config"``, resuming checks that the state has the same.
 
     In a distributed run (a process group is initialized, see
-    :mod:`ditq.train.distributed`), ``cfg.batch_size`` is the global batch and
+    :mod:`ditq.distributed`), ``cfg.batch_size`` is the global batch and
     must divide by the number of processes; ``strategy`` is ``"ddp"`` or
     ``"fsdp"`` (FSDP2; ignored by a single process). Every process must call
     ``fit`` with the same arguments. The returned model and EMA are plain
@@ -250,7 +249,7 @@ def fit(
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     noise_gen = _StepNoise(cfg.seed, device)
-    run = _Run(model, ema, opt, sampler, scaler, device, fsdp, state_extra)
+    run = RunState(model, ema, opt, sampler, scaler, device, fsdp, state_extra)
     run.forward, run.diffusion, run.noise, run.label_drop = forward, diffusion, noise_gen, label_drop
     run.loss_fn = loss_fn or diffusion_loss
 
@@ -408,39 +407,6 @@ def _steps(
     return records
 
 
-def train(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    cfg: TrainConfig,
-    *,
-    device: str | torch.device = "cpu",
-    log_path: str | Path | None = None,
-    on_log: Callable[[dict], None] | None = None,
-    state_path: str | Path | None = None,
-    save_every: int = 0,
-) -> tuple[nn.Module, nn.Module, list[dict]]:
-    """Train ``model`` on (images in [-1, 1], labels); return (model, ema, log records).
-
-    With ``state_path``, the full training state (model, EMA, optimizer, step,
-    RNG, data cursor) is written there atomically every ``save_every`` steps
-    and at the end, and a run finding that file continues from it.
-    """
-    store = SingleFileState(state_path) if state_path is not None else None
-    result = fit(
-        model,
-        (images, labels),
-        cfg,
-        device=device,
-        store=store,
-        save_every=save_every,
-        resume=True,
-        log_path=log_path,
-        on_log=on_log,
-    )
-    return result.model, result.ema, result.records
-
-
 def config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg)
 
@@ -545,194 +511,6 @@ class _LabelDrop:
 
     def restore(self) -> None:
         self.module.dropout_prob = self.p
-
-
-class _Run:
-    """What a training state holds, and how to save it (rank 0) and resume from it (every rank)."""
-
-    def __init__(self, model, ema, opt, sampler, scaler, device, fsdp: bool, extra: dict | None):
-        self.model, self.ema, self.opt, self.sampler = model, ema, opt, sampler
-        self.scaler, self.device, self.fsdp, self.extra = scaler, device, fsdp, extra
-        # Optimizer states are saved as torch does (parameters by position) without FSDP and
-        # by name with it (what torch.distributed.checkpoint gives); loading converts.
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-
-    def _rng_state(self) -> dict:
-        state = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def state(self, step: int) -> dict | None:
-        """The training state at ``step`` on rank 0 (``None`` elsewhere). Collective."""
-        rngs = dist.all_gather_objects(self._rng_state())
-        if self.fsdp:
-            model, ema = dist.fsdp_model_state(self.model), dist.fsdp_model_state(self.ema)
-            opt, opt_format = dist.fsdp_optim_state(self.model, self.opt), "names"
-        elif is_main_process():
-            model, ema, opt, opt_format = (
-                self.model.state_dict(),
-                self.ema.state_dict(),
-                self.opt.state_dict(),
-                "positions",
-            )
-        if not is_main_process():
-            return None
-        state = {
-            "step": step,
-            "model": model,
-            "ema": ema,
-            "opt": opt,
-            "opt_format": opt_format,
-            "torch_rng": rngs[0]["torch"],  # rank 0's, as single-process states have it
-            "rng_ranks": rngs,
-            "sampler": self.sampler.state_dict(),
-        }
-        if "cuda" in rngs[0]:
-            state["cuda_rng"] = rngs[0]["cuda"]
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        if self.extra is not None:
-            state["config"] = self.extra
-        return state
-
-    def save(self, store: StateStore, step: int) -> Path | None:
-        """Rank 0 writes the state at ``step`` into ``store``; the others wait. Returns its path."""
-        error, path = None, None
-        try:
-            state = self.state(step)
-            if state is not None:
-                path = store.save(step, state)
-        except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other ranks)
-            error = e
-        if not dist.agree(error is None, self.device):
-            if error is not None:
-                raise error
-            raise DitqError(
-                f"rank 0 could not write the training state of step {step} (see its error); stopped"
-            )
-        if path is None:  # other ranks: where rank 0 wrote it (the folder is shared)
-            path = store.latest()
-        return path
-
-    def resume(self, store: StateStore) -> tuple[int, Path | None]:
-        """Load the newest state in ``store`` on every process; returns ``(step, path)`` (0, None: none)."""
-        path, state, error = store.latest(), None, None
-        try:
-            if path is not None:
-                state = load_state(path)
-                _check_same_model(state, self.extra, path)
-        except DitqError as e:
-            error = e
-        # Every process must find the same state (a folder not shared between nodes would not).
-        seen = dist.all_gather_objects(
-            (str(error) if error else None, int(state["step"]) if state is not None else None)
-        )
-        if error is not None:
-            raise error
-        if any(e is not None for e, _ in seen):
-            raise CheckpointError(
-                f"another process could not read the training state: {next(e for e, _ in seen if e)}"
-            )
-        steps = sorted({s for _, s in seen}, key=str)
-        if len(steps) > 1:
-            raise CheckpointError(
-                f"the processes see different training states (steps {steps}); "
-                "the output folder must be on a filesystem every node shares"
-            )
-        if state is None:
-            return 0, None
-        step = self._restore(state, path)
-        return step, path
-
-    def _restore(self, state: dict, path: Path) -> int:
-        try:
-            opt = _opt_state_as(
-                state["opt"],
-                state.get("opt_format", "positions"),
-                "names" if self.fsdp else "positions",
-                self.names,
-            )
-            if self.fsdp:
-                dist.fsdp_load(self.model, state["model"], self.opt, opt)
-                dist.fsdp_load(self.ema, state["ema"])
-            else:
-                self.model.load_state_dict(state["model"])
-                self.ema.load_state_dict(state["ema"])
-                self.opt.load_state_dict(opt)
-        except (RuntimeError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"training state {path} does not fit this model ({first}); resume with the config it was "
-                "saved with"
-            ) from None
-        rank, world = get_rank(), get_world_size()
-        rngs = state.get("rng_ranks")
-        if rngs is not None and len(rngs) == world:
-            torch.set_rng_state(rngs[rank]["torch"])
-            if "cuda" in rngs[rank] and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rngs[rank]["cuda"], self.device)
-        elif world == 1:  # a state from before per-rank RNG states
-            torch.set_rng_state(state["torch_rng"])
-            if "cuda_rng" in state and self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        # else: another number of processes; the global RNG (unused by DiT training) keeps its seed.
-        if "sampler" in state:
-            self.sampler.load_state_dict(state["sampler"])
-        else:  # states written before the sampler existed: the cursor follows from the step
-            self.sampler.cursor = int(state["step"]) * self.sampler.global_batch_size
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        return int(state["step"])
-
-
-def _opt_state_as(opt: dict, have: str, want: str, names: list[str]) -> dict:
-    """An optimizer state dict with parameters keyed by position or by name, converted if needed."""
-    if have == want:
-        return opt
-    if have == "positions":
-        key = dict(enumerate(names))
-    else:
-        key = {name: i for i, name in enumerate(names)}
-    try:
-        return {
-            "state": {key[k]: v for k, v in opt["state"].items()},
-            "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in opt["param_groups"]],
-        }
-    except KeyError as e:
-        raise KeyError(f"the optimizer state has parameter {e} this model does not") from None
-
-
-def _check_same_model(state: dict, extra: dict | None, path) -> None:
-    # Same tensor shapes do not mean the same model (num_heads changes no shape), so
-    # compare the configs when both sides recorded one.
-    saved = (state.get("config") or {}).get("model_config") if isinstance(state.get("config"), dict) else None
-    mine = (extra or {}).get("model_config")
-    if saved is not None and mine is not None and saved != mine:
-        diff = ", ".join(
-            f"{k} {saved.get(k)!r} -> {mine.get(k)!r}"
-            for k in sorted(set(saved) | set(mine))
-            if saved.get(k) != mine.get(k)
-        )
-        raise CheckpointError(
-            f"training state {path} is of another model ({diff}); resume with the config it was saved "
-            "with, or train into a new output folder"
-        )
-    # Quantization-aware runs record their quantization config; a changed one (other act_bits, say)
-    # could load without a shape error and silently train something else.
-    if saved is not None and mine is not None:
-        saved_q, mine_q = state["config"].get("quant_config"), (extra or {}).get("quant_config")
-        if saved_q != mine_q:
-            raise CheckpointError(
-                f"training state {path} was trained with quantization {_quant_words(saved_q)}, this run asks "
-                f"for {_quant_words(mine_q)}; resume with the config it was saved with"
-            )
-
-
-def _quant_words(q: dict | None) -> str:
-    if q is None:
-        return "none (full precision)"
-    return ", ".join(f"{k}={v}" for k, v in q.items() if k not in ("step", "include", "exclude"))
 
 
 class _ModuloKeys(Dataset):

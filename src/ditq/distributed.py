@@ -1,6 +1,7 @@
-"""Multi-process training: process groups from ``torchrun``, DDP and FSDP2 wrapping, rank 0 writes.
+"""Multi-process runs: process groups from ``torchrun``, DDP and FSDP2 wrapping, rank 0 writes.
 
-The same ``ditq train`` command runs alone or under ``torchrun --nproc_per_node=K``.
+Training and sampling both use it, so it sits outside :mod:`ditq.train`. The same
+``ditq train`` (or ``ditq sample``) command runs alone or under ``torchrun --nproc_per_node=K``.
 :func:`init_distributed` reads the environment torchrun sets (``WORLD_SIZE``,
 ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and, only when
 ``WORLD_SIZE > 1``, starts the default process group: NCCL on CUDA (each

@@ -1,5 +1,5 @@
 """Official TerDiT checkpoints: the fixture's state dict and a model_args.pth stand-in written to a folder
-and loaded through ditq.models.load; config resolution for the official sizes; one-line errors; labels."""
+and loaded through ditq.load; config resolution for the official sizes; one-line errors; labels."""
 
 from __future__ import annotations
 

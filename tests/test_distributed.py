@@ -152,7 +152,7 @@ def test_a_global_batch_that_does_not_divide_is_a_one_line_error(runs):
 
 
 def test_without_torchrun_nothing_is_initialized(monkeypatch):
-    from ditq.train.distributed import init_distributed
+    from ditq.distributed import init_distributed
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     ctx = init_distributed("cpu")
@@ -162,60 +162,10 @@ def test_without_torchrun_nothing_is_initialized(monkeypatch):
 
 
 def test_world_size_without_the_rest_of_torchruns_environment(monkeypatch):
-    from ditq.train.distributed import init_distributed
+    from ditq.distributed import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(DitqError, match="launch with torchrun"):
         init_distributed("cpu")
-
-
-def test_step_noise_is_a_slice_of_the_global_draw():
-    from ditq.train.loop import _StepNoise
-
-    gen = _StepNoise(seed=3, device=torch.device("cpu"))
-    whole = gen.draw(5, 6, (1, 2, 2), 1000, 0, 6)
-    halves = [gen.draw(5, 6, (1, 2, 2), 1000, lo, lo + 3) for lo in (0, 3)]
-    for i in range(3):
-        assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
-    assert not torch.equal(whole[1], gen.draw(6, 6, (1, 2, 2), 1000, 0, 6)[1])  # a new draw per step
-
-
-def test_optimizer_states_convert_between_positions_and_names():
-    from ditq.train.loop import _opt_state_as
-
-    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    opt = torch.optim.AdamW(net.parameters())
-    net(torch.ones(1, 2)).sum().backward()
-    opt.step()
-    names = [n for n, _ in net.named_parameters()]
-    by_name = _opt_state_as(opt.state_dict(), "positions", "names", names)
-    assert list(by_name["state"]) == names and by_name["param_groups"][0]["params"] == names
-    back = _opt_state_as(by_name, "names", "positions", names)
-    assert list(back["state"]) == [0, 1, 2, 3]
-    torch.optim.AdamW(net.parameters()).load_state_dict(back)
-
-
-def test_states_written_before_distributed_training_still_resume(tmp_path):
-    # The old single-process state: a timestep-generator state under "rng", no "opt_format",
-    # no per-rank RNG states. It resumes (with the per-step noise of this version).
-    from ditq.models import create_model
-    from ditq.train.checkpoint import SingleFileState, save_state
-    from ditq.train.loop import TrainConfig, fit
-
-    def model():
-        torch.manual_seed(0)
-        return create_model(
-            "DiT-S/4", input_size=8, in_channels=1, num_classes=2, depth=1, hidden_size=32, num_heads=2
-        )
-
-    x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.arange(6) % 2
-    store = SingleFileState(tmp_path / "state.pt")
-    fit(model(), (x, y), TrainConfig(steps=2, batch_size=2, log_every=1), store=store)
-    state = load_state(store.path)
-    del state["opt_format"], state["rng_ranks"]
-    state["rng"] = torch.Generator().get_state()
-    save_state(store.path, state)
-    result = fit(model(), (x, y), TrainConfig(steps=3, batch_size=2, log_every=1), store=store, resume=True)
-    assert result.start_step == 2 and [r["step"] for r in result.records] == [3]

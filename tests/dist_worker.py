@@ -1,4 +1,4 @@
-"""One torchrun worker for tests/train/test_distributed.py (not a test module itself).
+"""One torchrun worker for tests/test_distributed.py (not a test module itself).
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 dist_worker.py SPEC.json
 
@@ -26,8 +26,8 @@ import torch
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    from ditq import distributed
     from ditq.cli.main import main
-    from ditq.train import distributed
 
     distributed.DistContext.close = lambda self: None  # one process group for all the runs
     spec = Path(sys.argv[1])

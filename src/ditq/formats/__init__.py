@@ -13,19 +13,12 @@
 ``formats`` wires ``models`` and ``quant`` together; neither imports it.
 """
 
-from ditq.formats.loader import (
-    EMBEDDED_MODELS,
-    checkpoint_path,
-    describe,
-    embedded_model_path,
-    is_quantized,
-    kind,
-    load,
-    save,
-    skeleton,
-)
+from __future__ import annotations
 
-__all__ = [
+import importlib
+from typing import Any
+
+_LOADER_NAMES = (
     "EMBEDDED_MODELS",
     "checkpoint_path",
     "describe",
@@ -35,4 +28,16 @@ __all__ = [
     "load",
     "save",
     "skeleton",
-]
+)
+
+__all__ = list(_LOADER_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    # The loader imports models and quant; reaching it on first use lets ditq.formats.pickles
+    # (the training loop reads its states through it) be imported without them.
+    if name in _LOADER_NAMES:
+        value = getattr(importlib.import_module("ditq.formats.loader"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ditq.formats' has no attribute {name!r}")

@@ -224,10 +224,14 @@ def describe(path: PathLike, *, num_heads: int | None = None) -> dict[str, Any]:
             out["format"] = ditq_float.FORMAT
             out["config"] = meta.get("model_config")
             out["metadata"] = meta
+            if what == "ditq":  # a float file's tensors must be its model's (quantized ones: see below)
+                config = build.config_from_metadata(meta, str(path))
+                build.check_fits(build.expected_shapes(config), _header_tensors(shapes), str(path), config)
     out["num_tensors"] = len(shapes)
     out["num_parameters"] = sum(build.numel(s) for s in shapes.values())
     out["dtypes"] = {d: dtypes.count(d) for d in sorted(set(dtypes))}
     if what in QUANT_KINDS:
+        _check_names(path, set(shapes))
         _describe_quantized(out, what)
     order = ["path", "format", "file_size", "config", "config_error", "state_dict", "num_tensors"]
     return {k: out[k] for k in sorted(out, key=lambda k: order.index(k) if k in order else len(order))}
@@ -294,6 +298,11 @@ def _load_file(path: Path, *, num_heads: int | None, packed: bool) -> nn.Module:
     return official_dit.load_file(path, num_heads=num_heads)
 
 
+def _header_tensors(shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    # Meta tensors stand in for the data: fitting checks names and shapes only.
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
 def _looks_like_safetensors(path: Path) -> bool:
     """A safetensors file starts with its header length, then ``{``; a lying length is still one."""
     try:
@@ -302,6 +311,17 @@ def _looks_like_safetensors(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 9 and head[8:9] == b"{"
+
+
+def _check_names(path: Path, names: set[str]) -> None:
+    """One line if a quantized file's tensors are not those of the model its metadata describes."""
+    expected = set(skeleton(path).state_dict())
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing or unexpected:
+        problems = ([f"missing {build.few(missing)}"] if missing else []) + (
+            [f"unexpected {build.few(unexpected)}"] if unexpected else []
+        )
+        raise CheckpointError(f"{path} does not fit the model of its own metadata: {'; '.join(problems)}")
 
 
 def _describe_quantized(out: dict, what: str) -> None:

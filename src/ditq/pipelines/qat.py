@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ditq import checkpoint as ckpt
+from ditq import formats
 from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.formats import ternary as ternary_export
 from ditq.models import registry
@@ -139,12 +140,12 @@ def export_ternary(
             f"export source not found: {src}; give a run folder, a training state or a checkpoint"
         )
     meta: dict = {}
-    if ckpt.is_safetensors(src):
-        if not ternary_export.is_ternary_checkpoint(src):
-            kind = _describe_safetensors(src)
+    what = formats.kind(src)  # one-line errors for files that are no checkpoint at all
+    if what != "torch":
+        if what != "ternary":
             raise CheckpointError(
-                f"{src} holds {kind}; ditq export packs ternary QAT runs: give the run folder or a training "
-                "state of a run trained with a 'quant: {method: ternary}' section"
+                f"{src} holds {_KINDS.get(what, what)}; ditq export packs ternary QAT runs: give the run "
+                "folder or a training state of a run trained with a 'quant: {method: ternary}' section"
             )
         model = ternary_export.load(src)
         meta = {k: v for k, v in ckpt.read_metadata(src).items() if k in _KEPT}
@@ -171,15 +172,12 @@ _KEPT = ("weights", "train_steps", "train_run", "data", "class_names", "vae")
 """Metadata carried over when a ternary checkpoint is rewritten."""
 
 
-def _describe_safetensors(path: Path) -> str:
-    try:
-        meta = ckpt.read_metadata(path)
-    except CheckpointError:
-        return "no ditq metadata"
-    kind = meta.get("quant_kind") or ("qdit" if "quant_config" in meta else None)
-    if kind:
-        return f"a '{kind}' quantized model"
-    return "a full-precision model"
+_KINDS = {
+    "ditq": "a full-precision model",
+    "qdit": "a 'qdit' quantized model",
+    "safetensors": "no ditq metadata",
+    "terdit-official": "an official TerDiT checkpoint (already ternary: load it with ditq.load)",
+}
 
 
 __all__ = ["ExportResult", "export_model", "export_ternary", "qat_model_from_state"]

@@ -26,6 +26,7 @@ import torch
 
 from ditq.checkpoint import atomic_write
 from ditq.errors import CheckpointError
+from ditq.formats import pickles
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -53,14 +54,14 @@ def save_state(path: str | os.PathLike, state: dict) -> None:
 def load_state(path: str | os.PathLike) -> dict:
     """Read one training state (tensors and plain values only; nothing is executed)."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"training state not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"training state not found: {path}") from None
-    except Exception as e:  # unpickling errors come in many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        state = pickles.torch_load(path)
+    except CheckpointError as e:
         raise CheckpointError(
-            f"training state {path} cannot be read ({first}); delete it to resume from the one before"
+            f"training state {path} cannot be read: {e}; if it is the newest state of a run, "
+            "delete it to resume from the one before"
         ) from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise CheckpointError(f"{path} is not a ditq training state (no 'step' and 'model' entries)")

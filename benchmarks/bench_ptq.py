@@ -29,6 +29,9 @@ from _common import format_table, load_average, machine_info, write_json
 import ditq
 from ditq import models, quant
 from ditq.pipelines import ptq
+from ditq.quant.gptq import GPTQ, gptq_model
+from ditq.quant.granularity import PerGroup
+from ditq.quant.search import applied
 
 
 def log(msg: str) -> None:
@@ -46,13 +49,13 @@ def bench_embedded(args) -> dict:
     spec = ptq.CalibSpec(num_samples=args.calib_samples)
     calib, t_calib = timed(lambda: ptq.record_calibration(model, spec, cache=False))
     config = quant.QDiTConfig(w_bits=4, a_bits=8, w_group=128, a_group=128)
-    _, t_gptq = timed(lambda: quant.gptq_model(copy.deepcopy(model), config, calib))
+    _, t_gptq = timed(lambda: gptq_model(copy.deepcopy(model), config, calib))
     _, t_rtn = timed(lambda: quant.quantize_(copy.deepcopy(model), config))
     fit = ptq.EvalSpec(num_samples=args.fitness_samples, steps=50, batch_size=args.fitness_samples)
     _, t_fp = timed(lambda: ptq.draw_samples(model, fit))
 
     def candidate():
-        with quant.applied(model, config):
+        with applied(model, config):
             ptq.draw_samples(model, fit)
 
     _, t_fit = timed(candidate)
@@ -74,11 +77,11 @@ def bench_xl(args) -> dict:
     out = {"layers": {}}
     for name, (o, i) in shapes.items():
         w = torch.randn(o, i) * 0.02
-        acc = quant.GPTQ(i)
+        acc = GPTQ(i)
         _, t_h = timed(
             lambda acc=acc, i=i: [acc.add_batch(torch.randn(256, i)) for _ in range(args.xl_inputs)]
         )
-        _, t_q = timed(lambda acc=acc, w=w: acc.quantize(w, 4, quant.PerGroup(128)))
+        _, t_q = timed(lambda acc=acc, w=w: acc.quantize(w, 4, PerGroup(128)))
         out["layers"][name] = {"hessian_s": t_h, "gptq_s": t_q}
         log(f"  XL {name}: Hessian {t_h:.2f} s, GPTQ {t_q:.2f} s")
     model = models.create_model("DiT-XL/2", input_size=32).eval()

@@ -23,6 +23,7 @@ import ditq
 from ditq import models, quant
 from ditq.checkpoint import atomic_write
 from ditq.formats.ternary import checkpoint_sizes
+from ditq.quant.ternary import empty_ternary_
 
 
 def sizes(name: str) -> dict:
@@ -33,7 +34,7 @@ def sizes(name: str) -> dict:
         build = lambda: models.create_model(name)  # noqa: E731
     with torch.device("meta"):
         model = build()
-    quant.empty_ternary_(model, quant.TernaryQATConfig())
+    empty_ternary_(model, quant.TernaryQATConfig())
     s = checkpoint_sizes(model)
     return {"model": name, **s}
 

@@ -21,7 +21,8 @@ from ditq.models import (
     map_class_labels,
 )
 from ditq.models.large_dit import ffn_hidden_dim, lexicographic_label_table, map_labels, rope_angles
-from ditq.quant import TernaryLinear, TernaryQATConfig, empty_ternary_
+from ditq.quant import TernaryLinear, TernaryQATConfig
+from ditq.quant.ternary import empty_ternary_
 
 ATOL = RTOL = 1e-5
 

@@ -10,20 +10,12 @@ from torch import nn
 
 from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.models import DiT, DiTConfig
-from ditq.quant import (
-    GPTQ,
-    PerGroup,
-    QDiTConfig,
-    QuantLinear,
-    calibrate,
-    get_preset,
-    load_quantized_state_dict,
-    model_size_bytes,
-    preset_for,
-    quantize_,
-    quantized_layers,
-    select_layers,
-)
+from ditq.quant import QDiTConfig, QuantLinear, calibrate, model_size_bytes, quantize_, quantized_layers
+from ditq.quant.api import select_layers
+from ditq.quant.gptq import GPTQ
+from ditq.quant.granularity import PerGroup
+from ditq.quant.presets import get_preset, preset_for
+from ditq.quant.state import load_quantized_state_dict
 
 TINY = DiTConfig(depth=2, hidden_size=64, num_heads=2, patch_size=2, input_size=8, num_classes=10)
 BLOCK_LAYERS = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]

@@ -7,18 +7,9 @@ import pytest
 import torch
 
 from ditq.errors import InvalidArgumentError
-from ditq.quant import (
-    GPTQ,
-    PerChannel,
-    PerGroup,
-    PerTensor,
-    PerToken,
-    dequantize,
-    fake_quantize,
-    gptq_quant_params,
-    gptq_quantize,
-    quantize,
-)
+from ditq.quant.gptq import GPTQ, gptq_quantize
+from ditq.quant.granularity import PerChannel, PerGroup, PerTensor, PerToken
+from ditq.quant.primitives import dequantize, fake_quantize, gptq_quant_params, quantize
 
 
 def _rtn(w, bits, gran, sym, params="gptq"):

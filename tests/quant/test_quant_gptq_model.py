@@ -9,16 +9,9 @@ import torch
 
 from ditq.errors import InvalidArgumentError
 from ditq.models import DiT, DiTConfig
-from ditq.quant import (
-    CalibrationData,
-    QDiTConfig,
-    QuantLinear,
-    find_stages,
-    gptq_model,
-    quantize_,
-    quantized_layers,
-    select_layers,
-)
+from ditq.quant import CalibrationData, QDiTConfig, QuantLinear, quantize_, quantized_layers
+from ditq.quant.api import select_layers
+from ditq.quant.gptq import find_stages, gptq_model
 
 TINY = DiTConfig(depth=2, hidden_size=64, num_heads=2, patch_size=2, input_size=8, num_classes=10)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ditq.errors import InvalidArgumentError
-from ditq.quant import (
+from ditq.quant.granularity import (
     PerChannel,
     PerGroup,
     PerTensor,

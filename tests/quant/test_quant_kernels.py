@@ -15,15 +15,14 @@ from ditq.quant import (
     QuantLinear,
     TernaryLinear,
     TernaryQATConfig,
-    kernel_op_for,
     kernel_plan,
-    load_quantized_state_dict,
     pack_,
-    packed_state_dict,
     quantize_,
     quantized_layers,
     set_kernels,
 )
+from ditq.quant.nn import kernel_op_for
+from ditq.quant.state import load_quantized_state_dict, packed_state_dict
 
 
 @pytest.fixture(autouse=True)

@@ -9,21 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditq.errors import InvalidArgumentError
-from ditq.quant import (
-    GPTQ,
-    ActQuantizer,
-    LayerQuant,
-    PerGroup,
-    PerTensor,
-    QDiTConfig,
-    QuantLinear,
-    act_granularity,
-    dequantize,
-    fake_quantize,
-    quant_params,
-    quantize,
-    weight_granularity,
-)
+from ditq.quant import LayerQuant, QDiTConfig, QuantLinear
+from ditq.quant.gptq import GPTQ
+from ditq.quant.granularity import PerGroup, PerTensor, act_granularity, weight_granularity
+from ditq.quant.nn import ActQuantizer
+from ditq.quant.primitives import dequantize, fake_quantize, quant_params, quantize
 
 
 def _linear(in_f: int = 64, out_f: int = 24, bias: bool = True) -> nn.Linear:

@@ -7,15 +7,11 @@ import pytest
 import torch
 
 from ditq.errors import InvalidArgumentError
-from ditq.quant import (
+from ditq.quant.granularity import PerChannel, PerGroup, PerTensor, PerToken, PerTokenGroup
+from ditq.quant.primitives import (
     MSE,
     MinMax,
     Percentile,
-    PerChannel,
-    PerGroup,
-    PerTensor,
-    PerToken,
-    PerTokenGroup,
     dequantize,
     fake_quantize,
     gptq_quant_params,
@@ -239,7 +235,7 @@ def test_bad_input_is_a_one_line_error(name):
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("gran", ["token", "token_group16", "tensor"])
 def test_fake_quantize_is_bit_identical_to_quantize_then_dequantize(dtype, sym, gran):
-    from ditq.quant import parse_granularity
+    from ditq.quant.granularity import parse_granularity
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(3, 5, 64, generator=g) * torch.logspace(-2, 2, 64)).to(dtype)

@@ -6,16 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditq.quant import (
-    GPTQ,
-    act_granularity,
-    dequantize,
-    fake_quantize,
-    gptq_quant_params,
-    quant_params,
-    quantize,
-    weight_granularity,
-)
+from ditq.quant.gptq import GPTQ
+from ditq.quant.granularity import act_granularity, weight_granularity
+from ditq.quant.primitives import dequantize, fake_quantize, gptq_quant_params, quant_params, quantize
 
 # (section, input key, granularity from Q-DiT's group size, dtype the original ran in)
 SECTIONS = [

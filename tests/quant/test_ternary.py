@@ -18,15 +18,17 @@ from ditq.quant import (
     TernaryLinear,
     TernaryQATConfig,
     TernaryQATLinear,
+    model_size_bytes,
+    quantize_,
+    set_kernels,
+    ternary_layers,
+)
+from ditq.quant.ternary import (
     empty_ternary_,
     fake_quant_act_int8,
     init_alpha,
-    model_size_bytes,
-    quantize_,
     select_ternary_layers,
-    set_kernels,
     ternarize,
-    ternary_layers,
 )
 
 TINY = LargeDiTConfig(dim=64, n_layers=2, n_heads=4, input_size=8, num_classes=10, adaln_norm=True)

@@ -30,7 +30,6 @@ _MAX_VALUE_CHARS = 100
 _SHOWN_KEYS = ("format_version", "model_config", "command")
 
 
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``info`` on the top-level ``ditq`` parser."""
     parser = subparsers.add_parser(

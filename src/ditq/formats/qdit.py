@@ -33,6 +33,7 @@ from ditq import quant
 from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.formats import build, ditq_float
 from ditq.quant.presets import set_module
+from ditq.quant.state import load_quantized_state_dict, packed_state_dict
 
 PathLike = str | os.PathLike
 
@@ -74,7 +75,7 @@ def save(
         **(extra_metadata or {}),
     }
     return ditq_float.write(
-        model, path, command=command, extra_metadata=meta, state_dict=quant.packed_state_dict(model)
+        model, path, command=command, extra_metadata=meta, state_dict=packed_state_dict(model)
     )
 
 
@@ -88,7 +89,7 @@ def load(path: PathLike, *, packed: bool = True) -> nn.Module:
     layout, qconfig = _read_quant_metadata(path, meta)
     model = build.meta_skeleton(build.config_from_metadata(meta, str(path)))
     try:
-        quant.load_quantized_state_dict(
+        load_quantized_state_dict(
             model, ckpt.load_tensors(path), qconfig, layout=layout, packed=packed, assign=True
         )
     except CheckpointError as e:

@@ -33,6 +33,7 @@ from ditq.models.dit import DiT
 from ditq.pipelines.sample import make_labels, sample
 from ditq.quant.calibration import CalibrationData, CalibrationRecorder, run_calibration
 from ditq.quant.gptq import gptq_model
+from ditq.quant.search import output_error_proxy
 
 Log = Callable[[str], None]
 
@@ -462,7 +463,7 @@ def granularity_search(
             raise InvalidArgumentError("pre-screening candidates needs calibration data")
         batches = [(x, t, kw["y"]) for x, t, kw in calib.subset(64).batches(64)]
         eps = model.config.in_channels
-        proxy = quant.output_error_proxy(model, batches, output=lambda out: out[:, :eps])
+        proxy = output_error_proxy(model, batches, output=lambda out: out[:, :eps])
     return quant.search(
         model, fitness, base, groups=groups, population=population, generations=generations,
         top_k=min(10, population), mutations=population // 2, crossovers=population // 2,

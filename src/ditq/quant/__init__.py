@@ -1,176 +1,64 @@
-"""Quantization: Q-DiT post-training quantization (group-wise integer weights and dynamic activations,
-GPTQ), and the primitives it is built from.
+"""Quantization as ``quantize_(model, config)``: Q-DiT post-training quantization (round to nearest, GPTQ,
+the granularity search) and TerDiT ternary QAT, with the primitives they are built from.
 
-    granularity  which elements share one (scale, zero): PerTensor, PerChannel, PerGroup(g),
-                 PerToken, PerTokenGroup(g); bit-width and group-size validation
-    primitives   quant_params / quantize / dequantize / fake_quantize (Q-DiT's quantizer bit for
-                 bit), clipping (MinMax, MSE, Percentile), GPTQ's range rule
-    calibration  model inputs (x_t, t, y) recorded while sampling, one random step per sample
-    gptq         GPTQ: Hessian accumulation and error-feedback quantization of one weight; whole
-                 models block by block (gptq_model)
-    config       QDiTConfig: bits, group sizes, clipping, dynamic/static activations, per-layer
-                 overrides, layer selection; round-trips to JSON
-    nn           QuantLinear (integer codes, optionally int4-packed, + group scales; integer kernels
-                 in eval mode where its settings fit one, else fake-quantized inputs), ActQuantizer
-    api          quantize_(model, config), calibrate, quantized_layers, model_size_bytes,
-                 load_quantized_state_dict; deployment: pack_, packed_state_dict, kernel_plan,
-                 set_kernels
-    presets      which linears Q-DiT quantizes in DiT, diffusers and Large-DiT/TerDiT naming
-    search       evolutionary search of per-layer weight and activation group sizes under a cost
-                 constraint; applying candidates in place; layer-config files
-    ternary      TerDiT / BitNet b1.58 ternary weights: TernaryQATConfig (prepare -> train ->
-                 convert through quantize_), TernaryQATLinear (latent weights, STE, learnable
-                 alpha or absmean gamma, optional int8 activations), TernaryLinear (packed 2-bit,
-                 integer kernels in eval mode)
+User API (``__all__``)::
+
+    quantize_(model, QDiTConfig(...) | GPTQConfig(...) | TernaryQATConfig(...))
+    calibrate, CalibrationData, CalibrationRecorder, run_calibration     static ranges, GPTQ inputs
+    search, SearchSpace, SearchResult, read/write_layer_config            Q-DiT's granularity search
+    quantized_layers, ternary_layers, model_size_bytes, kernel_plan, set_kernels, pack_
+    fuse_, unfuse_                                                        deploy-time producer fusion
+    QuantLinear, TernaryQATLinear, TernaryLinear                          the layers swapped in
+
+Modules:
+    api          quantize_ and its handler registry, calibrate, kernel_plan, set_kernels
+    select       which layers a config takes (one rule for every method)
+    config       QDiTConfig, LayerQuant; gptq: GPTQConfig; ternary.config: TernaryQATConfig
+    nn           QuantLinear (integer codes + group scales), ActQuantizer
+    ternary      TernaryQATLinear, TernaryLinear, prepare/convert
+    calibration  model inputs recorded while sampling, one random step per sample
+    gptq         GPTQ: one weight, and whole models block by block
+    search       evolutionary search of per-layer group sizes under a cost constraint
+    state, size  quantized state dicts (save/reload), deployed bytes
+    fuse         swapping in producers fused with their consumers' int8 quantization
+    granularity, primitives, presets   the building blocks (importable from their modules)
 
 ``quant`` never imports ``models``, ``diffusion`` or ``eval``: it sees tensors, modules and names.
 """
 
-from ditq.quant.api import (
-    calibrate,
-    kernel_plan,
-    load_quantized_state_dict,
-    model_size_bytes,
-    pack_,
-    packed_state_dict,
-    quantize_,
-    quantized_layers,
-    select_layers,
-    set_kernels,
-)
+from ditq.quant.api import calibrate, kernel_plan, quantize_, register_quantize_handler, set_kernels
 from ditq.quant.calibration import CalibrationData, CalibrationRecorder, run_calibration
-from ditq.quant.config import PER_TENSOR, LayerQuant, QDiTConfig
-from ditq.quant.gptq import GPTQ, GPTQResult, find_stages, gptq_model, gptq_quantize
-from ditq.quant.granularity import (
-    Granularity,
-    PerChannel,
-    PerGroup,
-    PerTensor,
-    PerToken,
-    PerTokenGroup,
-    act_granularity,
-    check_bits,
-    group_length,
-    num_groups,
-    parse_granularity,
-    valid_group_sizes,
-    weight_granularity,
-)
-from ditq.quant.nn import ActQuantizer, QuantLinear, kernel_op_for
-from ditq.quant.presets import PRESETS, Preset, get_preset, preset_for
-from ditq.quant.primitives import (
-    MSE,
-    Clip,
-    MinMax,
-    Percentile,
-    as_clip,
-    code_dtype,
-    dequantize,
-    fake_quantize,
-    gptq_quant_params,
-    qrange,
-    quant_params,
-    quantize,
-)
-from ditq.quant.search import (
-    DEFAULT_GROUPS,
-    Candidate,
-    Cost,
-    SearchResult,
-    SearchSpace,
-    applied,
-    output_error_proxy,
-    read_layer_config,
-    search,
-    search_space,
-    write_layer_config,
-)
-from ditq.quant.ternary import (
-    TernaryLinear,
-    TernaryQATConfig,
-    TernaryQATLinear,
-    empty_ternary_,
-    fake_quant_act_int8,
-    init_alpha,
-    quantize_ternary_,
-    select_ternary_layers,
-    ternarize,
-    ternary_layers,
-)
+from ditq.quant.config import LayerQuant, QDiTConfig
+from ditq.quant.gptq import GPTQConfig
+from ditq.quant.nn import QuantLinear
+from ditq.quant.search import SearchResult, SearchSpace, read_layer_config, search, write_layer_config
+from ditq.quant.size import model_size_bytes
+from ditq.quant.state import pack_, quantized_layers
+from ditq.quant.ternary import TernaryLinear, TernaryQATConfig, TernaryQATLinear, ternary_layers
 
 __all__ = [
     "CalibrationData",
     "CalibrationRecorder",
-    "find_stages",
-    "gptq_model",
-    "run_calibration",
-    "GPTQ",
-    "PER_TENSOR",
-    "PRESETS",
-    "ActQuantizer",
+    "GPTQConfig",
     "LayerQuant",
-    "Preset",
     "QDiTConfig",
     "QuantLinear",
-    "calibrate",
-    "get_preset",
-    "kernel_op_for",
-    "kernel_plan",
-    "load_quantized_state_dict",
-    "model_size_bytes",
-    "pack_",
-    "packed_state_dict",
-    "preset_for",
-    "quantize_",
-    "quantized_layers",
-    "select_layers",
-    "set_kernels",
-    "MSE",
-    "Clip",
-    "GPTQResult",
-    "Granularity",
-    "MinMax",
-    "PerChannel",
-    "PerGroup",
-    "PerTensor",
-    "PerToken",
-    "PerTokenGroup",
-    "Percentile",
-    "act_granularity",
-    "as_clip",
-    "check_bits",
-    "code_dtype",
-    "dequantize",
-    "fake_quantize",
-    "gptq_quant_params",
-    "gptq_quantize",
-    "group_length",
-    "num_groups",
-    "parse_granularity",
-    "qrange",
-    "quant_params",
-    "quantize",
-    "valid_group_sizes",
-    "weight_granularity",
-    "DEFAULT_GROUPS",
-    "Candidate",
-    "Cost",
     "SearchResult",
     "SearchSpace",
-    "applied",
-    "output_error_proxy",
-    "read_layer_config",
-    "search",
-    "search_space",
-    "write_layer_config",
     "TernaryLinear",
     "TernaryQATConfig",
     "TernaryQATLinear",
-    "empty_ternary_",
-    "fake_quant_act_int8",
-    "init_alpha",
-    "quantize_ternary_",
-    "select_ternary_layers",
-    "ternarize",
+    "calibrate",
+    "kernel_plan",
+    "model_size_bytes",
+    "pack_",
+    "quantize_",
+    "quantized_layers",
+    "read_layer_config",
+    "register_quantize_handler",
+    "run_calibration",
+    "search",
+    "set_kernels",
     "ternary_layers",
+    "write_layer_config",
 ]

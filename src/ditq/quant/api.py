@@ -1,160 +1,113 @@
-"""Quantizing a model is swapping its linear layers: ``quantize_(model, config)``.
+"""Quantizing a model is swapping its layers: ``quantize_(model, config)``, dispatched on the config's type.
 
 ::
 
     from ditq import quant
-    quant.quantize_(model, quant.QDiTConfig(w_bits=4, a_bits=8))      # DiT: the preset picks layers
+    quant.quantize_(model, quant.QDiTConfig(w_bits=4, a_bits=8))      # round to nearest; the preset picks
     quant.quantize_(model, cfg, include=["blocks.*.mlp.*"], exclude=["blocks.0.*"])
-    with quant.calibrate(model):                                       # static activations only
-        for batch in data:
-            model(*batch)
+    quant.quantize_(model, quant.QDiTConfig(a_bits=8, dynamic=False), calibration=data)  # static ranges
+    quant.quantize_(model, quant.GPTQConfig(quant.QDiTConfig(w_bits=4), calibration=data))
+    quant.quantize_(model, quant.TernaryQATConfig(step="prepare"))     # ... train, then step="convert"
     quant.quantized_layers(model)                                      # {name: QuantLinear}
-    quant.model_size_bytes(model)                                      # deployed bytes
-
-    # reload: a fresh float model, the saved state dict and config
-    quant.load_quantized_state_dict(fresh_model, state_dict, QDiTConfig.from_json(text))
-
-    # deployment: codes two per byte, integer kernels in eval mode (see ditq.quant.nn)
-    quant.pack_(model)                                                 # <= 4-bit codes packed
     quant.kernel_plan(model)                                           # {name: op it runs}
-    quant.set_kernels(model, False)                                    # fake quant everywhere
 
-Works on any ``nn.Module`` (a diffusers transformer too). Which layers: the
-``include`` argument, else ``config.include``, else the preset's patterns
-(:mod:`ditq.quant.presets`; ``config.preset="auto"`` recognizes DiT, diffusers
-and Large-DiT naming), else every ``nn.Linear``; minus ``exclude`` (argument,
-else ``config.exclude``). Patterns are fnmatch (``*`` crosses dots) or ``re:``
-+ a regex, matched against full names from ``named_modules``.
+Each config type has one handler (:func:`register_quantize_handler`, the
+pattern of torchao's ``quantize_``), so a new method is a new config and a
+handler, not a new door. Which layers a config takes is
+:mod:`ditq.quant.select`, one rule for every method. Models whose integer
+layers read a fused producer get it swapped in afterwards
+(:mod:`ditq.quant.fuse`), so a quantized model runs as a loaded one does.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.errors import InvalidArgumentError
 from ditq.kernels import ops
-from ditq.quant.config import LayerQuant, QDiTConfig, _patterns
-from ditq.quant.granularity import num_groups, weight_granularity
-from ditq.quant.nn import ActQuantizer, QuantLinear, packable
-from ditq.quant.presets import few_names as _few
-from ditq.quant.presets import get_preset, linear_names, match_any, nothing_selected, preset_for
-from ditq.quant.presets import set_module as _set_module
-from ditq.quant.primitives import code_dtype
+from ditq.quant import select
+from ditq.quant.calibration import run_calibration
+from ditq.quant.config import QDiTConfig, as_qdit_config
+from ditq.quant.gptq import GPTQConfig, gptq_model
+from ditq.quant.nn import ActQuantizer, QuantLinear
+from ditq.quant.presets import set_module
+from ditq.quant.state import quantized_layers
 from ditq.quant.ternary import TernaryLinear, TernaryQATConfig, quantize_ternary_
 
-SCALE_BYTES = 2
-"""Bytes per stored scale / zero point / static range end in :func:`model_size_bytes` (fp16)."""
+Handler = Callable[..., nn.Module]
+_HANDLERS: dict[type, Handler] = {}
 
 
-# ----------------------------------------------------------------------------
-# Layer selection
-# ----------------------------------------------------------------------------
+def register_quantize_handler(config_type: type) -> Callable[[Handler], Handler]:
+    """Make the decorated ``handler(model, config, *, include, exclude, **options) -> model`` what
+    :func:`quantize_` runs for configs of ``config_type`` (and its subclasses)."""
+
+    def register(handler: Handler) -> Handler:
+        _HANDLERS[config_type] = handler
+        return handler
+
+    return register
 
 
-def _check_config(config) -> QDiTConfig:
+def quantize_(model: nn.Module, config=None, *, include=None, exclude=None, **options) -> nn.Module:
+    """Quantize ``model`` in place as ``config`` says; returns it.
+
+    ``config``: a :class:`QDiTConfig` (default; round-to-nearest weights, dynamic or static
+    activations), a :class:`GPTQConfig`, a :class:`TernaryQATConfig` (``prepare`` or ``convert``),
+    the dict form of one, or any type with a registered handler. ``include``/``exclude`` override
+    the config's layer patterns. ``options`` go to the handler (see each one). Every layer is built
+    before any is swapped, so an error leaves the model as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"quantize_ takes an nn.Module, got {type(model).__name__}")
     if config is None:
-        return QDiTConfig()
-    if isinstance(config, Mapping):
-        return QDiTConfig.from_dict(dict(config))
-    if not isinstance(config, QDiTConfig):
-        raise InvalidArgumentError(f"config must be a QDiTConfig (or its dict), got {type(config).__name__}")
-    return config
-
-
-def _rules(model: nn.Module, config: QDiTConfig, include, exclude) -> tuple[list[str], list[str]]:
-    """The (include, exclude) patterns in force: arguments win over the config, the config over the preset."""
-    if include is not None:
-        inc = _patterns(include, "include")
-    elif config.include is not None:
-        inc = config.include
-    else:
-        if config.preset == "auto":
-            preset = preset_for(model)
-        elif config.preset is None:
-            preset = None
-        else:
-            preset = get_preset(config.preset)
-        inc = preset.patterns(config.quantize_adaln) if preset is not None else ["*"]
-    exc = _patterns(exclude, "exclude") if exclude is not None else config.exclude
-    return inc, exc or []
-
-
-def select_layers(
-    model: nn.Module, config: QDiTConfig | None = None, *, include=None, exclude=None
-) -> list[str]:
-    """Names of the float ``nn.Linear`` layers :func:`quantize_` would swap (no checks, no errors)."""
-    config = _check_config(config)
-    inc, exc = _rules(model, config, include, exclude)
-    return [
-        n for n, m in model.named_modules()
-        if n and isinstance(m, nn.Linear) and match_any(n, inc) and not match_any(n, exc)
-    ]  # fmt: skip
-
-
-def _check_named(kind: str, names, selected: list[str], model: nn.Module) -> None:
-    """One-line errors for per-layer entries naming layers that are missing or left unquantized."""
-    existing = set(linear_names(model))
-    missing = [n for n in names if n not in existing]
-    if missing:
-        raise InvalidArgumentError(
-            f"{kind} names layer(s) the model lacks: {_few(missing, 3)}; quantizable layers are e.g. "
-            f"{_few(selected or sorted(existing))}"
+        config = QDiTConfig()
+    elif isinstance(config, Mapping):
+        config = (TernaryQATConfig if config.get("method") == "ternary" else QDiTConfig).from_dict(
+            dict(config)
         )
-    chosen = set(selected)
-    left = [n for n in names if n not in chosen]
-    if left:
+    handler = next((_HANDLERS[t] for t in type(config).__mro__ if t in _HANDLERS), None)
+    if handler is None:
+        known = ", ".join(t.__name__ for t in _HANDLERS)
         raise InvalidArgumentError(
-            f"{kind} names layer(s) that include/exclude leave unquantized (or already quantized): "
-            f"{_few(left, 3)}; include them or drop their entries"
+            f"quantize_ has no handler for a {type(config).__name__}; configs it takes: {known}"
         )
+    handler(model, config, include=include, exclude=exclude, **options)
+    from ditq.quant.fuse import fuse_
+
+    fuse_(model)
+    return model
 
 
-# ----------------------------------------------------------------------------
-# Quantize, calibrate, inspect
-# ----------------------------------------------------------------------------
-
-
-def quantize_(
+@register_quantize_handler(QDiTConfig)
+def _quantize_qdit(
     model: nn.Module,
-    config: QDiTConfig | TernaryQATConfig | None = None,
+    config: QDiTConfig,
     *,
     include=None,
     exclude=None,
     weight_overrides: Mapping[str, object] | None = None,
+    calibration=None,
+    batch_size: int = 64,
 ) -> nn.Module:
-    """Swap the selected ``nn.Linear`` layers of ``model`` for :class:`QuantLinear`, in place; returns it.
+    """Q-DiT round-to-nearest: the selected ``nn.Linear`` layers become :class:`QuantLinear`.
 
-    Weights are quantized round-to-nearest under the layer's settings
-    (``config.for_layer(name)``), unless ``weight_overrides[name]`` gives codes
-    and group parameters (a ``GPTQResult`` or ``(codes, scale, zero)``).
-    Every layer is built before any is swapped, so an error leaves the model
-    as it was. Raises a one-line :class:`InvalidArgumentError` when nothing is
-    selected, when ``config.layers`` or ``weight_overrides`` name layers that
-    are missing or not selected, or when a group size does not divide a
-    layer's input channels.
-
-    A :class:`~ditq.quant.ternary.TernaryQATConfig` runs its ``prepare`` or
-    ``convert`` step instead (:func:`~ditq.quant.ternary.quantize_ternary_`).
+    Weights are quantized under each layer's settings (``config.for_layer(name)``), unless
+    ``weight_overrides[name]`` gives codes and group parameters (a ``GPTQResult`` or ``(codes, scale,
+    zero)``). Static activation ranges are observed on ``calibration`` (CalibrationData) when given,
+    ``batch_size`` inputs at a time; else :func:`calibrate` sets them later. One-line errors when
+    nothing is selected, when ``config.layers`` or ``weight_overrides`` name layers that are missing
+    or not selected, or when a group size does not divide a layer's input channels.
     """
-    if isinstance(config, TernaryQATConfig):
-        if weight_overrides:
-            raise InvalidArgumentError("weight_overrides apply to QDiTConfig only, not to a TernaryQATConfig")
-        return quantize_ternary_(model, config, include=include, exclude=exclude)
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"quantize_ takes an nn.Module, got {type(model).__name__}")
-    config = _check_config(config)
+    config = as_qdit_config(config)
     weight_overrides = dict(weight_overrides or {})
-    selected = select_layers(model, config, include=include, exclude=exclude)
-    if not selected:
-        raise nothing_selected(model, *_rules(model, config, include, exclude), len(quantized_layers(model)))
-    _check_named("QDiTConfig.layers", list(config.layers), selected, model)
-    _check_named("weight_overrides", list(weight_overrides), selected, model)
-
+    selected = select.selected_or_error(model, config, include, exclude, already=len(quantized_layers(model)))
+    select.check_named("QDiTConfig.layers", list(config.layers), selected, model)
+    select.check_named("weight_overrides", list(weight_overrides), selected, model)
     new = {}
     for name in selected:
         linear = model.get_submodule(name)
@@ -162,13 +115,42 @@ def quantize_(
             linear, config.for_layer(name), weight_overrides.get(name), layer=name
         )
     for name, q in new.items():
-        _set_module(model, name, q)
+        set_module(model, name, q)
+    if calibration is not None and not config.dynamic and not config.weight_only:
+        with calibrate(model):
+            run_calibration(model, calibration, batch_size)
     return model
 
 
-def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    """``{name: QuantLinear}`` in ``named_modules`` order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+@register_quantize_handler(GPTQConfig)
+def _quantize_gptq(model: nn.Module, config: GPTQConfig, *, include=None, exclude=None) -> nn.Module:
+    """GPTQ block by block on the config's calibration inputs (:func:`ditq.quant.gptq.gptq_model`)."""
+    gptq_model(
+        model,
+        config.qdit,
+        config.calibration_for(model),
+        include=include,
+        exclude=exclude,
+        batch_size=config.batch_size,
+        block_size=config.block_size,
+        percdamp=config.percdamp,
+        act_order=config.act_order,
+        log=config.log,
+    )
+    return model
+
+
+@register_quantize_handler(TernaryQATConfig)
+def _quantize_ternary(model: nn.Module, config: TernaryQATConfig, *, include=None, exclude=None) -> nn.Module:
+    """TerDiT ternary QAT: ``prepare`` or ``convert`` (:func:`~ditq.quant.ternary.quantize_ternary_`)."""
+    return quantize_ternary_(model, config, include=include, exclude=exclude)
+
+
+def select_layers(
+    model: nn.Module, config: QDiTConfig | None = None, *, include=None, exclude=None
+) -> list[str]:
+    """Names of the float ``nn.Linear`` layers :func:`quantize_` would swap for ``config`` (no errors)."""
+    return select.select_layers(model, as_qdit_config(config), include=include, exclude=exclude)
 
 
 def _static_quantizers(model: nn.Module) -> list[ActQuantizer]:
@@ -196,213 +178,6 @@ def calibrate(model: nn.Module, *, reset: bool = True) -> Iterator[nn.Module]:
     finally:
         for q in quantizers:
             q.calibrating = False
-
-
-# ----------------------------------------------------------------------------
-# Size
-# ----------------------------------------------------------------------------
-
-
-def _quant_bytes(
-    in_f: int, out_f: int, cfg: LayerQuant, bias: torch.Tensor | None, static_groups: int
-) -> int:
-    n = num_groups(weight_granularity(cfg.w_group), in_f)
-    codes = math.ceil(out_f * in_f * cfg.w_bits / 8)
-    params = out_f * n * SCALE_BYTES * (1 if cfg.w_sym else 2)  # symmetric: no zero points
-    b = bias.numel() * bias.element_size() if bias is not None else 0
-    return codes + params + b + 2 * static_groups * SCALE_BYTES
-
-
-def model_size_bytes(
-    model: nn.Module, config: QDiTConfig | None = None, *, include=None, exclude=None
-) -> int:
-    """Deployed bytes: weight codes at their bit width, scales (and asymmetric zeros) in fp16, the rest as is.
-
-    Each :class:`QuantLinear` counts ``ceil(out·in·bits/8)`` bytes of codes,
-    2 bytes per scale and per zero point (none when symmetric), its bias at
-    its dtype, and 2 × 2 bytes per static activation range. Every other
-    parameter and persistent buffer counts at its dtype (shared tensors once).
-    With ``config``, the float linears :func:`quantize_` would select count
-    as quantized under it: the size of a plan, before quantizing.
-    """
-    planned: dict[str, LayerQuant] = {}
-    if config is not None:
-        config = _check_config(config)
-        planned = {
-            n: config.for_layer(n) for n in select_layers(model, config, include=include, exclude=exclude)
-        }
-    total, seen, inside = 0, set(), []
-    for name, mod in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
-            continue  # tensors of a QuantLinear's children are counted with it
-        if isinstance(mod, QuantLinear):
-            inside.append(name)
-            cfg = LayerQuant(w_bits=mod.w_bits, w_group=mod.w_group, w_sym=mod.w_sym)
-            aq = mod.act_quant
-            static = aq.n_static_groups if hasattr(aq, "lo") else 0
-            total += _quant_bytes(mod.in_features, mod.out_features, cfg, mod.bias, static)
-            continue
-        if name in planned:
-            cfg = planned[name]
-            static = 0
-            if cfg.a_bits is not None and not cfg.dynamic:
-                static = ActQuantizer(cfg.a_bits, cfg.a_group, False, False, mod.in_features).n_static_groups
-            total += _quant_bytes(mod.in_features, mod.out_features, cfg, mod.bias, static)
-            seen.update(id(t) for t in (mod.weight, mod.bias) if t is not None)
-            continue
-        tensors = list(mod.named_parameters(recurse=False)) + [
-            (n, b) for n, b in mod.named_buffers(recurse=False) if n not in mod._non_persistent_buffers_set
-        ]
-        for _, t in tensors:
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    return total
-
-
-# ----------------------------------------------------------------------------
-# Reload
-# ----------------------------------------------------------------------------
-
-
-LAYOUTS = ("auto", "codes", "int4")
-"""How a state dict stores the codes of layers of at most 4 bits (see :func:`load_quantized_state_dict`)."""
-
-
-def load_quantized_state_dict(
-    model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    config: QDiTConfig | dict,
-    *,
-    strict: bool = True,
-    layout: str = "auto",
-    packed: bool = False,
-    assign: bool | None = None,
-) -> nn.Module:
-    """Rebuild the QuantLinears of a saved quantized model on a float ``model`` and load ``state_dict``.
-
-    The layers to swap are the ``nn.Linear`` modules whose ``<name>.qweight``
-    is in the state dict; ``config`` (the one the checkpoint was made with)
-    gives their bits and group sizes. ``layout`` says how the state dict holds
-    the codes of layers of at most 4 bits (and an even number of inputs):
-    ``"codes"`` one per byte ``[out, in]``, ``"int4"`` packed ``[out, in/2]``
-    (what :func:`packed_state_dict` and ``ditq.save`` writes), ``"auto"``
-    either; other layers always hold codes one per byte. ``packed=True``
-    makes the rebuilt layers store packed codes (:meth:`QuantLinear.pack_`).
-    ``assign`` adopts the state dict's tensors instead of copying them
-    (default: when the model is on the meta device; nothing is then
-    allocated but what the state dict holds and the packed codes).
-
-    Shapes, dtypes and code ranges are checked against the config; every
-    mismatch is a one-line :class:`CheckpointError` naming the layer, and
-    leaves the model as it was. Returns ``model``.
-    """
-    config = _check_config(config)
-    if layout not in LAYOUTS:
-        raise InvalidArgumentError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if not isinstance(state_dict, Mapping):
-        raise CheckpointError(
-            f"a state dict is a mapping of names to tensors, got {type(state_dict).__name__}"
-        )
-    if assign is None:
-        assign = any(t.is_meta for t in model.parameters())
-    names = [
-        n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and f"{n}.qweight" in state_dict
-    ]
-    if not names and not quantized_layers(model):
-        raise CheckpointError("the state dict holds no quantized layers (no '<layer>.qweight' keys)")
-    quant_names = set(names) | set(quantized_layers(model))
-    stray = [n for n in config.layers if n not in quant_names]
-    if stray:
-        raise CheckpointError(
-            f"the config overrides layer(s) the checkpoint does not quantize: {_few(stray, 3)}; is it the "
-            f"config this checkpoint was saved with?"
-        )
-    new = {}
-    for name in names:
-        try:
-            cfg = config.for_layer(name)
-            q = QuantLinear.empty(model.get_submodule(name), cfg, layer=name, packed=packed)
-        except InvalidArgumentError as e:
-            raise CheckpointError(f"cannot rebuild layer {name!r} from the config: {e}") from None
-        for key, want in q.state_dict().items():
-            got = state_dict.get(f"{name}.{key}")
-            if got is None:
-                continue  # reported with the other missing keys
-            if key == "qweight":
-                _check_qweight(name, got, q, config.for_layer(name), layout)
-            elif tuple(got.shape) != tuple(want.shape):
-                raise CheckpointError(
-                    f"layer {name!r}: {key} is {got.dtype} {tuple(got.shape)} in the state dict but the "
-                    f"config gives {want.dtype} {tuple(want.shape)} ({config.for_layer(name)}); load with "
-                    f"the config the checkpoint was saved with"
-                )
-        new[name] = q
-    originals = {name: model.get_submodule(name) for name in new}
-    for name, q in new.items():
-        _set_module(model, name, q)
-    try:
-        expected = set(model.state_dict())
-        missing = sorted(expected - set(state_dict))
-        unexpected = sorted(set(state_dict) - expected)
-        if strict and (missing or unexpected):
-            raise CheckpointError(
-                f"state dict does not fit the quantized model: missing {_few(missing, 3)}; unexpected "
-                f"{_few(unexpected, 3)}"
-            )
-        try:
-            model.load_state_dict(state_dict, strict=False, assign=assign)
-        except RuntimeError as e:
-            lines = str(e).strip().splitlines()
-            raise CheckpointError(f"state dict does not load: {' '.join(s.strip() for s in lines)}") from None
-    except CheckpointError:
-        for name, linear in originals.items():  # leave the model as it was
-            _set_module(model, name, linear)
-        raise
-    return model
-
-
-def _check_qweight(name: str, got: torch.Tensor, q: QuantLinear, cfg: LayerQuant, layout: str) -> None:
-    """One-line error unless ``got`` is ``q``'s codes in ``layout`` (one per byte, or int4-packed)."""
-    n, k = q.out_features, q.in_features
-    codes = (code_dtype(q.w_sym), (n, k))
-    int4 = (torch.uint8, q.packed_shape)
-    can_pack = packable(q.w_bits, k)
-    allowed = [codes] if not can_pack or layout == "codes" else [int4] if layout == "int4" else [codes, int4]
-    if (got.dtype, tuple(got.shape)) in allowed:
-        return
-    desc = {codes: f"{codes[0]} {codes[1]} (one code per byte)", int4: f"torch.uint8 {int4[1]} (int4-packed)"}
-    raise CheckpointError(
-        f"layer {name!r}: qweight is {got.dtype} {tuple(got.shape)} in the state dict but the config gives "
-        f"{' or '.join(desc[a] for a in allowed)} for {cfg.w_bits}-bit weights ({cfg}); the checkpoint's "
-        "tensors and metadata disagree, or load with the config the checkpoint was saved with"
-    )
-
-
-# ----------------------------------------------------------------------------
-# Deployment: packed codes, integer kernels
-# ----------------------------------------------------------------------------
-
-
-def pack_(model: nn.Module) -> nn.Module:
-    """Store the codes of every :class:`QuantLinear` of at most 4 bits two per byte (int4), in place.
-
-    Outputs do not change; the layers then hold no float weight at all (see
-    :meth:`QuantLinear.pack_`). Returns ``model``.
-    """
-    for q in quantized_layers(model).values():
-        q.pack_()
-    return model
-
-
-def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with the codes of every packable :class:`QuantLinear` (at most 4 bits, an
-    even number of inputs) int4-packed ``[out, in/2]``: what a quantized checkpoint stores."""
-    state = model.state_dict()
-    for name, q in quantized_layers(model).items():
-        if packable(q.w_bits, q.in_features) and not q.packed:
-            state[f"{name}.qweight"] = q.packed_codes()
-    return state
 
 
 _KERNEL_LAYERS = (QuantLinear, TernaryLinear)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 from ditq.errors import InvalidArgumentError
@@ -50,7 +51,8 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _w_bits(v, where: str) -> int:
+def check_w_bits(v, where: str) -> int:
+    """The weight bit width, checked; ``where`` prefixes the one-line error."""
     if not _is_int(v) or not MIN_BITS <= v <= MAX_BITS:
         raise InvalidArgumentError(
             f"{where}w_bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {v!r}"
@@ -58,7 +60,8 @@ def _w_bits(v, where: str) -> int:
     return v
 
 
-def _a_bits(v, where: str) -> int | None:
+def check_a_bits(v, where: str) -> int | None:
+    """The activation bit width (None: float activations), checked; ``where`` prefixes the one-line error."""
     if v is None or (_is_int(v) and v == 16):
         return None  # 16 = "keep the float activations": weight-only
     if not _is_int(v) or not MIN_BITS <= v <= MAX_BITS:
@@ -69,7 +72,8 @@ def _a_bits(v, where: str) -> int | None:
     return v
 
 
-def _w_group(v, where: str) -> int:
+def check_w_group(v, where: str) -> int:
+    """The weight group size (0: per channel), checked; ``where`` prefixes the one-line error."""
     if not _is_int(v) or v < 0:
         raise InvalidArgumentError(
             f"{where}w_group must be an integer >= 0 (0 = per output channel), got {v!r}"
@@ -77,7 +81,8 @@ def _w_group(v, where: str) -> int:
     return v
 
 
-def _a_group(v, where: str) -> int:
+def check_a_group(v, where: str) -> int:
+    """The activation group size (0: per token), checked; ``where`` prefixes the one-line error."""
     if not _is_int(v) or v < PER_TENSOR:
         raise InvalidArgumentError(
             f"{where}a_group must be an integer >= -1 (0 = per token, -1 = per tensor), got {v!r}"
@@ -91,18 +96,19 @@ def _bool(v, name: str) -> bool:
     return v
 
 
-def _patterns(v, name: str) -> list[str] | None:
+def patterns(v, name: str, owner: str = "QDiTConfig") -> list[str] | None:
+    """A list of layer-name patterns (one string counts as a list of one), each checked; None stays None.
+
+    ``owner.name`` is what the one-line error calls the value (``QDiTConfig.include``)."""
     if v is None:
         return None
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, (list, tuple)) or not all(isinstance(p, str) and p for p in v):
         raise InvalidArgumentError(
-            f"QDiTConfig.{name} must be a list of name patterns (fnmatch, or 're:' + a regex), got {v!r}"
+            f"{owner}.{name} must be a list of name patterns (fnmatch, or 're:' + a regex), got {v!r}"
         )
-    for p in v:
-        check_pattern(p)
-    return list(v)
+    return [check_pattern(p) for p in v]
 
 
 def check_pattern(pattern: str) -> str:
@@ -188,10 +194,10 @@ class QDiTConfig(JSONConfig):
     preset: str | None = "auto"
 
     def __post_init__(self) -> None:
-        self.w_bits = _w_bits(self.w_bits, "QDiTConfig.")
-        self.a_bits = _a_bits(self.a_bits, "QDiTConfig.")
-        self.w_group = _w_group(self.w_group, "QDiTConfig.")
-        self.a_group = _a_group(self.a_group, "QDiTConfig.")
+        self.w_bits = check_w_bits(self.w_bits, "QDiTConfig.")
+        self.a_bits = check_a_bits(self.a_bits, "QDiTConfig.")
+        self.w_group = check_w_group(self.w_group, "QDiTConfig.")
+        self.a_group = check_a_group(self.a_group, "QDiTConfig.")
         for name in ("w_sym", "a_sym", "dynamic", "quantize_adaln"):
             _bool(getattr(self, name), name)
         if isinstance(self.w_clip, bool) or not isinstance(self.w_clip, (str, int, float)):
@@ -200,8 +206,8 @@ class QDiTConfig(JSONConfig):
                 f"got {self.w_clip!r}"
             )
         as_clip(self.w_clip)  # validates
-        self.include = _patterns(self.include, "include")
-        self.exclude = _patterns(self.exclude, "exclude") or []
+        self.include = patterns(self.include, "include")
+        self.exclude = patterns(self.exclude, "exclude") or []
         if self.preset is not None and not isinstance(self.preset, str):
             raise InvalidArgumentError(
                 f"QDiTConfig.preset must be 'auto', a preset name or None, got {self.preset!r}"
@@ -228,7 +234,12 @@ class QDiTConfig(JSONConfig):
                 f"per-layer overrides are {', '.join(OVERRIDE_KEYS)}"
             )
         where = f"QDiTConfig.layers[{name!r}]."
-        checks = {"w_bits": _w_bits, "a_bits": _a_bits, "w_group": _w_group, "a_group": _a_group}
+        checks = {
+            "w_bits": check_w_bits,
+            "a_bits": check_a_bits,
+            "w_group": check_w_group,
+            "a_group": check_a_group,
+        }
         return {k: checks[k](v, where) for k, v in ov.items()}
 
     # -- per layer ---------------------------------------------------------------------------------
@@ -265,3 +276,14 @@ class QDiTConfig(JSONConfig):
         if not isinstance(d, dict):
             raise InvalidArgumentError(f"a QDiTConfig is read from a dict, got {type(d).__name__}")
         return cls._from_fields(d)
+
+
+def as_qdit_config(config) -> QDiTConfig:
+    """``config`` as a :class:`QDiTConfig`: None is the default, a dict is parsed; else a one-line error."""
+    if config is None:
+        return QDiTConfig()
+    if isinstance(config, Mapping):
+        return QDiTConfig.from_dict(dict(config))
+    if not isinstance(config, QDiTConfig):
+        raise InvalidArgumentError(f"config must be a QDiTConfig (or its dict), got {type(config).__name__}")
+    return config

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,9 +43,9 @@ from ditq.quant.granularity import (
 )
 from ditq.quant.primitives import (
     MinMax,
-    _check_finite,
-    _check_tensor,
     as_clip,
+    check_finite,
+    check_tensor,
     code_dtype,
     gptq_quant_params,
     qrange,
@@ -77,12 +78,12 @@ class GPTQ:
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor) -> None:
         """Add the layer inputs ``inp`` ([tokens, in] counts as one sample; [B, ..., in] as B samples)."""
-        _check_tensor(inp, "calibration input")
+        check_tensor(inp, "calibration input")
         if inp.shape[-1] != self.in_features:
             raise InvalidArgumentError(
                 f"calibration input has {inp.shape[-1]} features, the layer takes {self.in_features}"
             )
-        _check_finite(inp, "calibration input")
+        check_finite(inp, "calibration input")
         if inp.dim() == 1:
             inp = inp.unsqueeze(0)
         if inp.dim() == 2:
@@ -149,7 +150,7 @@ def gptq_quantize(
     ``--use_gptq``); ``"qdit"`` uses :func:`quant_params` (the RTN rule, which
     also allows ``clip="mse"``/``"percentile"``). The computation runs in float32.
     """
-    _check_tensor(weight, "weight")
+    check_tensor(weight, "weight")
     if weight.dim() != 2:
         raise InvalidArgumentError(f"GPTQ takes a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     rows, columns = weight.shape
@@ -170,7 +171,7 @@ def gptq_quantize(
     g = group_length(granularity, columns)
     grouped = g is not None and g < columns
     find = _param_fn(bits, sym, params, clip)
-    _check_finite(weight, "weight")
+    check_finite(weight, "weight")
     q_min, q_max = qrange(bits, sym)
 
     W = weight.detach().clone().float()
@@ -320,14 +321,16 @@ def gptq_model(
     Returns ``{layer: GPTQResult}``. An error before any layer is swapped
     leaves the model as it was.
     """
-    from ditq.quant.api import _check_config, _check_named, _set_module, select_layers
+    from ditq.quant import select
+    from ditq.quant.config import as_qdit_config
     from ditq.quant.nn import ActQuantizer, QuantLinear
+    from ditq.quant.presets import set_module
 
-    config = _check_config(config)
-    selected = select_layers(model, config, include=include, exclude=exclude)
+    config = as_qdit_config(config)
+    selected = select.select_layers(model, config, include=include, exclude=exclude)
     if not selected:
         raise InvalidArgumentError("GPTQ found no layer to quantize (check include/exclude and the preset)")
-    _check_named("QDiTConfig.layers", list(config.layers), selected, model)
+    select.check_named("QDiTConfig.layers", list(config.layers), selected, model)
     for name in selected:  # group sizes and bits are checked before any work
         QuantLinear.empty(model.get_submodule(name), config.for_layer(name), layer=name)
     if len(data) == 0:
@@ -375,7 +378,7 @@ def gptq_model(
                 new[n] = q
                 results[n] = res
             for n, q in new.items():
-                _set_module(model, n, q)
+                set_module(model, n, q)
             if log is not None:
                 seconds = time.perf_counter() - started
                 log(f"GPTQ {stage or 'loose layers'}: {len(names)} layers in {seconds:.1f} s")
@@ -413,3 +416,48 @@ def _run_stage(model, stage, layers, quantizers, hessians, data, batch_size, dev
     finally:
         for h in handles:
             h.remove()
+
+
+@dataclass
+class GPTQConfig:
+    """Q-DiT's GPTQ as a ``quantize_`` config: ``quantize_(model, GPTQConfig(QDiTConfig(w_bits=4), calib))``.
+
+    ``qdit`` gives the layers and their bits and group sizes (as for round-to-nearest); ``calibration``
+    is the source of model inputs: :class:`~ditq.quant.calibration.CalibrationData`, or a callable that
+    records it for the model it is given (e.g. a sampler run through a
+    :class:`~ditq.quant.calibration.CalibrationRecorder`; ``ditq.pipelines.ptq.record_calibration``
+    is one). ``block_size``, ``percdamp`` and ``act_order`` are GPTQ's; ``batch_size`` is how many
+    calibration inputs run through the model at once. Not stored in checkpoints: the quantized
+    model's per-layer settings are ``qdit``'s.
+    """
+
+    qdit: object = None  # a QDiTConfig (or its dict); None: QDiTConfig()
+    calibration: object = None  # CalibrationData, or Callable[[nn.Module], CalibrationData]
+    block_size: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    batch_size: int = 32
+    log: Callable[[str], None] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from ditq.quant.config import as_qdit_config
+
+        self.qdit = as_qdit_config(self.qdit)
+        if self.calibration is None:
+            raise InvalidArgumentError(
+                "GPTQConfig needs calibration: CalibrationData, or a callable that records it for a model"
+            )
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise InvalidArgumentError(
+                f"GPTQConfig.block_size must be a positive int, got {self.block_size!r}"
+            )
+        if not 0 <= float(self.percdamp) < 1:
+            raise InvalidArgumentError(f"GPTQConfig.percdamp must be in [0, 1), got {self.percdamp!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InvalidArgumentError(
+                f"GPTQConfig.batch_size must be a positive int, got {self.batch_size!r}"
+            )
+
+    def calibration_for(self, model) -> object:
+        """The calibration data for ``model``: as given, or recorded by the callable."""
+        return self.calibration(model) if callable(self.calibration) else self.calibration

@@ -61,7 +61,15 @@ from torch import nn
 from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.kernels import ops
 from ditq.kernels.packing import pack_int4, unpack_int4
-from ditq.quant.config import PER_TENSOR, LayerQuant, QDiTConfig, _a_bits, _a_group, _w_bits, _w_group
+from ditq.quant.config import (
+    PER_TENSOR,
+    LayerQuant,
+    QDiTConfig,
+    check_a_bits,
+    check_a_group,
+    check_w_bits,
+    check_w_group,
+)
 from ditq.quant.granularity import (
     PerTensor,
     PerToken,
@@ -108,8 +116,8 @@ class ActQuantizer(nn.Module):
         device=None,
     ):
         super().__init__()
-        self.bits = _a_bits(bits, "activation ")
-        self.group = _a_group(group, "activation ")
+        self.bits = check_a_bits(bits, "activation ")
+        self.group = check_a_group(group, "activation ")
         self.sym = sym
         self.dynamic = dynamic
         self.channels = channels
@@ -300,8 +308,8 @@ class QuantLinear(nn.Module):
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.w_bits = _w_bits(w_bits, "")
-        self.w_group = _w_group(w_group, "")
+        self.w_bits = check_w_bits(w_bits, "")
+        self.w_group = check_w_group(w_group, "")
         self.w_sym = w_sym
         self.layer = layer
         n = num_groups(weight_granularity(w_group), in_features, layer=layer)

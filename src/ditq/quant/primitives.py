@@ -131,7 +131,7 @@ def code_dtype(sym: bool) -> torch.dtype:
 # ----------------------------------------------------------------------------
 
 
-def _check_tensor(x, name: str = "x") -> None:
+def check_tensor(x, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -142,7 +142,7 @@ def _check_tensor(x, name: str = "x") -> None:
         )
 
 
-def _check_finite(x: torch.Tensor, name: str = "x") -> None:
+def check_finite(x: torch.Tensor, name: str = "x") -> None:
     if not bool(torch.isfinite(x).all()):
         raise InvalidArgumentError(f"{name} holds NaN or infinite values; quantization needs finite inputs")
 
@@ -255,12 +255,12 @@ def quant_params(
     object. ``check_finite=False`` skips the NaN/inf check (a device sync) on
     hot paths such as dynamic activation quantization.
     """
-    _check_tensor(x)
+    check_tensor(x)
     q_min, q_max = qrange(bits, sym)
     clip = as_clip(clip)
     rows, pshape = _rows(x, granularity)
     if check_finite:
-        _check_finite(x)
+        check_finite(x)
     if isinstance(clip, MSE):
         scale, zero = _mse_params(rows, clip, sym, q_min, q_max)
     elif isinstance(clip, Percentile):
@@ -301,12 +301,12 @@ def gptq_quant_params(
     it is the same grid as signed codes with zero 0, which dequantizes to the
     same numbers.
     """
-    _check_tensor(x)
+    check_tensor(x)
     check_bits(bits)
     MinMax(clip_ratio)  # validates the ratio
     rows, pshape = _rows(x, granularity)
     if check_finite:
-        _check_finite(x)
+        check_finite(x)
     maxq = 2**bits - 1
     origin = torch.zeros(rows.shape[0], device=rows.device, dtype=rows.dtype)
     xmin = torch.minimum(rows.min(1)[0], origin)
@@ -332,7 +332,7 @@ def quantize(
     x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool = False
 ) -> torch.Tensor:
     """Codes ``clamp(round(x / scale) + zero, q_min, q_max)``, shaped like x: int8 if sym, else uint8."""
-    _check_tensor(x)
+    check_tensor(x)
     q_min, q_max = qrange(bits, sym)
     xg, s, z = _grouped(x, scale, zero)
     q = torch.clamp(torch.round(xg / s) + z, q_min, q_max)

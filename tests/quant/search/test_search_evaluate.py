@@ -8,7 +8,8 @@ import pytest
 import torch
 from search_helpers import CFG, SMALL, output_error, tiny
 
-from ditq.quant import QDiTConfig, QuantLinear, applied, search
+from ditq.quant import QDiTConfig, QuantLinear, search
+from ditq.quant.search import applied
 
 
 def test_applied_restores_the_same_modules_even_on_error():

@@ -9,16 +9,8 @@ import torch
 from search_helpers import CFG, GROUPS, LAYERS, SMALL, output_error, sample_inputs, tiny, trace
 
 from ditq.models import DiT, DiTConfig
-from ditq.quant import (
-    QDiTConfig,
-    QuantLinear,
-    applied,
-    model_size_bytes,
-    output_error_proxy,
-    quantized_layers,
-    search,
-    search_space,
-)
+from ditq.quant import QDiTConfig, QuantLinear, model_size_bytes, quantized_layers, search
+from ditq.quant.search import applied, output_error_proxy, search_space
 
 
 def test_search_is_deterministic_for_a_seed():

@@ -8,7 +8,8 @@ import pytest
 from search_helpers import CFG, GROUPS, LAYERS, SMALL, one_line, output_error, tiny
 
 from ditq.errors import InvalidArgumentError
-from ditq.quant import QDiTConfig, applied, model_size_bytes, quantized_layers, search, search_space
+from ditq.quant import QDiTConfig, model_size_bytes, quantized_layers, search
+from ditq.quant.search import applied, search_space
 
 
 def test_space_choices_baseline_and_costs():

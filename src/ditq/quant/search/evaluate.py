@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from ditq.errors import InvalidArgumentError
-from ditq.quant.api import _check_config, _set_module, quantize_, select_layers
-from ditq.quant.config import QDiTConfig
+from ditq.quant.api import quantize_, select_layers
+from ditq.quant.config import QDiTConfig, as_qdit_config
 from ditq.quant.nn import QuantLinear
+from ditq.quant.presets import set_module
 
 
 @contextmanager
@@ -35,14 +36,14 @@ def applied(
     same parameters) on exit, also when the block raises. ``weight_overrides`` as in
     :func:`~ditq.quant.api.quantize_`. Nothing is copied but the quantized codes.
     """
-    config = _check_config(config)
+    config = as_qdit_config(config)
     originals = {name: model.get_submodule(name) for name in select_layers(model, config)}
     try:
         quantize_(model, config, weight_overrides=weight_overrides)
         yield model
     finally:
         for name, module in originals.items():
-            _set_module(model, name, module)
+            set_module(model, name, module)
 
 
 class WeightCache:

@@ -37,10 +37,12 @@ import numpy as np
 from torch import nn
 
 from ditq.errors import InvalidArgumentError
-from ditq.quant.api import _check_config, _few, _quant_bytes, model_size_bytes, select_layers
-from ditq.quant.config import LayerQuant, QDiTConfig
+from ditq.quant.api import select_layers
+from ditq.quant.config import LayerQuant, QDiTConfig, as_qdit_config
 from ditq.quant.granularity import valid_group_sizes
 from ditq.quant.nn import ActQuantizer
+from ditq.quant.presets import few_names
+from ditq.quant.size import model_size_bytes, quant_bytes
 
 Genome = tuple[tuple[int, int], ...]
 """One ``(w_group, a_group)`` pair per searched layer, in :func:`select_layers` order."""
@@ -270,7 +272,7 @@ def search_space(
     error listing its valid sizes. ``baseline_group`` defines the uniform baseline (0 where it does
     not divide a layer).
     """
-    config = _check_config(config)
+    config = as_qdit_config(config)
     w_groups = _group_list(groups, "groups")
     a_list = _group_list(a_groups, "a_groups", allow_none=True) or w_groups
     if isinstance(baseline_group, bool) or not isinstance(baseline_group, int) or baseline_group < 0:
@@ -280,7 +282,7 @@ def search_space(
         floats = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
         raise InvalidArgumentError(
             f"the search found no float nn.Linear layer to quantize under the config; the model's linear "
-            f"layers are e.g. {_few(floats)}"
+            f"layers are e.g. {few_names(floats)}"
         )
     ins, outs, bits, searched, wch, ach, base, w_bytes = [], [], [], [], [], [], [], []
     base_bytes = 0
@@ -304,7 +306,7 @@ def search_space(
         if lq.a_bits is not None and not lq.dynamic:
             static = ActQuantizer(lq.a_bits, lq.a_group, False, False, c, layer=name).n_static_groups
         table = {
-            g: _quant_bytes(c, o, LayerQuant(w_bits=lq.w_bits, w_group=g, w_sym=lq.w_sym), lin.bias, static)
+            g: quant_bytes(c, o, LayerQuant(w_bits=lq.w_bits, w_group=g, w_sym=lq.w_sym), lin.bias, static)
             for g in set(w_ok) | {pair[0]}
         }
         ins.append(c)

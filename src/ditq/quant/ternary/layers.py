@@ -1,4 +1,4 @@
-"""Ternary weights (TerDiT, BitNet b1.58): quantization-aware training and packed 2-bit inference.
+"""Ternary layers (TerDiT, BitNet b1.58): the QAT layer with latent weights, and the packed 2-bit one.
 
 ::
 
@@ -69,8 +69,6 @@ repacking them to ``"k4"``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +77,6 @@ from torch import nn
 from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.kernels import ops
 from ditq.kernels.packing import PackingError, pack_ternary, packed_2bit_shape, unpack_2bit, unpack_ternary
-from ditq.quant.config import JSONConfig, check_pattern
-from ditq.quant.presets import get_preset, linear_names, match_any, nothing_selected, preset_for
-from ditq.quant.presets import set_module as _set_module
 
 EPS = 1e-6
 """ε in ``W / (γ + ε)``: keeps an all-zero weight from dividing by zero."""
@@ -89,10 +84,16 @@ EPS = 1e-6
 LAYOUT = "k4"
 """Packed layout of :class:`TernaryLinear` weights (see :mod:`ditq.kernels.packing`)."""
 
-STEPS = ("prepare", "convert")
 SCALES = ("alpha", "gamma")
 ALPHA_INITS = ("lsq", "gamma", "normal")
 ACT_BITS = (None, 8)
+
+
+def check_choice(name: str, value, choices) -> None:
+    """A one-line error unless ``value`` is one of ``choices`` (``TernaryQATConfig.<name>`` in it)."""
+    if value not in choices or isinstance(value, bool):
+        shown = ", ".join(repr(c) for c in choices)
+        raise InvalidArgumentError(f"TernaryQATConfig.{name} must be one of {shown}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -203,8 +204,8 @@ class TernaryQATLinear(nn.Module):
     ):
         super().__init__()
         _check_in_features(in_features, None)
-        _check_choice("scale", scale, SCALES)
-        _check_choice("act_bits", act_bits, ACT_BITS)
+        check_choice("scale", scale, SCALES)
+        check_choice("act_bits", act_bits, ACT_BITS)
         self.in_features, self.out_features = in_features, out_features
         self.scale, self.act_bits, self.eps = scale, act_bits, eps
         kw = {"device": device, "dtype": dtype}
@@ -233,9 +234,9 @@ class TernaryQATLinear(nn.Module):
         _check_in_features(linear.in_features, layer)
         q = cls.__new__(cls)
         nn.Module.__init__(q)
-        _check_choice("scale", scale, SCALES)
-        _check_choice("alpha_init", alpha_init, ALPHA_INITS)
-        _check_choice("act_bits", act_bits, ACT_BITS)
+        check_choice("scale", scale, SCALES)
+        check_choice("alpha_init", alpha_init, ALPHA_INITS)
+        check_choice("act_bits", act_bits, ACT_BITS)
         q.in_features, q.out_features = linear.in_features, linear.out_features
         q.scale, q.act_bits, q.eps = scale, act_bits, EPS
         if scale == "alpha":
@@ -298,7 +299,7 @@ class TernaryLinear(nn.Module):
     ):
         super().__init__()
         _check_in_features(in_features, layer)
-        _check_choice("act_bits", act_bits, ACT_BITS)
+        check_choice("act_bits", act_bits, ACT_BITS)
         self.in_features, self.out_features, self.act_bits = in_features, out_features, act_bits
         kw = {"device": device, "dtype": dtype}
         # Parameters (not buffers) as in the original, so the key order matches: alphas, bias, weight.
@@ -406,229 +407,3 @@ class TernaryLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, act_bits={self.act_bits}, layout={LAYOUT}"
         )
-
-
-# ----------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices or isinstance(value, bool):
-        shown = ", ".join(repr(c) for c in choices)
-        raise InvalidArgumentError(f"TernaryQATConfig.{name} must be one of {shown}, got {value!r}")
-
-
-def _pattern_list(v, name: str) -> list[str] | None:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, (list, tuple)) or not all(isinstance(p, str) and p for p in v):
-        raise InvalidArgumentError(
-            f"TernaryQATConfig.{name} must be a list of name patterns (fnmatch, or 're:' + a regex), "
-            f"got {v!r}"
-        )
-    return [check_pattern(p) for p in v]
-
-
-@dataclass
-class TernaryQATConfig(JSONConfig):
-    """Ternary QAT: ``step="prepare"`` swaps float linears for :class:`TernaryQATLinear`,
-    ``step="convert"`` swaps those for packed :class:`TernaryLinear`.
-
-    ``scale``: ``"alpha"`` (TerDiT, learnable per-layer α) or ``"gamma"``
-    (BitNet b1.58, α = mean|W|). ``alpha_init``: ``"lsq"`` (least squares,
-    default), ``"gamma"`` or ``"normal"`` (the original's). ``act_bits``:
-    None (weights only, TerDiT) or 8 (W1.58A8, per-token int8 inputs).
-    Layer selection as in :class:`~ditq.quant.QDiTConfig`: ``include`` patterns,
-    else the preset's (``"auto"`` recognizes DiT/Large-DiT/diffusers naming;
-    None = every ``nn.Linear``); ``quantize_adaln`` (default True, as TerDiT)
-    adds each block's adaLN linear; minus ``exclude``. At ``convert``, every
-    :class:`TernaryQATLinear` (matching ``include`` when given, minus
-    ``exclude``) is converted with its own scale mode and ``act_bits``.
-    """
-
-    step: str = "prepare"
-    scale: str = "alpha"
-    alpha_init: str = "lsq"
-    act_bits: int | None = None
-    quantize_adaln: bool = True
-    include: list[str] | None = None
-    exclude: list[str] = field(default_factory=list)
-    preset: str | None = "auto"
-
-    method = "ternary"  # marks the JSON form; not a field
-
-    def __post_init__(self) -> None:
-        _check_choice("step", self.step, STEPS)
-        _check_choice("scale", self.scale, SCALES)
-        _check_choice("alpha_init", self.alpha_init, ALPHA_INITS)
-        _check_choice("act_bits", self.act_bits, ACT_BITS)
-        if not isinstance(self.quantize_adaln, bool):
-            raise InvalidArgumentError(
-                f"TernaryQATConfig.quantize_adaln must be true or false, got {self.quantize_adaln!r}"
-            )
-        self.include = _pattern_list(self.include, "include")
-        self.exclude = _pattern_list(self.exclude, "exclude") or []
-        if self.preset is not None and not isinstance(self.preset, str):
-            raise InvalidArgumentError(
-                f"TernaryQATConfig.preset must be 'auto', a preset name or None, got {self.preset!r}"
-            )
-        if self.preset not in (None, "auto"):
-            get_preset(self.preset)  # validates the name
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able values (with ``"method": "ternary"``); ``from_dict(to_dict())`` is equal."""
-        return {"method": self.method, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> TernaryQATConfig:
-        if not isinstance(d, Mapping):
-            raise InvalidArgumentError(f"a TernaryQATConfig is read from a dict, got {type(d).__name__}")
-        d = dict(d)
-        method = d.pop("method", cls.method)
-        if method != cls.method:
-            raise InvalidArgumentError(f"not a ternary config: method is {method!r}, expected 'ternary'")
-        return cls._from_fields(d)
-
-
-# ----------------------------------------------------------------------------
-# Module swaps
-# ----------------------------------------------------------------------------
-
-
-def _rules(model: nn.Module, config: TernaryQATConfig, include, exclude) -> tuple[list[str], list[str]]:
-    """(include, exclude) in force: arguments win over the config, the config over the preset."""
-    if include is not None:
-        inc = _pattern_list(include, "include")
-    elif config.include is not None:
-        inc = config.include
-    else:
-        # Ternary layers count for recognizing the family: a second prepare must not fall back to "*".
-        names = linear_names(model) + [n for n, m in model.named_modules() if isinstance(m, _TERNARY)]
-        preset = preset_for(names) if config.preset == "auto" else config.preset
-        preset = get_preset(preset) if preset is not None else None
-        inc = preset.patterns(config.quantize_adaln) if preset is not None else ["*"]
-    exc = _pattern_list(exclude, "exclude") if exclude is not None else config.exclude
-    return inc, exc or []
-
-
-_TERNARY = (TernaryQATLinear, TernaryLinear)
-
-
-def select_ternary_layers(
-    model: nn.Module, config: TernaryQATConfig | None = None, *, include=None, exclude=None
-) -> list[str]:
-    """Names of the float ``nn.Linear`` layers ``prepare`` would swap."""
-    config = config or TernaryQATConfig()
-    inc, exc = _rules(model, config, include, exclude)
-    return [
-        n for n, m in model.named_modules()
-        if n and isinstance(m, nn.Linear) and match_any(n, inc) and not match_any(n, exc)
-    ]  # fmt: skip
-
-
-def ternary_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: TernaryQATLinear | TernaryLinear}`` in ``named_modules`` order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _TERNARY)}
-
-
-def _selected_or_error(model: nn.Module, config: TernaryQATConfig, include, exclude) -> list[str]:
-    selected = select_ternary_layers(model, config, include=include, exclude=exclude)
-    if not selected:
-        inc, exc = _rules(model, config, include, exclude)
-        raise nothing_selected(model, inc, exc, len(ternary_layers(model)), done="ternary")
-    return selected
-
-
-def quantize_ternary_(
-    model: nn.Module, config: TernaryQATConfig | None = None, *, include=None, exclude=None
-) -> nn.Module:
-    """Apply ``config.step`` in place and return ``model`` (what ``quantize_`` does for a TernaryQATConfig).
-
-    ``prepare``: the selected ``nn.Linear`` layers become :class:`TernaryQATLinear`
-    sharing their weight and bias Parameters (build the optimizer afterwards).
-    ``convert``: every :class:`TernaryQATLinear` (matching ``include`` if given,
-    minus ``exclude``) becomes a packed :class:`TernaryLinear`; the result
-    computes exactly what the QAT model computes in eval mode. All layers are
-    built before any is swapped, so an error leaves the model as it was.
-    """
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"quantize_ takes an nn.Module, got {type(model).__name__}")
-    config = config if config is not None else TernaryQATConfig()
-    if isinstance(config, Mapping):
-        config = TernaryQATConfig.from_dict(config)
-    new: dict[str, nn.Module] = {}
-    if config.step == "prepare":
-        for name in _selected_or_error(model, config, include, exclude):
-            linear = model.get_submodule(name)
-            new[name] = TernaryQATLinear.from_float(
-                linear, scale=config.scale, alpha_init=config.alpha_init, act_bits=config.act_bits, layer=name
-            )
-    else:
-        inc = _pattern_list(include, "include") if include is not None else config.include
-        exc = _pattern_list(exclude, "exclude") if exclude is not None else config.exclude
-        qat = {
-            n: m for n, m in model.named_modules()
-            if isinstance(m, TernaryQATLinear) and (inc is None or match_any(n, inc))
-            and not match_any(n, exc)
-        }  # fmt: skip
-        if not qat:
-            done = sum(isinstance(m, TernaryLinear) for m in model.modules())
-            hint = f"; {done} layers are already converted" if done else ""
-            raise InvalidArgumentError(
-                f"step='convert' found no TernaryQATLinear layer to convert{hint}; run "
-                f"quantize_(model, TernaryQATConfig(step='prepare')) and train first"
-            )
-        new = {n: TernaryLinear.from_qat(m, layer=n) for n, m in qat.items()}
-    for name, module in new.items():
-        _set_module(model, name, module)
-    return model
-
-
-def empty_ternary_(
-    model: nn.Module, config: TernaryQATConfig | None = None, *, include=None, exclude=None
-) -> nn.Module:
-    """Swap the layers ``prepare`` would select for empty :class:`TernaryLinear`, to load packed weights into.
-
-    Works on the meta device (no memory); ``config.act_bits`` sets the layers' activation mode.
-    """
-    config = config or TernaryQATConfig()
-    new = {}
-    for name in _selected_or_error(model, config, include, exclude):
-        linear = model.get_submodule(name)
-        new[name] = TernaryLinear(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            act_bits=config.act_bits,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-            layer=name,
-        ).train(linear.training)  # the mode of the layer it replaces (a new Module starts training)
-    for name, module in new.items():
-        _set_module(model, name, module)
-    return model
-
-
-__all__ = [
-    "ACT_BITS",
-    "ALPHA_INITS",
-    "EPS",
-    "LAYOUT",
-    "SCALES",
-    "STEPS",
-    "TernaryLinear",
-    "TernaryQATConfig",
-    "TernaryQATLinear",
-    "absmean",
-    "act_quant",
-    "empty_ternary_",
-    "fake_quant_act_int8",
-    "init_alpha",
-    "quantize_ternary_",
-    "select_ternary_layers",
-    "ternarize",
-    "ternary_layers",
-]

@@ -24,6 +24,9 @@ GPTQ), and the primitives it is built from.
                  integer kernels in eval mode)
     export       ternary checkpoints: the file layout (packed "k4" codes, per-layer scales, float
                  rest), save_ternary, load_ternary_into (meta-device loading), checkpoint_sizes
+    fuse         fuse_ / unfuse_: norm-modulate, GELU and SwiGLU producers swapped for modules fused
+                 with their integer consumers' int8 quantization (deploy time; quantize_ and the
+                 loaders call fuse_)
 
 ``quant`` never imports ``models``, ``diffusion`` or ``eval``: it sees tensors, modules and names.
 """
@@ -43,6 +46,7 @@ from ditq.quant.api import (
 from ditq.quant.calibration import CalibrationData, CalibrationRecorder, run_calibration
 from ditq.quant.config import PER_TENSOR, LayerQuant, QDiTConfig
 from ditq.quant.export import checkpoint_sizes, is_ternary_checkpoint, load_ternary_into, save_ternary
+from ditq.quant.fuse import fuse_, fused_producers, unfuse_
 from ditq.quant.gptq import GPTQ, GPTQResult, find_stages, gptq_model, gptq_quantize
 from ditq.quant.granularity import (
     Granularity,
@@ -180,4 +184,7 @@ __all__ = [
     "is_ternary_checkpoint",
     "load_ternary_into",
     "save_ternary",
+    "fuse_",
+    "fused_producers",
+    "unfuse_",
 ]

@@ -39,6 +39,7 @@ from torch import nn
 from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.kernels import ops
 from ditq.quant.config import LayerQuant, QDiTConfig, _patterns
+from ditq.quant.fuse import fuse_
 from ditq.quant.granularity import num_groups, weight_granularity
 from ditq.quant.nn import ActQuantizer, QuantLinear, packable
 from ditq.quant.presets import few_names as _few
@@ -140,11 +141,12 @@ def quantize_(
 
     A :class:`~ditq.quant.ternary.TernaryQATConfig` runs its ``prepare`` or
     ``convert`` step instead (:func:`~ditq.quant.ternary.quantize_ternary_`).
+    Producers that feed integer layers then run fused (:func:`~ditq.quant.fuse.fuse_`).
     """
     if isinstance(config, TernaryQATConfig):
         if weight_overrides:
             raise InvalidArgumentError("weight_overrides apply to QDiTConfig only, not to a TernaryQATConfig")
-        return quantize_ternary_(model, config, include=include, exclude=exclude)
+        return fuse_(quantize_ternary_(model, config, include=include, exclude=exclude))
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"quantize_ takes an nn.Module, got {type(model).__name__}")
     config = _check_config(config)
@@ -163,7 +165,7 @@ def quantize_(
         )
     for name, q in new.items():
         _set_module(model, name, q)
-    return model
+    return fuse_(model)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -295,7 +297,7 @@ def load_quantized_state_dict(
 
     Shapes, dtypes and code ranges are checked against the config; every
     mismatch is a one-line :class:`CheckpointError` naming the layer, and
-    leaves the model as it was. Returns ``model``.
+    leaves the model as it was. Returns ``model``, fused (:func:`~ditq.quant.fuse.fuse_`).
     """
     config = _check_config(config)
     if layout not in LAYOUTS:
@@ -359,7 +361,7 @@ def load_quantized_state_dict(
         for name, linear in originals.items():  # leave the model as it was
             _set_module(model, name, linear)
         raise
-    return model
+    return fuse_(model)
 
 
 def _check_qweight(name: str, got: torch.Tensor, q: QuantLinear, cfg: LayerQuant, layout: str) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ditq.errors import InvalidArgumentError
+from ditq.quant.fuse import fuse_
 from ditq.quant.granularity import (
     WEIGHT_GRANULARITIES,
     Granularity,
@@ -312,10 +313,11 @@ def gptq_model(
     activations), stopping after the block; each selected layer's Hessian is
     accumulated from its input *after* its own activation quantizer, and the
     block's layers are then swapped for :class:`~ditq.quant.nn.QuantLinear`
-    holding GPTQ codes. Static activation ranges are observed in a first pass
-    over the same inputs. Running the prefix again for every block costs about
-    ``depth / 2`` full forward passes over the data, and needs no assumption
-    about what a block takes as input.
+    holding GPTQ codes, its producers fused as deployed (:func:`~ditq.quant.fuse.fuse_`).
+    Static activation ranges are observed in a first pass over the same inputs.
+    Running the prefix again for every block costs about ``depth / 2`` full
+    forward passes over the data, and needs no assumption about what a block
+    takes as input.
 
     Returns ``{layer: GPTQResult}``. An error before any layer is swapped
     leaves the model as it was.
@@ -376,6 +378,7 @@ def gptq_model(
                 results[n] = res
             for n, q in new.items():
                 _set_module(model, n, q)
+            fuse_(model)  # later stages see the quantized blocks as deployed (see ditq.quant.fuse)
             if log is not None:
                 seconds = time.perf_counter() - started
                 log(f"GPTQ {stage or 'loose layers'}: {len(names)} layers in {seconds:.1f} s")

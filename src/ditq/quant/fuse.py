@@ -6,8 +6,8 @@ symmetric W4A8 :class:`~ditq.quant.nn.QuantLinear`, a W1.58A8
 written only to be turned into codes. Where that activation comes out of a
 norm-modulate, a GELU or a SwiGLU product, a fused op of :mod:`ditq.kernels.ops`
 makes the codes in one pass, and the producer hands them to its consumers as
-:class:`~ditq.kernels.ops.Int8Tokens` (never writing the float activation: two
-thirds of the bytes a DiT block moves before ``qkv`` and ``fc1``). Models stay
+:class:`~ditq.kernels.ops.Int8Tokens`: the float activation is never written
+(nor read back, once per consumer). Models stay
 the math (``ditq.models`` imports neither ``quant`` nor ``kernels``): :func:`fuse_`
 swaps the producer modules of the blocks it knows (:data:`FUSIONS`) for the
 modules below, wherever their consumers are ditq integer layers (they have

@@ -369,9 +369,7 @@ def _use_backend(backend: str, device) -> None:
 
 
 def _fuse(model: nn.Module) -> None:
-    """Swap in fused producers where integer layers read them (see ditq.quant.fuse), if that exists."""
-    try:
-        from ditq.quant import fuse
-    except ImportError:  # before fusion by module swap lands, models fuse on their own
-        return
-    fuse.fuse_(model)
+    """Swap in fused producers where integer layers read them (a no-op for float models)."""
+    from ditq.quant.fuse import fuse_
+
+    fuse_(model)

@@ -58,6 +58,7 @@ from torch import nn
 from ditq import checkpoint as ckpt
 from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.formats import build, ditq_float
+from ditq.quant.fuse import fuse_
 from ditq.quant.ternary import LAYOUT, TernaryLinear, TernaryQATConfig, TernaryQATLinear, empty_ternary_
 
 QUANT_KIND = "ternary"
@@ -224,7 +225,8 @@ def load_ternary_into(
 
     Floating-point tensors come back as ``dtype``. Names, shapes and dtypes are
     checked against the file's header before anything is read, and the tensors
-    are adopted as they are (``assign=True``). Returns the skeleton, on the CPU.
+    are adopted as they are (``assign=True``). Returns the skeleton, on the CPU, fused
+    (:func:`~ditq.quant.fuse.fuse_`).
     """
     _, config, layers = read_ternary_metadata(path)
     if not all(t.is_meta for t in chain(skeleton.parameters(), skeleton.buffers())):
@@ -249,7 +251,7 @@ def load_ternary_into(
     left = [n for n, t in chain(skeleton.named_parameters(), skeleton.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{path}: the model has tensors no checkpoint holds ({build.few(left)})")
-    return skeleton
+    return fuse_(skeleton)
 
 
 def load(path: PathLike, *, dtype: torch.dtype = torch.float32) -> nn.Module:

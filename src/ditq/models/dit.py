@@ -17,12 +17,12 @@ from ditq.models.layers import (
     Attention,
     LabelEmbedder,
     Mlp,
+    ModulatedLayerNorm,
     PatchEmbed,
     RMSNorm,
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
     modulate,
-    norm_modulate,
 )
 
 
@@ -93,9 +93,9 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, adaln_norm: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = ModulatedLayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = ModulatedLayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio))
         modulation: list[nn.Module] = [nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True)]
         if adaln_norm:
@@ -106,10 +106,8 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=1
         )  # each (N, D)
-        h = norm_modulate(self.norm1, x, shift_msa, scale_msa, self.attn.qkv)  # (N, T, D), or int8 codes
-        x = x + gate_msa.unsqueeze(1) * self.attn(h)  # (N, T, D)
-        h = norm_modulate(self.norm2, x, shift_mlp, scale_mlp, self.mlp.fc1)  # (N, T, D), or int8 codes
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(h)  # (N, T, D)
+        x = x + gate_msa.unsqueeze(1) * self.attn(self.norm1(x, shift_msa, scale_msa))  # (N, T, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(self.norm2(x, shift_mlp, scale_mlp))  # (N, T, D)
         return x
 
 

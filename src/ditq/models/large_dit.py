@@ -29,8 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditq.errors import InvalidArgumentError
-from ditq.kernels import ops
-from ditq.models.layers import LabelEmbedder, RMSNorm, TimestepEmbedder, modulate, norm_modulate
+from ditq.models.layers import (
+    LabelEmbedder,
+    ModulatedRMSNorm,
+    RMSNorm,
+    SwiGLU,
+    TimestepEmbedder,
+    modulate,
+)
 
 LABEL_ORDERS = ("identity", "lexicographic")
 """How class ids map to the rows of the label table (see :attr:`LargeDiTConfig.label_order`)."""
@@ -180,7 +186,7 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(dim, eps=1e-5) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(dim, eps=1e-5) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor | ops.Int8Tokens, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.q_norm(self.wq(x)), self.k_norm(self.wk(x)), self.wv(x)  # each (B, T, D)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, hd)
@@ -193,20 +199,17 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: ``w2(silu(w1 x) * w3 x)``, no biases."""
+    """SwiGLU feed-forward: ``w2(silu(w1 x) * w3 x)``, no biases."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.act = SwiGLU()  # no parameters: the state dict is w1, w2, w3 as in the original
 
-    def forward(self, x: torch.Tensor | ops.Int8Tokens) -> torch.Tensor:
-        gate, up = self.w1(x), self.w3(x)  # each (..., hidden)
-        if gate.dtype == up.dtype and ops.should_fuse("swiglu_quantize_int8", self.w2, gate):
-            # An integer w2: the product and its int8 quantization in one pass over the widest activations.
-            return self.w2(ops.Int8Tokens(*ops.swiglu_quantize_int8(gate, up), gate.dtype))
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x), self.w3(x)))  # (..., hidden) -> (..., dim)
 
 
 #################################################################################
@@ -223,8 +226,8 @@ class TransformerBlock(nn.Module):
         # Registration order gives the original state-dict key order.
         self.attention = Attention(D, config.n_heads, config.qk_norm)
         self.feed_forward = FeedForward(D, config.ffn_hidden)
-        self.attention_norm = RMSNorm(D, eps=config.norm_eps)
-        self.ffn_norm = RMSNorm(D, eps=config.norm_eps)
+        self.attention_norm = ModulatedRMSNorm(D, eps=config.norm_eps)
+        self.ffn_norm = ModulatedRMSNorm(D, eps=config.norm_eps)
         modulation: list[nn.Module] = [nn.SiLU(), nn.Linear(config.cond_dim, 6 * D, bias=True)]
         if config.adaln_norm:  # TerDiT: normalize the whole 6·dim vector, before chunking
             modulation.append(RMSNorm(6 * D, eps=config.norm_eps))
@@ -234,10 +237,9 @@ class TransformerBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=1
         )  # each (N, D)
-        attn, ffn = self.attention, self.feed_forward
-        h = norm_modulate(self.attention_norm, x, shift_msa, scale_msa, attn.wq, attn.wk, attn.wv)  # or codes
-        x = x + gate_msa.unsqueeze(1) * attn(h, cos, sin)  # (N, T, D)
-        h = norm_modulate(self.ffn_norm, x, shift_mlp, scale_mlp, ffn.w1, ffn.w3)  # (N, T, D), or codes
+        h = self.attention_norm(x, shift_msa, scale_msa)  # (N, T, D)
+        x = x + gate_msa.unsqueeze(1) * self.attention(h, cos, sin)  # (N, T, D)
+        h = self.ffn_norm(x, shift_mlp, scale_mlp)  # (N, T, D)
         return x + gate_mlp.unsqueeze(1) * self.feed_forward(h)  # (N, T, D)
 
 

@@ -3,12 +3,10 @@
 Module and parameter names follow facebookresearch/DiT (and the timm modules
 it uses) so that official state dicts load with ``strict=True``.
 
-Quantized deployment: when the linears after a LayerNorm- or RMSNorm-modulate,
-a GELU or a SwiGLU are integer ones (``ditq.quant`` layers whose
-``takes_int8_tokens`` says so), the producer runs fused with their int8
-activation quantization (:func:`ditq.kernels.ops.should_fuse`) and hands them
-:class:`~ditq.kernels.ops.Int8Tokens`: the float activation in between is never
-written. This is the only place models meet kernels; they never import quant.
+The steps that feed a block's linears are modules (:class:`ModulatedLayerNorm`,
+:class:`ModulatedRMSNorm`, ``Mlp.act``, :class:`SwiGLU`) so that deployment can
+swap them for versions fused with the next layers' activation quantization
+(:mod:`ditq.quant.fuse`); here they are the plain math.
 """
 
 from __future__ import annotations
@@ -20,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditq.kernels import ops
+#################################################################################
+#                           Norms and adaLN modulation                          #
+#################################################################################
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -28,33 +28,37 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def norm_modulate(
-    norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *consumers: nn.Module
-) -> torch.Tensor | ops.Int8Tokens:
-    """``modulate(norm(x), shift, scale)``, the input of ``consumers`` (the linears that read it); when
-    they are all integer linears that quantize their input to int8 per token, those codes instead,
-    made in one pass and shared.
+class RMSNorm(nn.Module):
+    """``weight * x * rsqrt(mean(x², -1) + eps)`` with the mean in float32 (apex ``FusedRMSNorm``'s math)."""
 
-    ``norm``: a LayerNorm without affine parameters (DiT) or an :class:`RMSNorm` (Large-DiT);
-    any other norm (or mixed dtypes) runs unfused.
-    """
-    if shift.dtype == scale.dtype == x.dtype:
-        if isinstance(norm, nn.LayerNorm) and norm.weight is None:
-            if _fuse("layernorm_modulate_quantize_int8", consumers, x):
-                codes = ops.layernorm_modulate_quantize_int8(x, shift, scale, norm.eps)
-                return ops.Int8Tokens(*codes, x.dtype)
-        elif isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype:
-            # The fused op has no gradient: only where nothing would flow back to the norm's weight.
-            no_grad = not (torch.is_grad_enabled() and norm.weight.requires_grad)
-            if no_grad and _fuse("rmsnorm_modulate_quantize_int8", consumers, x):
-                codes = ops.rmsnorm_modulate_quantize_int8(x, norm.weight, shift, scale, norm.eps)
-                return ops.Int8Tokens(*codes, x.dtype)
-    return modulate(norm(x), shift, scale)
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def _fuse(op: str, consumers: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
-    """Whether every consumer of ``x`` takes the int8 codes that the fused ``op`` makes."""
-    return bool(consumers) and all(ops.should_fuse(op, c, x) for c in consumers)
+class ModulatedLayerNorm(nn.LayerNorm):
+    """LayerNorm then adaLN modulation: ``forward(x, shift, scale) = modulate(norm(x), shift, scale)``."""
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return modulate(super().forward(x), shift, scale)
+
+
+class ModulatedRMSNorm(RMSNorm):
+    """RMSNorm then adaLN modulation: ``forward(x, shift, scale) = modulate(norm(x), shift, scale)``."""
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return modulate(super().forward(x), shift, scale)
 
 
 #################################################################################
@@ -134,7 +138,7 @@ class PatchEmbed(nn.Module):
 
 
 #################################################################################
-#                          Attention and MLP (timm names)                       #
+#                     Attention, MLP (timm names) and SwiGLU                    #
 #################################################################################
 
 
@@ -168,12 +172,15 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, in_features)
 
-    def forward(self, x: torch.Tensor | ops.Int8Tokens) -> torch.Tensor:
-        h = self.fc1(x)  # (..., hidden)
-        if ops.should_fuse("gelu_quantize_int8", self.fc2, h):
-            # An integer fc2: GELU and its int8 quantization in one pass over the largest activation.
-            return self.fc2(ops.Int8Tokens(*ops.gelu_quantize_int8(h), h.dtype))
-        return self.fc2(self.act(h))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))  # (..., hidden) -> (..., in)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU's gated activation ``silu(gate) * up``, between a feed-forward's ``w1``/``w3`` and ``w2``."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
 
 
 #################################################################################
@@ -204,22 +211,3 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     emb_a = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
     emb_b = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
     return np.concatenate([emb_a, emb_b], axis=1)
-
-
-class RMSNorm(nn.Module):
-    """``weight * x * rsqrt(mean(x², -1) + eps)`` with the mean in float32 (apex ``FusedRMSNorm``'s math)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"

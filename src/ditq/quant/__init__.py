@@ -29,6 +29,7 @@ Modules:
 from ditq.quant.api import calibrate, kernel_plan, quantize_, register_quantize_handler, set_kernels
 from ditq.quant.calibration import CalibrationData, CalibrationRecorder, run_calibration
 from ditq.quant.config import LayerQuant, QDiTConfig
+from ditq.quant.fuse import fuse_, unfuse_
 from ditq.quant.gptq import GPTQConfig
 from ditq.quant.nn import QuantLinear
 from ditq.quant.search import SearchResult, SearchSpace, read_layer_config, search, write_layer_config
@@ -49,6 +50,7 @@ __all__ = [
     "TernaryQATConfig",
     "TernaryQATLinear",
     "calibrate",
+    "fuse_",
     "kernel_plan",
     "model_size_bytes",
     "pack_",
@@ -60,5 +62,6 @@ __all__ = [
     "search",
     "set_kernels",
     "ternary_layers",
+    "unfuse_",
     "write_layer_config",
 ]

@@ -21,6 +21,7 @@ layers read a fused producer get it swapped in afterwards
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -32,6 +33,7 @@ from ditq.kernels import ops
 from ditq.quant import select
 from ditq.quant.calibration import run_calibration
 from ditq.quant.config import QDiTConfig, as_qdit_config
+from ditq.quant.fuse import fuse_
 from ditq.quant.gptq import GPTQConfig, gptq_model
 from ditq.quant.nn import ActQuantizer, QuantLinear
 from ditq.quant.presets import set_module
@@ -76,11 +78,15 @@ def quantize_(model: nn.Module, config=None, *, include=None, exclude=None, **op
         raise InvalidArgumentError(
             f"quantize_ has no handler for a {type(config).__name__}; configs it takes: {known}"
         )
+    accepted = [p for p in inspect.signature(handler).parameters if p not in ("model", "config")]
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        takes = ", ".join(p for p in accepted if p not in ("include", "exclude")) or "none"
+        raise InvalidArgumentError(
+            f"{', '.join(unknown)} do not apply to a {type(config).__name__} (its options: {takes})"
+        )
     handler(model, config, include=include, exclude=exclude, **options)
-    from ditq.quant.fuse import fuse_
-
-    fuse_(model)
-    return model
+    return fuse_(model)
 
 
 @register_quantize_handler(QDiTConfig)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ditq.errors import InvalidArgumentError
+from ditq.quant.fuse import fuse_
 from ditq.quant.granularity import (
     WEIGHT_GRANULARITIES,
     Granularity,
@@ -44,12 +45,12 @@ from ditq.quant.granularity import (
 from ditq.quant.primitives import (
     MinMax,
     as_clip,
-    check_finite,
     check_tensor,
     code_dtype,
     gptq_quant_params,
     qrange,
     quant_params,
+    require_finite,
 )
 
 PARAM_RULES = ("gptq", "qdit")
@@ -83,7 +84,7 @@ class GPTQ:
             raise InvalidArgumentError(
                 f"calibration input has {inp.shape[-1]} features, the layer takes {self.in_features}"
             )
-        check_finite(inp, "calibration input")
+        require_finite(inp, "calibration input")
         if inp.dim() == 1:
             inp = inp.unsqueeze(0)
         if inp.dim() == 2:
@@ -171,7 +172,7 @@ def gptq_quantize(
     g = group_length(granularity, columns)
     grouped = g is not None and g < columns
     find = _param_fn(bits, sym, params, clip)
-    check_finite(weight, "weight")
+    require_finite(weight, "weight")
     q_min, q_max = qrange(bits, sym)
 
     W = weight.detach().clone().float()
@@ -313,10 +314,11 @@ def gptq_model(
     activations), stopping after the block; each selected layer's Hessian is
     accumulated from its input *after* its own activation quantizer, and the
     block's layers are then swapped for :class:`~ditq.quant.nn.QuantLinear`
-    holding GPTQ codes. Static activation ranges are observed in a first pass
-    over the same inputs. Running the prefix again for every block costs about
-    ``depth / 2`` full forward passes over the data, and needs no assumption
-    about what a block takes as input.
+    holding GPTQ codes, its producers fused as deployed (:func:`~ditq.quant.fuse.fuse_`).
+    Static activation ranges are observed in a first pass over the same inputs.
+    Running the prefix again for every block costs about ``depth / 2`` full
+    forward passes over the data, and needs no assumption about what a block
+    takes as input.
 
     Returns ``{layer: GPTQResult}``. An error before any layer is swapped
     leaves the model as it was.
@@ -379,6 +381,7 @@ def gptq_model(
                 results[n] = res
             for n, q in new.items():
                 set_module(model, n, q)
+            fuse_(model)  # later stages see the quantized blocks as deployed (see ditq.quant.fuse)
             if log is not None:
                 seconds = time.perf_counter() - started
                 log(f"GPTQ {stage or 'loose layers'}: {len(names)} layers in {seconds:.1f} s")

@@ -142,7 +142,7 @@ def check_tensor(x, name: str = "x") -> None:
         )
 
 
-def check_finite(x: torch.Tensor, name: str = "x") -> None:
+def require_finite(x: torch.Tensor, name: str = "x") -> None:
     if not bool(torch.isfinite(x).all()):
         raise InvalidArgumentError(f"{name} holds NaN or infinite values; quantization needs finite inputs")
 
@@ -260,7 +260,7 @@ def quant_params(
     clip = as_clip(clip)
     rows, pshape = _rows(x, granularity)
     if check_finite:
-        check_finite(x)
+        require_finite(x)
     if isinstance(clip, MSE):
         scale, zero = _mse_params(rows, clip, sym, q_min, q_max)
     elif isinstance(clip, Percentile):
@@ -306,7 +306,7 @@ def gptq_quant_params(
     MinMax(clip_ratio)  # validates the ratio
     rows, pshape = _rows(x, granularity)
     if check_finite:
-        check_finite(x)
+        require_finite(x)
     maxq = 2**bits - 1
     origin = torch.zeros(rows.shape[0], device=rows.device, dtype=rows.dtype)
     xmin = torch.minimum(rows.min(1)[0], origin)

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from ditq.kernels import cpu, ops, pack_int4, pack_ternary
+from ditq.kernels import cpu, ops, pack_int4, pack_ternary, reference
 
 
 @pytest.fixture(scope="session")
@@ -72,10 +72,10 @@ def test_quantize_fast_equals_reference(isa, poisoned, shape, group):
     for seed in range(2):
         x = torch.randn(shape, generator=_gen(seed)) * torch.rand(shape[:-1] + (1,), generator=_gen(9)) * 10
         q, s = ops.quantize_per_token_int8(x, group)
-        qr, sr = ops.ref_quantize_per_token_int8(x, group)
+        qr, sr = reference.ref_quantize_per_token_int8(x, group)
         assert torch.equal(q, qr) and torch.equal(s, sr)
     x16 = torch.randn(3, 64, generator=_gen(3)).to(torch.bfloat16)
-    assert all(map(torch.equal, ops.quantize_per_token_int8(x16), ops.ref_quantize_per_token_int8(x16)))
+    assert all(map(torch.equal, ops.quantize_per_token_int8(x16), reference.ref_quantize_per_token_int8(x16)))
 
 
 @pytest.mark.parametrize(
@@ -88,10 +88,10 @@ def test_quantize_asym_fast_equals_reference(isa, poisoned, shape, group, bits):
     x = torch.randn(shape, generator=_gen(3)) * spread + 0.5
     x.view(-1, shape[-1])[0] = 3.0  # a constant row: the 1e-5 floor on max - min, a zero point clamped
     q, s, z = cpu.quantize_per_token_asym(x, bits, group)
-    qr, sr, zr = ops.ref_quantize_per_token_asym(x, bits, group)
+    qr, sr, zr = reference.ref_quantize_per_token_asym(x, bits, group)
     assert torch.equal(q, qr) and torch.equal(s, sr) and torch.equal(z, zr)
     q, s, z = cpu.quantize_per_token_asym(x.bfloat16(), bits, group)  # computed in float32
-    assert torch.equal(q, ops.ref_quantize_per_token_asym(x.bfloat16(), bits, group)[0])
+    assert torch.equal(q, reference.ref_quantize_per_token_asym(x.bfloat16(), bits, group)[0])
 
 
 def _on_two_threads(fn):
@@ -127,7 +127,7 @@ def test_layernorm_modulate_quantize_fast_matches_reference(isa, poisoned, b, t,
     x[0, 0] = 5.0  # a constant row: variance 0, normalized to 0, codes from shift alone
     for eps in (1e-6, 1e-2):
         q, s = cpu.layernorm_modulate_quantize_int8(x, shift, scale, eps)
-        _codes_agree(q, s, *ops.ref_layernorm_modulate_quantize_int8(x, shift, scale, eps))
+        _codes_agree(q, s, *reference.ref_layernorm_modulate_quantize_int8(x, shift, scale, eps))
     x16, shift16, scale16 = x.bfloat16(), shift.bfloat16(), scale.bfloat16()
     assert cpu.layernorm_modulate_quantize_int8(x16, shift16, scale16, 1e-6) is NotImplemented
 
@@ -137,7 +137,7 @@ def test_gelu_quantize_fast_matches_reference(isa, poisoned, shape):
     x = torch.randn(shape, generator=_gen(shape[-1])) * torch.rand(*shape[:-1], 1, generator=_gen(2)) * 6
     x.view(-1, shape[-1])[0] = 0.0  # an all-zero row: the 1e-5 floor
     q, s = cpu.gelu_quantize_int8(x)
-    qr, sr = ops.ref_gelu_quantize_int8(x)
+    qr, sr = reference.ref_gelu_quantize_int8(x)
     # PyTorch's 0.5 x (1 + tanh u) cancels for negative x; ours (x * sigmoid 2u) does not: the scales of
     # rows whose GELU outputs are all tiny differ (the float64 value decides for ours, below).
     big = sr > 1e-3
@@ -169,12 +169,15 @@ def test_rmsnorm_modulate_quantize_fast_matches_reference(isa, poisoned, b, t, k
     x, weight, shift, scale = _rms_args(b, t, k, seed=k + 1)
     for eps in (1e-6, 1e-2):
         q, s = cpu.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps)
-        _codes_agree(q, s, *ops.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps))
+        _codes_agree(q, s, *reference.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps))
     assert all(map(torch.equal, (q, s), ops.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps)))
     for dtype in (torch.bfloat16, torch.float64):  # declined: the reference, which rounds to dtype
         args = (x.to(dtype), weight.to(dtype), shift.to(dtype), scale.to(dtype), 1e-6)
         assert cpu.rmsnorm_modulate_quantize_int8(*args) is NotImplemented
-        out, ref = ops.rmsnorm_modulate_quantize_int8(*args), ops.ref_rmsnorm_modulate_quantize_int8(*args)
+        out, ref = (
+            ops.rmsnorm_modulate_quantize_int8(*args),
+            reference.ref_rmsnorm_modulate_quantize_int8(*args),
+        )
         assert all(map(torch.equal, out, ref))
 
 
@@ -186,7 +189,7 @@ def test_rmsnorm_float64_sum_is_closer_than_pytorch(isa):
     x = torch.randn(b, t, k, generator=_gen(17)) * 3 + 1
     args = (x, torch.ones(k), torch.zeros(b, k), torch.zeros(b, k), eps)
     _, s = cpu.rmsnorm_modulate_quantize_int8(*args)
-    _, sr = ops.ref_rmsnorm_modulate_quantize_int8(*args)
+    _, sr = reference.ref_rmsnorm_modulate_quantize_int8(*args)
     xd = x.double()
     exact = xd.abs().amax(-1, keepdim=True) / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps) / 127
     differ = s != sr
@@ -206,7 +209,7 @@ def test_swiglu_quantize_fast_matches_reference(isa, poisoned, shape):
     up = torch.randn(shape, generator=g) * torch.rand(*shape[:-1], 1, generator=g) * 6
     gate.view(-1, shape[-1])[0] = 0.0  # silu(0) = 0: an all-zero row, the 1e-5 floor
     q, s = cpu.swiglu_quantize_int8(gate, up)
-    _codes_agree(q, s, *ops.ref_swiglu_quantize_int8(gate, up))
+    _codes_agree(q, s, *reference.ref_swiglu_quantize_int8(gate, up))
     assert all(map(torch.equal, (q, s), ops.swiglu_quantize_int8(gate, up)))
     # our exp is Cephes' (PyTorch's silu: SLEEF's), each about an ulp: both near the float64 value
     gd = gate.double()
@@ -215,7 +218,9 @@ def test_swiglu_quantize_fast_matches_reference(isa, poisoned, shape):
     for dtype in (torch.bfloat16, torch.float64):
         args = (gate.to(dtype), up.to(dtype))
         assert cpu.swiglu_quantize_int8(*args) is NotImplemented
-        assert all(map(torch.equal, ops.swiglu_quantize_int8(*args), ops.ref_swiglu_quantize_int8(*args)))
+        assert all(
+            map(torch.equal, ops.swiglu_quantize_int8(*args), reference.ref_swiglu_quantize_int8(*args))
+        )
 
 
 def test_swiglu_quantize_extreme_gates(isa, poisoned):
@@ -231,7 +236,7 @@ def test_swiglu_quantize_extreme_gates(isa, poisoned):
     gate[2] = -gate[2].abs().clamp(min=50)  # all large negative
     gate[3] = torch.linspace(-3e-30, 3e-30, k)  # tiny: below the floor
     q, s = cpu.swiglu_quantize_int8(gate, up)
-    qr, sr = ops.ref_swiglu_quantize_int8(gate, up)
+    qr, sr = reference.ref_swiglu_quantize_int8(gate, up)
     assert not s.isnan().any() and torch.equal(q, qr) and torch.equal(s, sr)
     assert (q[[0, 2, 3]] == 0).all() and (s[[0, 2, 3]] == torch.tensor(1e-5) / 127).all()
 
@@ -259,11 +264,11 @@ def test_w8a8_fast_equals_reference(isa, poisoned, m, k, n):
     xq, wq = _int8((m, k), 1), _int8((n, k), 2)
     # integer part: unit scales and no bias give the int32 sums themselves (|acc| < 2^24 here)
     out = ops.w8a8_linear(xq, torch.ones(m, 1), wq, torch.ones(1))
-    assert torch.equal(out, ops.ref_w8a8_linear(xq, torch.ones(m, 1), wq, torch.ones(1)))
+    assert torch.equal(out, reference.ref_w8a8_linear(xq, torch.ones(m, 1), wq, torch.ones(1)))
     xs, ws = torch.rand(m, 1, generator=_gen(3)) + 0.01, torch.rand(n, generator=_gen(4)) + 0.01
     bias = torch.randn(n, generator=_gen(5))
     for scale, b in ((ws, bias), (ws[:1], None)):
-        out, ref = ops.w8a8_linear(xq, xs, wq, scale, b), ops.ref_w8a8_linear(xq, xs, wq, scale, b)
+        out, ref = ops.w8a8_linear(xq, xs, wq, scale, b), reference.ref_w8a8_linear(xq, xs, wq, scale, b)
         assert not out.isnan().any()
         assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-6
 
@@ -273,12 +278,12 @@ def test_w158a8_fast_equals_reference(isa, poisoned, m, k, n):
     xq = _int8((m, k), 11)
     wp = pack_ternary(torch.randint(-1, 2, (n, k), generator=_gen(12)))
     out = ops.w158a8_linear(xq, torch.ones(m, 1), wp, torch.ones(1))
-    assert torch.equal(out, ops.ref_w158a8_linear(xq, torch.ones(m, 1), wp, torch.ones(1)))
+    assert torch.equal(out, reference.ref_w158a8_linear(xq, torch.ones(m, 1), wp, torch.ones(1)))
     xs, ws = torch.rand(m, 1, generator=_gen(13)) + 0.01, torch.rand(n, generator=_gen(14)) + 0.01
     bias = torch.randn(n, generator=_gen(15))
     for scale, b, dtype in ((ws, bias, torch.float32), (ws[:1], None, torch.bfloat16)):
         out = ops.w158a8_linear(xq, xs, wp, scale, b, dtype)
-        ref = ops.ref_w158a8_linear(xq, xs, wp, scale, b, dtype)
+        ref = reference.ref_w158a8_linear(xq, xs, wp, scale, b, dtype)
         assert out.dtype == dtype and not out.isnan().any()
         assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item() <= 1e-3
 
@@ -317,9 +322,9 @@ def test_two_threads_split_the_work_the_same(built, poisoned):
             ops.quantize_per_token_int8(torch.randn(300, 64, generator=_gen(24))),
         )
     )
-    assert torch.equal(a, ops.ref_w8a8_linear(xq, xs, wq, ws))
-    assert torch.equal(b, ops.ref_w158a8_linear(xq, xs, wp, ws))
-    assert torch.equal(q, ops.ref_quantize_per_token_int8(torch.randn(300, 64, generator=_gen(24)))[0])
+    assert torch.equal(a, reference.ref_w8a8_linear(xq, xs, wq, ws))
+    assert torch.equal(b, reference.ref_w158a8_linear(xq, xs, wp, ws))
+    assert torch.equal(q, reference.ref_quantize_per_token_int8(torch.randn(300, 64, generator=_gen(24)))[0])
 
 
 # ----------------------------------------------------------------------------
@@ -359,11 +364,11 @@ def test_w4a8_fast_equals_reference(isa, poisoned, m, k, gw, ga, asym):
         assert (fast is NotImplemented) == (isa == "scalar")  # the AVX2 and AVX-512 VNNI paths
         # integer part: unit scales, one weight group, no bias: the exact integer sums (< 2^24)
         ones = (torch.ones_like(xs), xz, wp, torch.ones(n, 1), wz[:, :1])
-        assert torch.equal(ops.w4a8_linear(xq, *ones), ops.ref_w4a8_linear(xq, *ones))
+        assert torch.equal(ops.w4a8_linear(xq, *ones), reference.ref_w4a8_linear(xq, *ones))
         bias = torch.randn(n, generator=_gen(n))
         for b, dtype in ((bias, torch.float32), (None, torch.float32), (bias, torch.bfloat16)):
             out = ops.w4a8_linear(xq, xs, xz, wp, ws, wz, b, dtype)
-            ref = ops.ref_w4a8_linear(xq, xs, xz, wp, ws, wz, b, dtype)
+            ref = reference.ref_w4a8_linear(xq, xs, xz, wp, ws, wz, b, dtype)
             assert out.dtype == dtype and out.shape == (m, n) and not out.isnan().any()
             # same order of float operations as the reference (no FMA contraction): equal in float32
             assert _rel(out, ref) <= (1e-6 if dtype == torch.float32 else 1e-3)
@@ -387,7 +392,7 @@ def test_w4a8_extremes_leading_axes_and_two_threads(isa, poisoned):
     assert (out == 0).all()  # 15 - z_w = 0
     args = _w4a8_args(200, 300, 512, 128, True, seed=51, lead=(2,))
     a = _on_two_threads(lambda: ops.w4a8_linear(*args))
-    assert torch.equal(a, ops.ref_w4a8_linear(*args))
+    assert torch.equal(a, reference.ref_w4a8_linear(*args))
 
 
 def test_w4a8_declines_what_it_does_not_handle(built, poisoned):
@@ -400,12 +405,12 @@ def test_w4a8_declines_what_it_does_not_handle(built, poisoned):
     ]
     for args in cases:
         assert cpu.w4a8_linear(*args, None, torch.float32) is NotImplemented
-        assert torch.equal(ops.w4a8_linear(*args), ops.ref_w4a8_linear(*args))
+        assert torch.equal(ops.w4a8_linear(*args), reference.ref_w4a8_linear(*args))
     handled = (xq, xs24, xz24, wp, ws.repeat(1, 3), wz.repeat(1, 3))  # gcd(24, 40) = 8
     out = cpu.w4a8_linear(*handled, None, torch.float32)
     assert (out is NotImplemented) == (built < cpu.AVX2)
     if out is not NotImplemented:
-        assert torch.equal(out, ops.ref_w4a8_linear(*handled))
+        assert torch.equal(out, reference.ref_w4a8_linear(*handled))
     cpu.set_isa("scalar")
     try:
         assert cpu.w4a8_linear(xq, xs, xz, wp, ws, wz, None, torch.float32) is NotImplemented
@@ -430,14 +435,14 @@ def test_ternary_weight_only_fast_equals_reference(isa, poisoned, m, k, n):
         for b in (bias, None):
             fast = cpu.ternary_linear(x, wp, scale, b)
             assert (fast is NotImplemented) == (isa == "scalar")  # the scalar level keeps the reference
-            out, ref = ops.ternary_linear(x, wp, scale, b), ops.ref_ternary_linear(x, wp, scale, b)
+            out, ref = ops.ternary_linear(x, wp, scale, b), reference.ref_ternary_linear(x, wp, scale, b)
             assert out.shape == (2, m, n) and not out.isnan().any()
             # the same dequantized weights, another summation order than BLAS
             assert _rel(out, ref) <= 1e-5
     # the weights are exactly +-s and 0: with integer activations every sum is exact
     xi = torch.randint(-8, 9, (m, k), generator=g).float()
     one = torch.ones(1)
-    assert torch.equal(ops.ternary_linear(xi, wp, one), ops.ref_ternary_linear(xi, wp, one))
+    assert torch.equal(ops.ternary_linear(xi, wp, one), reference.ref_ternary_linear(xi, wp, one))
 
 
 @pytest.mark.parametrize("m,k,n", WO_SHAPES)
@@ -453,7 +458,7 @@ def test_int4_weight_only_fast_equals_reference(isa, poisoned, m, k, n):
         b = torch.randn(n, generator=g)
         fast = cpu.int4_linear(x, wp, ws, wz, b)
         assert (fast is NotImplemented) == (isa == "scalar")
-        out, ref = ops.int4_linear(x, wp, ws, wz, b), ops.ref_int4_linear(x, wp, ws, wz, b)
+        out, ref = ops.int4_linear(x, wp, ws, wz, b), reference.ref_int4_linear(x, wp, ws, wz, b)
         assert out.shape == (m, n) and not out.isnan().any()
         assert _rel(out, ref) <= 1e-5, gw
 
@@ -498,10 +503,10 @@ def test_weight_only_declines_what_it_does_not_handle(built, poisoned):
     x = torch.randn(5, k, generator=g)
     args = (x.bfloat16(), wp, torch.ones(1), None)
     assert cpu.ternary_linear(*args) is NotImplemented
-    assert torch.equal(ops.ternary_linear(*args), ops.ref_ternary_linear(*args))
+    assert torch.equal(ops.ternary_linear(*args), reference.ref_ternary_linear(*args))
     for args in ((x.double(), w4, ws, wz, None), (x, w4, ws.bfloat16(), wz, None)):
         assert cpu.int4_linear(*args) is NotImplemented
-        assert torch.equal(ops.int4_linear(*args), ops.ref_int4_linear(*args))
+        assert torch.equal(ops.int4_linear(*args), reference.ref_int4_linear(*args))
     assert cpu.ternary_linear(torch.randn(0, k), wp, torch.ones(1), None) is NotImplemented
     handled = cpu.ternary_linear(x, wp, torch.ones(1, dtype=torch.bfloat16), None)  # +-1 exact in bf16
     assert (handled is NotImplemented) == (built == cpu.SCALAR)
@@ -523,9 +528,9 @@ def test_weight_only_many_tokens_dequantize_blocks_for_blas(isa, poisoned, monke
     for bias in (b, None):
         fast = cpu.ternary_linear(x, wp, s, bias)
         assert (fast is NotImplemented) == (isa == "scalar")
-        out, ref = ops.ternary_linear(x, wp, s, bias), ops.ref_ternary_linear(x, wp, s, bias)
+        out, ref = ops.ternary_linear(x, wp, s, bias), reference.ref_ternary_linear(x, wp, s, bias)
         assert not out.isnan().any() and _rel(out, ref) <= 1e-5
-        out, ref = ops.int4_linear(x, w4, ws, wz, bias), ops.ref_int4_linear(x, w4, ws, wz, bias)
+        out, ref = ops.int4_linear(x, w4, ws, wz, bias), reference.ref_int4_linear(x, w4, ws, wz, bias)
         assert not out.isnan().any() and _rel(out, ref) <= 1e-5
 
 
@@ -639,9 +644,9 @@ def test_build_failure_warns_once_and_falls_back(fresh_state, monkeypatch, poiso
         warnings.simplefilter("error")  # only one warning per process
         out2 = ops.w158a8_linear(xq, torch.ones(3, 1), wp, torch.ones(1))
         q, s = ops.quantize_per_token_int8(x)
-    assert torch.equal(out, ops.ref_w8a8_linear(xq, torch.ones(3, 1), wq, torch.ones(5)))
-    assert torch.equal(out2, ops.ref_w158a8_linear(xq, torch.ones(3, 1), wp, torch.ones(1)))
-    assert all(map(torch.equal, (q, s), ops.ref_quantize_per_token_int8(x)))
+    assert torch.equal(out, reference.ref_w8a8_linear(xq, torch.ones(3, 1), wq, torch.ones(5)))
+    assert torch.equal(out2, reference.ref_w158a8_linear(xq, torch.ones(3, 1), wp, torch.ones(1)))
+    assert all(map(torch.equal, (q, s), reference.ref_quantize_per_token_int8(x)))
     backends = cpu.available_backends()
     assert backends["extension"].startswith("unavailable: RuntimeError: Error building extension")
     int_mm = "torch._int_mm" if cpu._int_mm_is_fast() else "reference"  # fast only with VNNI / AMX
@@ -729,7 +734,7 @@ def test_w8a8_runs_torch_int_mm_only_where_it_beats_float(built, monkeypatch, fl
         out = cpu.w8a8_linear(xq, torch.ones(5, 1), wq, torch.ones(7), None, torch.float32)
         assert (out is NotImplemented) == (not fast)
         assert torch.equal(ops.w8a8_linear(xq, torch.ones(5, 1), wq, torch.ones(7)),
-                           ops.ref_w8a8_linear(xq, torch.ones(5, 1), wq, torch.ones(7)))  # fmt: skip
+                           reference.ref_w8a8_linear(xq, torch.ones(5, 1), wq, torch.ones(7)))  # fmt: skip
     finally:
         cpu.set_isa(None)
 

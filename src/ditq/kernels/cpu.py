@@ -83,7 +83,8 @@ from pathlib import Path
 
 import torch
 
-from ditq.kernels import ops
+from ditq.kernels import dispatch
+from ditq.kernels.checks import KernelError
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def _env_isa() -> int | None:
     if not name:
         return None
     if name not in ISAS:
-        raise ops.KernelError(f"{ENV_ISA}={name!r} is not an instruction set; use one of {', '.join(ISAS)}")
+        raise KernelError(f"{ENV_ISA}={name!r} is not an instruction set; use one of {', '.join(ISAS)}")
     return ISAS.index(name)
 
 
@@ -318,7 +319,7 @@ def set_isa(name: str | None) -> None:
     For tests and benchmarks (the fallback paths run on any machine this way).
     """
     if name is not None and name not in ISAS:
-        raise ops.KernelError(f"unknown instruction set {name!r}; use one of {', '.join(ISAS)} or None")
+        raise KernelError(f"unknown instruction set {name!r}; use one of {', '.join(ISAS)} or None")
     _state.forced_isa = None if name is None else ISAS.index(name)
 
 
@@ -788,14 +789,14 @@ def int4_linear(x, w_packed, w_scale, w_zero, bias):
     return _weight_only(x, n, direct, dequant, b32)
 
 
-ops.register_impl("quantize_per_token_int8", "cpu", quantize_per_token_int8)
-ops.register_impl("quantize_per_token_asym", "cpu", quantize_per_token_asym)
-ops.register_impl("layernorm_modulate_quantize_int8", "cpu", layernorm_modulate_quantize_int8)
-ops.register_impl("gelu_quantize_int8", "cpu", gelu_quantize_int8)
-ops.register_impl("rmsnorm_modulate_quantize_int8", "cpu", rmsnorm_modulate_quantize_int8)
-ops.register_impl("swiglu_quantize_int8", "cpu", swiglu_quantize_int8)
-ops.register_impl("ternary_linear", "cpu", ternary_linear)
-ops.register_impl("int4_linear", "cpu", int4_linear)
-ops.register_impl("w4a8_linear", "cpu", w4a8_linear)
-ops.register_impl("w8a8_linear", "cpu", w8a8_linear)
-ops.register_impl("w158a8_linear", "cpu", w158a8_linear)
+dispatch.register_impl("quantize_per_token_int8", "cpu", quantize_per_token_int8)
+dispatch.register_impl("quantize_per_token_asym", "cpu", quantize_per_token_asym)
+dispatch.register_impl("layernorm_modulate_quantize_int8", "cpu", layernorm_modulate_quantize_int8)
+dispatch.register_impl("gelu_quantize_int8", "cpu", gelu_quantize_int8)
+dispatch.register_impl("rmsnorm_modulate_quantize_int8", "cpu", rmsnorm_modulate_quantize_int8)
+dispatch.register_impl("swiglu_quantize_int8", "cpu", swiglu_quantize_int8)
+dispatch.register_impl("ternary_linear", "cpu", ternary_linear)
+dispatch.register_impl("int4_linear", "cpu", int4_linear)
+dispatch.register_impl("w4a8_linear", "cpu", w4a8_linear)
+dispatch.register_impl("w8a8_linear", "cpu", w8a8_linear)
+dispatch.register_impl("w158a8_linear", "cpu", w158a8_linear)

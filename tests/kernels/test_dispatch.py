@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ditq.kernels import KernelError, cpu, dispatch, ops, pack_ternary, reference
+from ditq.kernels.cpu import extension
 
 
 @pytest.fixture(autouse=True)
@@ -111,18 +112,18 @@ def test_unknown_and_unavailable_backends_are_one_line_errors():
 
 
 def test_cpu_backend_unavailable_when_the_kernels_are_switched_off(monkeypatch):
-    cpu._reset_for_tests()
+    extension._reset_for_tests()
     try:
-        monkeypatch.setenv(cpu.ENV_DISABLE, "0")
+        monkeypatch.setenv(extension.ENV_DISABLE, "0")
         assert "cpu" not in dispatch.available_backends()
         with pytest.raises(KernelError, match="'cpu' is not available here .*disabled by DITQ_CPU_KERNELS=0"):
             dispatch.set_backend("cpu")
-        cpu.build()  # tried and switched off: the same answer
+        extension.build()  # tried and switched off: the same answer
         assert "cpu" not in dispatch.available_backends()
         assert not dispatch.has_fast_impl("w158a8_linear", "cpu")
     finally:
-        monkeypatch.delenv(cpu.ENV_DISABLE)
-        cpu._reset_for_tests()
+        monkeypatch.delenv(extension.ENV_DISABLE)
+        extension._reset_for_tests()
 
 
 def test_has_fast_impl_follows_the_cpu_build():

@@ -1,5 +1,6 @@
-"""Building and loading the C++ library: threads, a failed build, a compiler without OpenMP, a missing
-source, switched off by the environment, nothing built at import."""
+"""Building and loading the C++ library: threads, a failed build, a compiler without OpenMP, every
+source compiled and every file in the build's key, a missing source, switched off by the environment,
+nothing built at import."""
 
 from __future__ import annotations
 
@@ -76,6 +77,29 @@ def test_a_compiler_without_openmp_still_builds_one_thread_kernels(monkeypatch):
     with pytest.warns(RuntimeWarning, match="built without OpenMP .*-fopenmp.*run on one thread"):
         assert extension._compile(verbose=False) == "/tmp/libditq.so"
     assert ["-fopenmp" in c for c in calls] == [True, False]
+
+
+def test_the_build_compiles_every_source_and_keys_on_every_file(monkeypatch, tmp_path):
+    # a .cpp left out of SOURCES would not be compiled (its C functions missing at load), and an edit
+    # to the header must rebuild the library as an edit to a source does (torch hashes sources only)
+    from torch.utils import cpp_extension
+
+    assert sorted(extension.SOURCES) == sorted(extension.CSRC.glob("*.cpp"))
+    assert sorted(extension.HEADERS) == sorted(extension.CSRC.glob("*.h"))
+    copies = {path: tmp_path / path.name for path in (*extension.SOURCES, *extension.HEADERS)}
+    for path, copy in copies.items():
+        copy.write_bytes(path.read_bytes())
+    monkeypatch.setattr(extension, "SOURCES", tuple(copies[p] for p in extension.SOURCES))
+    monkeypatch.setattr(extension, "HEADERS", tuple(copies[p] for p in extension.HEADERS))
+    before = extension.csrc_digest()
+    header = extension.HEADERS[0]
+    header.write_text(header.read_text() + "// an edit\n")
+    assert extension.csrc_digest() != before
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "/tmp/libditq.so")
+    assert extension._compile(verbose=False) == "/tmp/libditq.so"
+    assert calls[0]["sources"] == [str(p) for p in extension.SOURCES]
+    assert f"-DDITQ_CSRC_DIGEST={extension.csrc_digest()}" in calls[0]["extra_cflags"]
 
 
 def test_missing_source_is_a_build_failure(fresh_state, monkeypatch, tmp_path):

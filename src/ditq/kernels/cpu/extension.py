@@ -31,10 +31,13 @@ from ditq.kernels.cpu import levels
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "cpu_kernels.cpp",)
-"""The C++ translation units of the library."""
-HEADERS = ()
-"""The headers they include (not compiled on their own; part of the build's key)."""
+SOURCES = tuple(
+    CSRC / f"{name}.cpp"
+    for name in ("common", "quantize", "producers", "gemm_int8", "gemm_w4a8", "weight_only")
+)
+"""The C++ translation units of the library, one per op family (``csrc/common.h`` lists them)."""
+HEADERS = (CSRC / "common.h",)
+"""The headers they include (not compiled on their own; part of the build's key, see :func:`csrc_digest`)."""
 EXT_NAME = "ditq_cpu_kernels"
 ENV_DISABLE = "DITQ_CPU_KERNELS"
 

@@ -297,10 +297,10 @@ def has_fast_impl(
 
 @dataclass(frozen=True)
 class Int8Tokens:
-    """Activations already quantized per token by :func:`quantize_per_token_int8`'s rule.
+    """Activations already quantized per token by ``ops.quantize_per_token_int8``'s rule.
 
-    What a producer fused with its quantization (:func:`layernorm_modulate_quantize_int8`,
-    :func:`gelu_quantize_int8`) hands to the next integer linear instead of floats:
+    What a producer fused with its quantization (``ops.layernorm_modulate_quantize_int8``,
+    ``ops.gelu_quantize_int8``, ...) hands to the next integer linear instead of floats:
     ``q`` int8 ``[..., K]``, ``scale`` float32 ``[..., 1]``, and ``dtype``, the
     float dtype the activations had (the linear's output dtype). A layer takes
     them when its ``takes_int8_tokens(x)`` says so (see :func:`should_fuse`).
@@ -327,7 +327,7 @@ def set_fusion(enabled: bool) -> bool:
     (``False``: every integer linear quantizes its own float input); returns the previous setting.
 
     The numbers move by at most a code at rounding boundaries (see
-    :func:`layernorm_modulate_quantize_int8`); the switch is there to measure and to compare.
+    ``ops.layernorm_modulate_quantize_int8``); the switch is there to measure and to compare.
     """
     global _fusion
     previous, _fusion = _fusion, bool(enabled)

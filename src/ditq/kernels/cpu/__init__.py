@@ -2,9 +2,10 @@
 
 Importing this package registers the implementations with :mod:`ditq.kernels.dispatch`
 and compiles nothing. What runs, per op and instruction set, is one rule table measured
-so that ``auto`` never runs a path slower than fp32 ``F.linear``; results equal the
-references bit for bit (the integer GEMMs) or up to the summation order and rare
-rounding-boundary codes (the float paths).
+so that ``auto`` never runs a path slower than fp32 ``F.linear``. Results equal the
+references bit for bit (the integer GEMMs, the quantizers), up to the summation order
+(the weight-only GEMMs) or up to rare off-by-one codes at rounding boundaries (the fused
+producers).
 
     extension  building and loading the C++ library (``csrc/``): :func:`build`, :func:`isa`,
                :func:`threads_used`; ``DITQ_CPU_KERNELS=0`` turns it off

@@ -1,8 +1,9 @@
 """The CPU implementations of the ditq ops, registered with :mod:`ditq.kernels.dispatch`.
 
 Each takes the op's arguments, already checked by :mod:`ditq.kernels.ops`, and either
-returns the op's result from ditq's C++ kernels (:mod:`ditq.kernels.cpu.extension`), or
-``NotImplemented`` for a call they do not take: tensors on another device, a dtype or a
+returns the op's result from ditq's C++ kernels (:mod:`ditq.kernels.cpu.extension`; for
+``w8a8_linear`` below AVX2, ``torch._int_mm`` where it is fast), or ``NotImplemented``
+for a call they do not take: tensors on another device, a dtype or a
 group layout the kernels do not handle, an instruction set below what the rule table
 (:mod:`ditq.kernels.cpu.rules`) runs them on; the reference runs then. Outputs are
 allocated here and written whole by the kernels. The weight-only ops choose their path

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 import ditq.kernels
-from ditq.kernels import ops
+from ditq.kernels import dispatch, ops, reference
 from ditq.kernels.packing import pack_int4, pack_ternary
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -138,7 +138,7 @@ def test_quantize_equals_reference(poisoned, shape, group, dtype):
     x.view(-1, shape[-1])[0] = 0  # an all-zero token: the 1e-5 floor on max |x|
     x = x.to(dtype)
     q, s = poisoned.quantize_per_token_int8(x.to(DEVICE), group)
-    qr, sr = ops.ref_quantize_per_token_int8(x, group)
+    qr, sr = reference.ref_quantize_per_token_int8(x, group)
     assert q.dtype == torch.int8 and s.dtype == torch.float32
     assert torch.equal(q.cpu(), qr) and torch.equal(s.cpu(), sr)
 
@@ -159,7 +159,7 @@ def test_quantize_asym_equals_reference(poisoned, shape, group, bits, dtype):
     x.view(-1, shape[-1])[0] = 7.0  # a constant token: the 1e-5 floor on max - min, a huge zero point
     x = x.to(dtype)
     q, s, z = poisoned.quantize_per_token_asym(x.to(DEVICE), bits, group)
-    qr, sr, zr = ops.ref_quantize_per_token_asym(x, bits, group)
+    qr, sr, zr = reference.ref_quantize_per_token_asym(x, bits, group)
     assert q.dtype == torch.uint8 and s.dtype == z.dtype == torch.float32
     assert torch.equal(q.cpu(), qr) and torch.equal(s.cpu(), sr) and torch.equal(z.cpu(), zr)
 
@@ -213,7 +213,7 @@ def test_layernorm_modulate_quantize_near_reference(poisoned, b, t, k, dtype, ep
     x[0, 0], shift[0] = 0, 0  # an all-zero token of a sample without shift: the 1e-5 floor on max |m|
     x, shift, scale = x.to(dtype), shift.to(dtype), scale.to(dtype)
     out = poisoned.layernorm_modulate_quantize_int8(*_dev(x, shift, scale), eps)
-    ref = ops.ref_layernorm_modulate_quantize_int8(x, shift, scale, eps)
+    ref = reference.ref_layernorm_modulate_quantize_int8(x, shift, scale, eps)
     _near_codes(out, ref, dtype)
     assert out[1].shape == (b, t, 1) and (out[0][0, 0] == 0).all()
 
@@ -239,7 +239,7 @@ def test_gelu_quantize_near_reference(poisoned, shape, dtype, mag):
     x.view(-1, shape[-1])[0] = 0  # an all-zero token: the 1e-5 floor on max |GELU(x)|
     x = x.to(dtype)
     out = poisoned.gelu_quantize_int8(x.to(DEVICE))
-    _near_codes(out, ops.ref_gelu_quantize_int8(x), dtype)
+    _near_codes(out, reference.ref_gelu_quantize_int8(x), dtype)
     assert out[1].shape == (*shape[:-1], 1)
 
 
@@ -269,7 +269,7 @@ def test_rmsnorm_modulate_quantize_near_reference(poisoned, b, t, k, dtype, eps,
     x[0, 0], shift[0] = 0, 0  # an all-zero token of a sample without shift: the 1e-5 floor on max |m|
     x, weight, shift, scale = x.to(dtype), weight.to(dtype), shift.to(dtype), scale.to(dtype)
     out = poisoned.rmsnorm_modulate_quantize_int8(*_dev(x, weight, shift, scale), eps)
-    ref = ops.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps)
+    ref = reference.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps)
     _near_codes(out, ref, dtype)
     assert out[1].shape == (b, t, 1) and (out[0][0, 0] == 0).all()
 
@@ -300,7 +300,7 @@ def test_swiglu_quantize_near_reference(poisoned, shape, dtype, mag):
         rows[-1, :4] = torch.tensor([-100.0, -90.0, 100.0, 90.0])
     gate, up = gate.to(dtype), up.to(dtype)
     out = poisoned.swiglu_quantize_int8(*_dev(gate, up))
-    _near_codes(out, ops.ref_swiglu_quantize_int8(gate, up), dtype)
+    _near_codes(out, reference.ref_swiglu_quantize_int8(gate, up), dtype)
     assert out[1].shape == (*shape[:-1], 1) and (out[0].reshape(-1, shape[-1])[0] == 0).all()
 
 
@@ -339,7 +339,7 @@ def test_producer_quantizers_decline_float64(launch):
             ops.register_impl(name, dev, getattr(launch, name))
         with ops.use_backend("auto"):
             for name, args in calls.items():
-                out, ref = getattr(ops, name)(*args), ops.REFERENCE[name](*args)
+                out, ref = getattr(ops, name)(*args), reference.REFERENCE[name](*args)
                 assert all(torch.equal(o, r) for o, r in zip(out, ref, strict=True)), name
     finally:
         for name, fn in before.items():
@@ -370,7 +370,7 @@ def test_int8_gemms_equal_reference(poisoned, ternary, i, shape):
     xq = _int8((m, k), i)
     w = _ternary(n, k, 100 + i) if ternary else _int8((n, k), 100 + i)
     fast = poisoned.w158a8_linear if ternary else poisoned.w8a8_linear
-    ref = ops.ref_w158a8_linear if ternary else ops.ref_w8a8_linear
+    ref = reference.ref_w158a8_linear if ternary else reference.ref_w8a8_linear
 
     # Unit scales, no bias: the outputs are the int32 sums (exact in float32 below 2^24).
     ones_x, ones_w = torch.ones(m, 1), torch.ones(1)
@@ -422,12 +422,14 @@ def test_w4a8_equals_reference(poisoned, i, case):
     # Unit scales: the outputs are the exact integer sums of (q_x - z_x)(q_w - z_w).
     one_x, one_w = torch.ones_like(xs), torch.ones_like(w_scale)
     out = poisoned.w4a8_linear(*_dev(xq, one_x, xz, w, one_w, w_zero, None), torch.float32)
-    assert torch.equal(out.cpu(), ops.ref_w4a8_linear(xq, one_x, xz, w, one_w, w_zero, None, torch.float32))
+    assert torch.equal(
+        out.cpu(), reference.ref_w4a8_linear(xq, one_x, xz, w, one_w, w_zero, None, torch.float32)
+    )
 
     bias = torch.randn(n, generator=_gen(i)) if i % 2 else None
     out_dtype = OUT_DTYPES[i % 3]
     out = poisoned.w4a8_linear(*_dev(xq, xs, xz, w, w_scale, w_zero, bias), out_dtype)
-    _same(out.cpu(), ops.ref_w4a8_linear(xq, xs, xz, w, w_scale, w_zero, bias, out_dtype))
+    _same(out.cpu(), reference.ref_w4a8_linear(xq, xs, xz, w, w_scale, w_zero, bias, out_dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -452,7 +454,7 @@ def test_ternary_linear_equals_reference(poisoned, m, n, k, dtype, per_channel, 
     scale = _rand((n,) if per_channel else (), 3, 0.01, 0.1)
     bias = torch.randn(n, generator=_gen(4)) if with_bias else None
     out = poisoned.ternary_linear(*_dev(x, w, scale, bias))
-    _close(out, ops.ref_ternary_linear(x, w, scale, bias))
+    _close(out, reference.ref_ternary_linear(x, w, scale, bias))
 
 
 INT4_CASES = [
@@ -481,7 +483,7 @@ def test_int4_linear_equals_reference(poisoned, m, n, k, g, dtype, sdtype):
     w_zero = torch.randint(0, 16, (n, k // g), generator=_gen(6)).to(sdtype)
     bias = torch.randn(n, generator=_gen(7)) if m > 1 else None
     out = poisoned.int4_linear(*_dev(x, w, w_scale, w_zero, bias))
-    _close(out, ops.ref_int4_linear(x, w, w_scale, w_zero, bias))
+    _close(out, reference.ref_int4_linear(x, w, w_scale, w_zero, bias))
 
 
 # ----------------------------------------------------------------------------
@@ -550,9 +552,9 @@ def test_dit_with_the_fused_producer_kernels_matches_the_unfused_one(launch, mon
             return _fn(*args)
 
         # CPU tensors in the interpreter: the Triton kernels stand in for the CPU implementations
-        monkeypatch.setitem(ops._IMPLS[name], "cpu" if INTERPRET else "cuda", counted)
+        monkeypatch.setitem(dispatch._IMPLS[name], "cpu" if INTERPRET else "cuda", counted)
     if INTERPRET:
-        monkeypatch.setattr(ops, "has_fast_impl", lambda *a, **k: True)
+        monkeypatch.setattr(dispatch, "has_fast_impl", lambda *a, **k: True)
     torch.manual_seed(0)
     model = DiT(DiTConfig(depth=2, hidden_size=64, num_heads=2, patch_size=4, input_size=8, in_channels=1))
     with torch.no_grad():
@@ -619,13 +621,13 @@ def test_gpu_int8_gemms_at_dit_shapes(launch, m, n, k, ternary):
     assert ops.registered_impl("w8a8_linear", "cuda") is launch.w8a8_linear  # ops dispatch to Triton
     x = torch.randn(m, k, generator=_gen(0)).cuda()
     xq, xs = ops.quantize_per_token_int8(x)
-    qr, sr = ops.ref_quantize_per_token_int8(x)
+    qr, sr = reference.ref_quantize_per_token_int8(x)
     assert torch.equal(xq, qr) and torch.equal(xs, sr)
     w = (_ternary(n, k, 1) if ternary else _int8((n, k), 1)).cuda()
     ws = _rand((n,), 2, 0.01, 0.1).cuda()
     bias = torch.randn(n, generator=_gen(3)).cuda()
     fast = ops.w158a8_linear if ternary else ops.w8a8_linear
-    ref = ops.ref_w158a8_linear if ternary else ops.ref_w8a8_linear
+    ref = reference.ref_w158a8_linear if ternary else reference.ref_w8a8_linear
     for out_dtype in (torch.float32, torch.bfloat16):
         _close(fast(xq, xs, w, ws, bias, out_dtype), ref(xq, xs, w, ws, bias, out_dtype).cpu())
 
@@ -637,10 +639,10 @@ def test_gpu_int8_gemms_at_dit_shapes(launch, m, n, k, ternary):
 def test_gpu_quantize_at_dit_shapes(dtype, group):
     x = (torch.randn(32, 256, 1152, generator=_gen(0)) * 3).to(dtype).cuda()
     q, s = ops.quantize_per_token_int8(x, group)
-    qr, sr = ops.ref_quantize_per_token_int8(x, group)
+    qr, sr = reference.ref_quantize_per_token_int8(x, group)
     assert torch.equal(q, qr) and torch.equal(s, sr)
     q, s, z = ops.quantize_per_token_asym(x, 8, group)
-    ref = ops.ref_quantize_per_token_asym(x, 8, group)
+    ref = reference.ref_quantize_per_token_asym(x, 8, group)
     assert all(torch.equal(a, b) for a, b in zip((q, s, z), ref, strict=True))
 
 
@@ -656,9 +658,9 @@ def test_gpu_producer_quantizers_at_dit_shapes(launch, dtype):
     shift = (0.5 * torch.randn(b, k, generator=_gen(1))).to(dtype).cuda()
     scale = (0.5 * torch.randn(b, k, generator=_gen(2))).to(dtype).cuda()
     out = ops.layernorm_modulate_quantize_int8(x, shift, scale, 1e-6)
-    _near_codes(out, ops.ref_layernorm_modulate_quantize_int8(x, shift, scale, 1e-6), dtype)
+    _near_codes(out, reference.ref_layernorm_modulate_quantize_int8(x, shift, scale, 1e-6), dtype)
     h = (torch.randn(b, t, 4 * k, generator=_gen(3)) * 2).to(dtype).cuda()
-    _near_codes(ops.gelu_quantize_int8(h), ops.ref_gelu_quantize_int8(h), dtype)
+    _near_codes(ops.gelu_quantize_int8(h), reference.ref_gelu_quantize_int8(h), dtype)
 
 
 @pytest.mark.gpu
@@ -674,10 +676,10 @@ def test_gpu_large_dit_producer_quantizers_at_terdit_shapes(launch, dtype):
     shift = (0.5 * torch.randn(b, k, generator=_gen(2))).to(dtype).cuda()
     scale = (0.5 * torch.randn(b, k, generator=_gen(3))).to(dtype).cuda()
     out = ops.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-5)
-    _near_codes(out, ops.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-5), dtype)
+    _near_codes(out, reference.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-5), dtype)
     gate = (torch.randn(b, t, hidden, generator=_gen(4)) * 3).to(dtype).cuda()
     up = torch.randn(b, t, hidden, generator=_gen(5)).to(dtype).cuda()
-    _near_codes(ops.swiglu_quantize_int8(gate, up), ops.ref_swiglu_quantize_int8(gate, up), dtype)
+    _near_codes(ops.swiglu_quantize_int8(gate, up), reference.ref_swiglu_quantize_int8(gate, up), dtype)
 
 
 @pytest.mark.gpu
@@ -689,7 +691,7 @@ def test_gpu_w4a8_at_dit_shapes(m, asym, ga):
     args = [t if t is None else t.cuda() for t in _w4a8_inputs(m, n, k, ga, gw, asym, "groups", 0)]
     bias = torch.randn(n, generator=_gen(1)).cuda()
     out = ops.w4a8_linear(*args, bias, torch.float16)
-    _close(out, ops.ref_w4a8_linear(*args, bias, torch.float16).cpu())
+    _close(out, reference.ref_w4a8_linear(*args, bias, torch.float16).cpu())
 
 
 @pytest.mark.gpu
@@ -701,9 +703,9 @@ def test_gpu_weight_only_at_dit_shapes(m, dtype):
     x = torch.randn(m, k, generator=_gen(0)).to(dtype).cuda()
     bias = torch.randn(n, generator=_gen(1)).cuda()
     wt, scale = _ternary(n, k, 2).cuda(), torch.tensor(0.05).cuda()
-    _close(ops.ternary_linear(x, wt, scale, bias), ops.ref_ternary_linear(x, wt, scale, bias).cpu())
+    _close(ops.ternary_linear(x, wt, scale, bias), reference.ref_ternary_linear(x, wt, scale, bias).cpu())
     w4 = _int4(n, k, 3).cuda()
     w_scale = _rand((n, k // g), 4, 0.01, 0.1, dtype).cuda()
     w_zero = torch.randint(0, 16, (n, k // g), generator=_gen(5)).to(dtype).cuda()
     out = ops.int4_linear(x, w4, w_scale, w_zero, bias)
-    _close(out, ops.ref_int4_linear(x, w4, w_scale, w_zero, bias).cpu())
+    _close(out, reference.ref_int4_linear(x, w4, w_scale, w_zero, bias).cpu())

@@ -1,16 +1,20 @@
 """Low-bit kernels and the byte layouts they read.
 
-    packing  pack/unpack functions for int8, int4 (2 per byte) and 2-bit/ternary weights
-             (the official TerDiT layout and ditq's kernel layout), documented bit by bit
-    ops      the low-bit operators (torch.ops.ditq.*), each with a plain-PyTorch reference, and
-             the choice of backend (auto | reference | cpu | triton: set_backend, use_backend);
-             producers fused with int8 quantization hand Int8Tokens to integer linears
-             (should_fuse; set_fusion / use_fusion turn that off)
-    cpu      their CPU implementations (C++ kernels built on first use, with fallbacks)
-    triton   their CUDA implementations (Triton kernels, registered when a GPU is present;
-             tested on CPU in Triton's interpreter)
+    packing    pack/unpack functions for int8, int4 (2 per byte) and 2-bit/ternary weights
+               (the official TerDiT layout and ditq's kernel layout), documented bit by bit
+    ops        the low-bit operators (torch.ops.ditq.*) and the module to call them through: it
+               re-exports the backend choice and the fusion policy of ``dispatch``
+    checks     KernelError and the argument checks of the ops (shapes and dtypes only)
+    reference  the plain-PyTorch reference of every op: what it computes
+    dispatch   which implementation runs (auto | reference | cpu | triton: set_backend,
+               use_backend), what a call would run (implementation, has_fast_impl), and when
+               producers fused with int8 quantization hand Int8Tokens to integer linears
+               (should_fuse; set_fusion / use_fusion turn that off)
+    cpu        the CPU implementations (C++ kernels built on first use, with fallbacks)
+    triton     the CUDA implementations (Triton kernels, registered when a GPU is present;
+               tested on CPU in Triton's interpreter)
 
-``kernels`` imports nothing from the rest of ditq.
+``kernels`` imports nothing from the rest of ditq but ``ditq.errors``.
 """
 
 from ditq.kernels import cpu, ops

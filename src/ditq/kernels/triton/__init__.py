@@ -1,7 +1,7 @@
 """Triton kernels of the ditq ops for NVIDIA (and AMD) GPUs, registered as their "cuda" implementations.
 
 One kernel family per kind of op, each checked against the op's reference in
-:mod:`ditq.kernels.ops` (``tests/kernels/test_triton.py``):
+:mod:`ditq.kernels.reference` (``tests/kernels/test_triton.py``):
 
 * ``quantize_per_token_int8`` -- one program per block of rows (a row is a
   token, or one of its groups). A row of up to 8192 inputs is loaded once and
@@ -47,7 +47,7 @@ layers (K = 1152 with N = 1152 / 3456 / 4608, K = 4608 with N = 1152, M from 1
 to 8192); under Triton's interpreter each kernel has one small config. A call
 the kernels do not handle returns ``NotImplemented`` and the reference runs.
 
-Use: importing this package (``ditq.kernels.ops`` does it on its first call)
+Use: importing this package (``ditq.kernels.dispatch`` does it on the first op call)
 registers the kernels when :func:`available`; importing it never fails, with
 or without Triton, and compiles nothing (kernels compile on first call, per
 shape class). Requires Triton >= 3.0.
@@ -66,9 +66,9 @@ import os
 
 import torch
 
-from ditq.kernels import ops
+from ditq.kernels import dispatch
 
-__all__ = ["available", "interpreting", "register", "unregister", *ops.OPS]
+__all__ = ["available", "interpreting", "register", "unregister", *dispatch.OPS]
 
 MIN_TRITON_MAJOR = 3
 """Oldest Triton major version the kernels are written for (tl.interleave, libdevice, input_precision)."""
@@ -119,8 +119,8 @@ def register() -> bool:
         return False
     from ditq.kernels.triton import launch
 
-    for name in ops.OPS:
-        ops.register_impl(name, "cuda", getattr(launch, name))
+    for name in dispatch.OPS:
+        dispatch.register_impl(name, "cuda", getattr(launch, name))
     return True
 
 
@@ -131,14 +131,14 @@ def unregister() -> None:
     launch = sys.modules.get("ditq.kernels.triton.launch")
     if launch is None:
         return
-    for name in ops.OPS:
-        if ops.registered_impl(name, "cuda") is getattr(launch, name):
-            ops.register_impl(name, "cuda", None)
+    for name in dispatch.OPS:
+        if dispatch.registered_impl(name, "cuda") is getattr(launch, name):
+            dispatch.register_impl(name, "cuda", None)
 
 
 def __getattr__(name: str):
     """``ditq.kernels.triton.<op>``: the op's Triton implementation (imports Triton on first use)."""
-    if name in ops.OPS:
+    if name in dispatch.OPS:
         from ditq.kernels.triton import launch
 
         return getattr(launch, name)

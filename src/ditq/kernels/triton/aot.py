@@ -42,7 +42,7 @@ import triton
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource, make_backend
 
-from ditq.kernels import ops
+from ditq.kernels import dispatch
 from ditq.kernels.triton import launch
 
 try:  # Triton's C++ specialization: exactly the runtime's rules
@@ -144,7 +144,7 @@ def meta_args(op: str, m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat
     raise ValueError(f"unknown op {op!r}; one of {', '.join(OPS)}")
 
 
-OPS = ops.OPS
+OPS = dispatch.OPS
 """The ops with Triton kernels: every ditq op (each a :mod:`ditq.kernels.triton.launch` function)."""
 
 

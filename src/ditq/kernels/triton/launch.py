@@ -2,7 +2,8 @@
 
 Each function takes the op's arguments (already checked by :mod:`ditq.kernels.ops`),
 allocates the output, picks launch parameters and runs a kernel of
-:mod:`ditq.kernels.triton.kernels`; or returns ``NotImplemented`` for a call the
+:mod:`ditq.kernels.triton.quantize`, :mod:`~ditq.kernels.triton.producers` or
+:mod:`~ditq.kernels.triton.gemm`; or returns ``NotImplemented`` for a call the
 kernels do not handle (a dtype, such as float64 for the fused producer
 quantizers; a device, an empty tensor, or a w4a8 group layout whose
 constant-scale segment is not a multiple of 32 inputs), and the reference runs
@@ -22,7 +23,7 @@ import math
 import torch
 import triton
 
-from ditq.kernels.triton import kernels as K
+from ditq.kernels.triton import common, gemm, producers, quantize
 
 FLOAT_OUT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """Output dtypes the integer GEMMs store (the float32 epilogue is cast once, at the store)."""
@@ -96,7 +97,7 @@ def _device_of(*tensors) -> torch.device | None:
     if len(devices) != 1:
         return None
     (device,) = devices
-    if device.type == "cuda" or (K.INTERPRET and device.type == "cpu"):
+    if device.type == "cuda" or (common.INTERPRET and device.type == "cpu"):
         return device
     if _recorded is not None and device.type == "meta":
         return device
@@ -164,7 +165,7 @@ def _quantize_rows(kernel, x: torch.Tensor, group: int, code_dtype: torch.dtype,
             BLOCK_R=block_r,
             BLOCK_G=block_g,
             ONE_CHUNK=one_chunk,
-            USE_RINT=not K.INTERPRET,
+            USE_RINT=not common.INTERPRET,
             num_warps=8 if block_r * block_g >= _QUANT_TILE else 4,
             enable_fp_fusion=False,  # x * inv or x / scale must be rounded before rounding to an integer
         )
@@ -173,13 +174,13 @@ def _quantize_rows(kernel, x: torch.Tensor, group: int, code_dtype: torch.dtype,
 
 def quantize_per_token_int8(x: torch.Tensor, group: int):
     """Triton implementation of :func:`ditq.kernels.ops.quantize_per_token_int8`: bit-exact codes, scales."""
-    return _quantize_rows(K.quantize_rows_kernel, x, group, torch.int8, 1)
+    return _quantize_rows(quantize.quantize_rows_kernel, x, group, torch.int8, 1)
 
 
 def quantize_per_token_asym(x: torch.Tensor, bits: int, group: int):
     """Triton implementation of :func:`ditq.kernels.ops.quantize_per_token_asym`: bit-exact codes,
     scales and zero points."""
-    return _quantize_rows(K.quantize_asym_rows_kernel, x, group, torch.uint8, 2, float(2**bits - 1))
+    return _quantize_rows(quantize.quantize_asym_rows_kernel, x, group, torch.uint8, 2, float(2**bits - 1))
 
 
 # ----------------------------------------------------------------------------
@@ -198,7 +199,7 @@ def layernorm_modulate_quantize_int8(x: torch.Tensor, shift: torch.Tensor, scale
     if shift.dtype != x.dtype or scale.dtype != x.dtype or shift.shape != (b, k) or scale.shape != (b, k):
         return NotImplemented
     args = (shift.contiguous(), scale.contiguous(), t, float(eps))
-    return _quantize_rows(K.layernorm_modulate_quantize_kernel, x, 0, torch.int8, 1, *args)
+    return _quantize_rows(producers.layernorm_modulate_quantize_kernel, x, 0, torch.int8, 1, *args)
 
 
 def gelu_quantize_int8(x: torch.Tensor):
@@ -206,7 +207,7 @@ def gelu_quantize_int8(x: torch.Tensor):
     codes within one of the reference's at rounding boundaries, scales to float32 rounding."""
     if x.dtype not in PRODUCER_FLOAT:
         return NotImplemented
-    return _quantize_rows(K.gelu_quantize_rows_kernel, x, 0, torch.int8, 1)
+    return _quantize_rows(producers.gelu_quantize_rows_kernel, x, 0, torch.int8, 1)
 
 
 def rmsnorm_modulate_quantize_int8(
@@ -223,7 +224,7 @@ def rmsnorm_modulate_quantize_int8(
     if shift.shape != (b, k) or scale.shape != (b, k):
         return NotImplemented
     args = (weight.contiguous(), shift.contiguous(), scale.contiguous(), t, float(eps))
-    return _quantize_rows(K.rmsnorm_modulate_quantize_kernel, x, 0, torch.int8, 1, *args)
+    return _quantize_rows(producers.rmsnorm_modulate_quantize_kernel, x, 0, torch.int8, 1, *args)
 
 
 def swiglu_quantize_int8(gate: torch.Tensor, up: torch.Tensor):
@@ -234,7 +235,7 @@ def swiglu_quantize_int8(gate: torch.Tensor, up: torch.Tensor):
         return NotImplemented
     if up.dtype != gate.dtype or up.shape != gate.shape:
         return NotImplemented
-    return _quantize_rows(K.swiglu_quantize_rows_kernel, gate, 0, torch.int8, 1, up.contiguous())
+    return _quantize_rows(producers.swiglu_quantize_rows_kernel, gate, 0, torch.int8, 1, up.contiguous())
 
 
 # ----------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def _int8_gemm(xq, xs, w, ws, bias, out_dtype, n: int, ternary: bool, device):
     out = _alloc((m, n), out_dtype, device)
     with _on(device):
         _launch(
-            K.int8_gemm_kernel,
+            gemm.int8_gemm_kernel,
             _grid(m, n),
             x2,
             xs1,
@@ -328,7 +329,7 @@ def w4a8_linear(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype):
         return NotImplemented
     ga, gw = k // n_ga, k // w_scale.shape[1]
     seg = math.gcd(ga, gw)
-    if seg % K.MIN_BLOCK_K_INT8:
+    if seg % gemm.MIN_BLOCK_K_INT8:
         return NotImplemented
     x2 = xq.reshape(m, k).contiguous()
     xs1 = _flat(xs)
@@ -337,7 +338,7 @@ def w4a8_linear(xq, xs, x_zero, w_packed, w_scale, w_zero, bias, out_dtype):
     out = _alloc((m, n), out_dtype, device)
     with _on(device):
         _launch(
-            K.w4a8_gemm_kernel,
+            gemm.w4a8_gemm_kernel,
             _grid(m, n),
             x2,
             xs1,
@@ -385,7 +386,7 @@ def _weight_only(x, w_packed, scale, zero, bias, n: int, int4: bool, device):
     b1 = _flat(bias) if bias is not None else s
     with _on(device):
         _launch(
-            K.weight_only_gemm_kernel,
+            gemm.weight_only_gemm_kernel,
             _grid(m, n),
             x2,
             w_packed.contiguous(),
@@ -404,7 +405,8 @@ def _weight_only(x, w_packed, scale, zero, bias, n: int, int4: bool, device):
             PER_BYTE=2 if int4 else 4,
             HAS_BIAS=bias is not None,
             INPUT_PRECISION=precision,
-            UPCAST=K.INTERPRET and x.dtype == torch.bfloat16,  # Triton 3.9's interpreter: bf16 dots are wrong
+            # Triton 3.9's interpreter: bf16 dots are wrong
+            UPCAST=common.INTERPRET and x.dtype == torch.bfloat16,
         )
     return out.reshape(*x.shape[:-1], n)
 

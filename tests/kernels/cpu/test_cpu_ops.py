@@ -1,52 +1,14 @@
-"""The CPU implementations against the references: fresh random inputs, poisoned outputs, odd shapes,
-every instruction-set path this machine has, the prepack cache, and the fallback when the build fails.
-
-The C++ kernels are built once per session (seconds; cached on disk by torch across sessions).
-"""
+"""The CPU op implementations against the references: fresh random inputs, poisoned outputs, odd
+shapes, every instruction-set path this machine has, and the calls they decline."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
-import warnings
 
 import pytest
 import torch
 
-from ditq.kernels import cpu, ops, pack_int4, pack_ternary
-
-
-@pytest.fixture(scope="session")
-def built():
-    if not cpu.build():
-        pytest.skip(f"the C++ CPU kernels could not be built here: {cpu.available_backends()['extension']}")
-    return cpu._state.best_isa
-
-
-def _paths(best: int) -> list[str]:
-    return [name for name in cpu.ISAS if cpu.ISAS.index(name) <= best]
-
-
-@pytest.fixture(params=["avx512_vnni", "avx_vnni", "avx2", "scalar"])
-def isa(request, built):
-    """Each instruction-set level the CPU has (scalar = the torch._int_mm / reference routes)."""
-    if request.param not in _paths(built):
-        pytest.skip(f"this CPU has no {request.param}")
-    cpu.set_isa(request.param)
-    yield request.param
-    cpu.set_isa(None)
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Kernel output buffers filled with values no kernel writes: NaN (floats), -128 (int8 codes)."""
-
-    def alloc(shape, dtype):
-        if dtype.is_floating_point:
-            return torch.full(shape, float("nan"), dtype=dtype)
-        return torch.full(shape, -128, dtype=dtype)
-
-    monkeypatch.setattr(cpu, "_alloc", alloc)
+from ditq.kernels import ops, pack_int4, pack_ternary, reference
+from ditq.kernels.cpu import levels
+from ditq.kernels.cpu import ops as cpu_ops
 
 
 def _gen(seed):
@@ -72,10 +34,10 @@ def test_quantize_fast_equals_reference(isa, poisoned, shape, group):
     for seed in range(2):
         x = torch.randn(shape, generator=_gen(seed)) * torch.rand(shape[:-1] + (1,), generator=_gen(9)) * 10
         q, s = ops.quantize_per_token_int8(x, group)
-        qr, sr = ops.ref_quantize_per_token_int8(x, group)
+        qr, sr = reference.ref_quantize_per_token_int8(x, group)
         assert torch.equal(q, qr) and torch.equal(s, sr)
     x16 = torch.randn(3, 64, generator=_gen(3)).to(torch.bfloat16)
-    assert all(map(torch.equal, ops.quantize_per_token_int8(x16), ops.ref_quantize_per_token_int8(x16)))
+    assert all(map(torch.equal, ops.quantize_per_token_int8(x16), reference.ref_quantize_per_token_int8(x16)))
 
 
 @pytest.mark.parametrize(
@@ -87,11 +49,11 @@ def test_quantize_asym_fast_equals_reference(isa, poisoned, shape, group, bits):
     spread = torch.rand(*shape[:-1], 1, generator=_gen(4)) * 20 + 0.01
     x = torch.randn(shape, generator=_gen(3)) * spread + 0.5
     x.view(-1, shape[-1])[0] = 3.0  # a constant row: the 1e-5 floor on max - min, a zero point clamped
-    q, s, z = cpu.quantize_per_token_asym(x, bits, group)
-    qr, sr, zr = ops.ref_quantize_per_token_asym(x, bits, group)
+    q, s, z = cpu_ops.quantize_per_token_asym(x, bits, group)
+    qr, sr, zr = reference.ref_quantize_per_token_asym(x, bits, group)
     assert torch.equal(q, qr) and torch.equal(s, sr) and torch.equal(z, zr)
-    q, s, z = cpu.quantize_per_token_asym(x.bfloat16(), bits, group)  # computed in float32
-    assert torch.equal(q, ops.ref_quantize_per_token_asym(x.bfloat16(), bits, group)[0])
+    q, s, z = cpu_ops.quantize_per_token_asym(x.bfloat16(), bits, group)  # computed in float32
+    assert torch.equal(q, reference.ref_quantize_per_token_asym(x.bfloat16(), bits, group)[0])
 
 
 def _on_two_threads(fn):
@@ -126,18 +88,18 @@ def test_layernorm_modulate_quantize_fast_matches_reference(isa, poisoned, b, t,
     shift, scale = torch.randn(b, k, generator=g), torch.randn(b, k, generator=g)
     x[0, 0] = 5.0  # a constant row: variance 0, normalized to 0, codes from shift alone
     for eps in (1e-6, 1e-2):
-        q, s = cpu.layernorm_modulate_quantize_int8(x, shift, scale, eps)
-        _codes_agree(q, s, *ops.ref_layernorm_modulate_quantize_int8(x, shift, scale, eps))
+        q, s = cpu_ops.layernorm_modulate_quantize_int8(x, shift, scale, eps)
+        _codes_agree(q, s, *reference.ref_layernorm_modulate_quantize_int8(x, shift, scale, eps))
     x16, shift16, scale16 = x.bfloat16(), shift.bfloat16(), scale.bfloat16()
-    assert cpu.layernorm_modulate_quantize_int8(x16, shift16, scale16, 1e-6) is NotImplemented
+    assert cpu_ops.layernorm_modulate_quantize_int8(x16, shift16, scale16, 1e-6) is NotImplemented
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 100), (4, 512), (2, 3, 4608)])
 def test_gelu_quantize_fast_matches_reference(isa, poisoned, shape):
     x = torch.randn(shape, generator=_gen(shape[-1])) * torch.rand(*shape[:-1], 1, generator=_gen(2)) * 6
     x.view(-1, shape[-1])[0] = 0.0  # an all-zero row: the 1e-5 floor
-    q, s = cpu.gelu_quantize_int8(x)
-    qr, sr = ops.ref_gelu_quantize_int8(x)
+    q, s = cpu_ops.gelu_quantize_int8(x)
+    qr, sr = reference.ref_gelu_quantize_int8(x)
     # PyTorch's 0.5 x (1 + tanh u) cancels for negative x; ours (x * sigmoid 2u) does not: the scales of
     # rows whose GELU outputs are all tiny differ (the float64 value decides for ours, below).
     big = sr > 1e-3
@@ -146,7 +108,7 @@ def test_gelu_quantize_fast_matches_reference(isa, poisoned, shape):
     exact = 0.5 * xd * (1 + torch.tanh(0.7978845608028654 * (xd + 0.044715 * xd**3)))
     amax = exact.abs().amax(-1, keepdim=True).clamp(min=1e-5).float() / 127
     assert ((s - amax).abs() <= (sr - amax).abs() + 1e-6 * amax).all()
-    assert cpu.gelu_quantize_int8(x.bfloat16()) is NotImplemented
+    assert cpu_ops.gelu_quantize_int8(x.bfloat16()) is NotImplemented
 
 
 # RMSNorm rows: random, a zero row (r = 1 / sqrt(eps): codes from shift alone), huge and tiny rows
@@ -168,13 +130,16 @@ def _rms_args(b, t, k, seed):
 def test_rmsnorm_modulate_quantize_fast_matches_reference(isa, poisoned, b, t, k):
     x, weight, shift, scale = _rms_args(b, t, k, seed=k + 1)
     for eps in (1e-6, 1e-2):
-        q, s = cpu.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps)
-        _codes_agree(q, s, *ops.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps))
+        q, s = cpu_ops.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps)
+        _codes_agree(q, s, *reference.ref_rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps))
     assert all(map(torch.equal, (q, s), ops.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, eps)))
     for dtype in (torch.bfloat16, torch.float64):  # declined: the reference, which rounds to dtype
         args = (x.to(dtype), weight.to(dtype), shift.to(dtype), scale.to(dtype), 1e-6)
-        assert cpu.rmsnorm_modulate_quantize_int8(*args) is NotImplemented
-        out, ref = ops.rmsnorm_modulate_quantize_int8(*args), ops.ref_rmsnorm_modulate_quantize_int8(*args)
+        assert cpu_ops.rmsnorm_modulate_quantize_int8(*args) is NotImplemented
+        out, ref = (
+            ops.rmsnorm_modulate_quantize_int8(*args),
+            reference.ref_rmsnorm_modulate_quantize_int8(*args),
+        )
         assert all(map(torch.equal, out, ref))
 
 
@@ -185,8 +150,8 @@ def test_rmsnorm_float64_sum_is_closer_than_pytorch(isa):
     b, t, k, eps = 4, 1000, 1152, 1e-6
     x = torch.randn(b, t, k, generator=_gen(17)) * 3 + 1
     args = (x, torch.ones(k), torch.zeros(b, k), torch.zeros(b, k), eps)
-    _, s = cpu.rmsnorm_modulate_quantize_int8(*args)
-    _, sr = ops.ref_rmsnorm_modulate_quantize_int8(*args)
+    _, s = cpu_ops.rmsnorm_modulate_quantize_int8(*args)
+    _, sr = reference.ref_rmsnorm_modulate_quantize_int8(*args)
     xd = x.double()
     exact = xd.abs().amax(-1, keepdim=True) / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps) / 127
     differ = s != sr
@@ -205,8 +170,8 @@ def test_swiglu_quantize_fast_matches_reference(isa, poisoned, shape):
     gate = torch.randn(shape, generator=g) * 4
     up = torch.randn(shape, generator=g) * torch.rand(*shape[:-1], 1, generator=g) * 6
     gate.view(-1, shape[-1])[0] = 0.0  # silu(0) = 0: an all-zero row, the 1e-5 floor
-    q, s = cpu.swiglu_quantize_int8(gate, up)
-    _codes_agree(q, s, *ops.ref_swiglu_quantize_int8(gate, up))
+    q, s = cpu_ops.swiglu_quantize_int8(gate, up)
+    _codes_agree(q, s, *reference.ref_swiglu_quantize_int8(gate, up))
     assert all(map(torch.equal, (q, s), ops.swiglu_quantize_int8(gate, up)))
     # our exp is Cephes' (PyTorch's silu: SLEEF's), each about an ulp: both near the float64 value
     gd = gate.double()
@@ -214,8 +179,10 @@ def test_swiglu_quantize_fast_matches_reference(isa, poisoned, shape):
     torch.testing.assert_close(s.double(), exact, rtol=4e-7, atol=0)
     for dtype in (torch.bfloat16, torch.float64):
         args = (gate.to(dtype), up.to(dtype))
-        assert cpu.swiglu_quantize_int8(*args) is NotImplemented
-        assert all(map(torch.equal, ops.swiglu_quantize_int8(*args), ops.ref_swiglu_quantize_int8(*args)))
+        assert cpu_ops.swiglu_quantize_int8(*args) is NotImplemented
+        assert all(
+            map(torch.equal, ops.swiglu_quantize_int8(*args), reference.ref_swiglu_quantize_int8(*args))
+        )
 
 
 def test_swiglu_quantize_extreme_gates(isa, poisoned):
@@ -230,8 +197,8 @@ def test_swiglu_quantize_extreme_gates(isa, poisoned):
     gate[0] = -100.0  # only overflowing exps: silu -0, the 1e-5 floor
     gate[2] = -gate[2].abs().clamp(min=50)  # all large negative
     gate[3] = torch.linspace(-3e-30, 3e-30, k)  # tiny: below the floor
-    q, s = cpu.swiglu_quantize_int8(gate, up)
-    qr, sr = ops.ref_swiglu_quantize_int8(gate, up)
+    q, s = cpu_ops.swiglu_quantize_int8(gate, up)
+    qr, sr = reference.ref_swiglu_quantize_int8(gate, up)
     assert not s.isnan().any() and torch.equal(q, qr) and torch.equal(s, sr)
     assert (q[[0, 2, 3]] == 0).all() and (s[[0, 2, 3]] == torch.tensor(1e-5) / 127).all()
 
@@ -242,8 +209,8 @@ def test_fused_producers_two_threads_split_the_work_the_same(built, poisoned):
 
     def run():
         return (
-            *cpu.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-6),
-            *cpu.swiglu_quantize_int8(gate, up),
+            *cpu_ops.rmsnorm_modulate_quantize_int8(x, weight, shift, scale, 1e-6),
+            *cpu_ops.swiglu_quantize_int8(gate, up),
         )
 
     assert all(map(torch.equal, run(), _on_two_threads(run)))
@@ -259,11 +226,11 @@ def test_w8a8_fast_equals_reference(isa, poisoned, m, k, n):
     xq, wq = _int8((m, k), 1), _int8((n, k), 2)
     # integer part: unit scales and no bias give the int32 sums themselves (|acc| < 2^24 here)
     out = ops.w8a8_linear(xq, torch.ones(m, 1), wq, torch.ones(1))
-    assert torch.equal(out, ops.ref_w8a8_linear(xq, torch.ones(m, 1), wq, torch.ones(1)))
+    assert torch.equal(out, reference.ref_w8a8_linear(xq, torch.ones(m, 1), wq, torch.ones(1)))
     xs, ws = torch.rand(m, 1, generator=_gen(3)) + 0.01, torch.rand(n, generator=_gen(4)) + 0.01
     bias = torch.randn(n, generator=_gen(5))
     for scale, b in ((ws, bias), (ws[:1], None)):
-        out, ref = ops.w8a8_linear(xq, xs, wq, scale, b), ops.ref_w8a8_linear(xq, xs, wq, scale, b)
+        out, ref = ops.w8a8_linear(xq, xs, wq, scale, b), reference.ref_w8a8_linear(xq, xs, wq, scale, b)
         assert not out.isnan().any()
         assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-6
 
@@ -273,12 +240,12 @@ def test_w158a8_fast_equals_reference(isa, poisoned, m, k, n):
     xq = _int8((m, k), 11)
     wp = pack_ternary(torch.randint(-1, 2, (n, k), generator=_gen(12)))
     out = ops.w158a8_linear(xq, torch.ones(m, 1), wp, torch.ones(1))
-    assert torch.equal(out, ops.ref_w158a8_linear(xq, torch.ones(m, 1), wp, torch.ones(1)))
+    assert torch.equal(out, reference.ref_w158a8_linear(xq, torch.ones(m, 1), wp, torch.ones(1)))
     xs, ws = torch.rand(m, 1, generator=_gen(13)) + 0.01, torch.rand(n, generator=_gen(14)) + 0.01
     bias = torch.randn(n, generator=_gen(15))
     for scale, b, dtype in ((ws, bias, torch.float32), (ws[:1], None, torch.bfloat16)):
         out = ops.w158a8_linear(xq, xs, wp, scale, b, dtype)
-        ref = ops.ref_w158a8_linear(xq, xs, wp, scale, b, dtype)
+        ref = reference.ref_w158a8_linear(xq, xs, wp, scale, b, dtype)
         assert out.dtype == dtype and not out.isnan().any()
         assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item() <= 1e-3
 
@@ -299,12 +266,6 @@ def test_extreme_codes_and_leading_axes(isa, poisoned):
         assert (out == 127.0 * sign * k).all()
 
 
-def test_the_kernels_run_on_the_threads_torch_is_given(built):
-    # the GEMMs split work with at::parallel_for; built without OpenMP it ran on one thread
-    assert cpu.threads_used() == 1  # the test session runs single-threaded (conftest)
-    assert _on_two_threads(cpu.threads_used) == 2
-
-
 def test_two_threads_split_the_work_the_same(built, poisoned):
     # the test session runs single-threaded (conftest); the kernels parallelize over tokens x columns
     xq, wq = _int8((200, 520), 21), _int8((300, 520), 22)
@@ -317,9 +278,9 @@ def test_two_threads_split_the_work_the_same(built, poisoned):
             ops.quantize_per_token_int8(torch.randn(300, 64, generator=_gen(24))),
         )
     )
-    assert torch.equal(a, ops.ref_w8a8_linear(xq, xs, wq, ws))
-    assert torch.equal(b, ops.ref_w158a8_linear(xq, xs, wp, ws))
-    assert torch.equal(q, ops.ref_quantize_per_token_int8(torch.randn(300, 64, generator=_gen(24)))[0])
+    assert torch.equal(a, reference.ref_w8a8_linear(xq, xs, wq, ws))
+    assert torch.equal(b, reference.ref_w158a8_linear(xq, xs, wp, ws))
+    assert torch.equal(q, reference.ref_quantize_per_token_int8(torch.randn(300, 64, generator=_gen(24)))[0])
 
 
 # ----------------------------------------------------------------------------
@@ -355,15 +316,15 @@ def _rel(out, ref):
 def test_w4a8_fast_equals_reference(isa, poisoned, m, k, gw, ga, asym):
     for n in (20, 64, 136):
         xq, xs, xz, wp, ws, wz = _w4a8_args(m, n, k, gw, asym, seed=m * n + k + gw, ga=ga)
-        fast = cpu.w4a8_linear(xq, xs, xz, wp, ws, wz, None, torch.float32)
+        fast = cpu_ops.w4a8_linear(xq, xs, xz, wp, ws, wz, None, torch.float32)
         assert (fast is NotImplemented) == (isa == "scalar")  # the AVX2 and AVX-512 VNNI paths
         # integer part: unit scales, one weight group, no bias: the exact integer sums (< 2^24)
         ones = (torch.ones_like(xs), xz, wp, torch.ones(n, 1), wz[:, :1])
-        assert torch.equal(ops.w4a8_linear(xq, *ones), ops.ref_w4a8_linear(xq, *ones))
+        assert torch.equal(ops.w4a8_linear(xq, *ones), reference.ref_w4a8_linear(xq, *ones))
         bias = torch.randn(n, generator=_gen(n))
         for b, dtype in ((bias, torch.float32), (None, torch.float32), (bias, torch.bfloat16)):
             out = ops.w4a8_linear(xq, xs, xz, wp, ws, wz, b, dtype)
-            ref = ops.ref_w4a8_linear(xq, xs, xz, wp, ws, wz, b, dtype)
+            ref = reference.ref_w4a8_linear(xq, xs, xz, wp, ws, wz, b, dtype)
             assert out.dtype == dtype and out.shape == (m, n) and not out.isnan().any()
             # same order of float operations as the reference (no FMA contraction): equal in float32
             assert _rel(out, ref) <= (1e-6 if dtype == torch.float32 else 1e-3)
@@ -387,7 +348,7 @@ def test_w4a8_extremes_leading_axes_and_two_threads(isa, poisoned):
     assert (out == 0).all()  # 15 - z_w = 0
     args = _w4a8_args(200, 300, 512, 128, True, seed=51, lead=(2,))
     a = _on_two_threads(lambda: ops.w4a8_linear(*args))
-    assert torch.equal(a, ops.ref_w4a8_linear(*args))
+    assert torch.equal(a, reference.ref_w4a8_linear(*args))
 
 
 def test_w4a8_declines_what_it_does_not_handle(built, poisoned):
@@ -399,18 +360,18 @@ def test_w4a8_declines_what_it_does_not_handle(built, poisoned):
         (xq, xs24, xz24, wp, ws.repeat(1, 4), wz.repeat(1, 4)),  # gcd(24, 30) = 6
     ]
     for args in cases:
-        assert cpu.w4a8_linear(*args, None, torch.float32) is NotImplemented
-        assert torch.equal(ops.w4a8_linear(*args), ops.ref_w4a8_linear(*args))
+        assert cpu_ops.w4a8_linear(*args, None, torch.float32) is NotImplemented
+        assert torch.equal(ops.w4a8_linear(*args), reference.ref_w4a8_linear(*args))
     handled = (xq, xs24, xz24, wp, ws.repeat(1, 3), wz.repeat(1, 3))  # gcd(24, 40) = 8
-    out = cpu.w4a8_linear(*handled, None, torch.float32)
-    assert (out is NotImplemented) == (built < cpu.AVX2)
+    out = cpu_ops.w4a8_linear(*handled, None, torch.float32)
+    assert (out is NotImplemented) == (built < levels.AVX2)
     if out is not NotImplemented:
-        assert torch.equal(out, ops.ref_w4a8_linear(*handled))
-    cpu.set_isa("scalar")
+        assert torch.equal(out, reference.ref_w4a8_linear(*handled))
+    levels.set_isa("scalar")
     try:
-        assert cpu.w4a8_linear(xq, xs, xz, wp, ws, wz, None, torch.float32) is NotImplemented
+        assert cpu_ops.w4a8_linear(xq, xs, xz, wp, ws, wz, None, torch.float32) is NotImplemented
     finally:
-        cpu.set_isa(None)
+        levels.set_isa(None)
 
 
 # ----------------------------------------------------------------------------
@@ -428,16 +389,16 @@ def test_ternary_weight_only_fast_equals_reference(isa, poisoned, m, k, n):
     bias = torch.randn(n, generator=g)
     for scale in (torch.rand(1, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1):
         for b in (bias, None):
-            fast = cpu.ternary_linear(x, wp, scale, b)
+            fast = cpu_ops.ternary_linear(x, wp, scale, b)
             assert (fast is NotImplemented) == (isa == "scalar")  # the scalar level keeps the reference
-            out, ref = ops.ternary_linear(x, wp, scale, b), ops.ref_ternary_linear(x, wp, scale, b)
+            out, ref = ops.ternary_linear(x, wp, scale, b), reference.ref_ternary_linear(x, wp, scale, b)
             assert out.shape == (2, m, n) and not out.isnan().any()
             # the same dequantized weights, another summation order than BLAS
             assert _rel(out, ref) <= 1e-5
     # the weights are exactly +-s and 0: with integer activations every sum is exact
     xi = torch.randint(-8, 9, (m, k), generator=g).float()
     one = torch.ones(1)
-    assert torch.equal(ops.ternary_linear(xi, wp, one), ops.ref_ternary_linear(xi, wp, one))
+    assert torch.equal(ops.ternary_linear(xi, wp, one), reference.ref_ternary_linear(xi, wp, one))
 
 
 @pytest.mark.parametrize("m,k,n", WO_SHAPES)
@@ -451,9 +412,9 @@ def test_int4_weight_only_fast_equals_reference(isa, poisoned, m, k, n):
         ws = torch.rand(n, k // gw, generator=g) + 0.01
         wz = torch.randint(0, 16, (n, k // gw), generator=g).float()
         b = torch.randn(n, generator=g)
-        fast = cpu.int4_linear(x, wp, ws, wz, b)
+        fast = cpu_ops.int4_linear(x, wp, ws, wz, b)
         assert (fast is NotImplemented) == (isa == "scalar")
-        out, ref = ops.int4_linear(x, wp, ws, wz, b), ops.ref_int4_linear(x, wp, ws, wz, b)
+        out, ref = ops.int4_linear(x, wp, ws, wz, b), reference.ref_int4_linear(x, wp, ws, wz, b)
         assert out.shape == (m, n) and not out.isnan().any()
         assert _rel(out, ref) <= 1e-5, gw
 
@@ -475,16 +436,16 @@ def test_weight_only_few_tokens_fused_path_equals_buffered(isa, poisoned, monkey
     calls = []
     for scale in (torch.rand(1, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1):
         for b in (bias, None):
-            calls.append(lambda scale=scale, b=b: cpu.ternary_linear(x, wt, scale, b))
+            calls.append(lambda scale=scale, b=b: cpu_ops.ternary_linear(x, wt, scale, b))
     for gw in (16, 32, 4) if k % 32 == 0 else (4, k):
         ws = torch.rand(n, k // gw, generator=g) + 0.01
         wz = torch.randint(0, 16, (n, k // gw), generator=g).float()
-        calls.append(lambda ws=ws, wz=wz: cpu.int4_linear(x, w4, ws, wz, bias))
+        calls.append(lambda ws=ws, wz=wz: cpu_ops.int4_linear(x, w4, ws, wz, bias))
     for call in calls:
         fused = call()
-        monkeypatch.setattr(cpu, "WEIGHT_ONLY_FUSED_MAX_M", 0)
+        monkeypatch.setattr(cpu_ops, "WEIGHT_ONLY_FUSED_MAX_M", 0)
         buffered = call()
-        monkeypatch.setattr(cpu, "WEIGHT_ONLY_FUSED_MAX_M", 4)
+        monkeypatch.setattr(cpu_ops, "WEIGHT_ONLY_FUSED_MAX_M", 4)
         assert fused.shape == (m, n) and torch.isfinite(fused).all()
         assert torch.equal(fused, buffered)
 
@@ -497,35 +458,35 @@ def test_weight_only_declines_what_it_does_not_handle(built, poisoned):
     ws, wz = torch.rand(n, 2, generator=g) + 0.01, torch.randint(0, 16, (n, 2), generator=g).float()
     x = torch.randn(5, k, generator=g)
     args = (x.bfloat16(), wp, torch.ones(1), None)
-    assert cpu.ternary_linear(*args) is NotImplemented
-    assert torch.equal(ops.ternary_linear(*args), ops.ref_ternary_linear(*args))
+    assert cpu_ops.ternary_linear(*args) is NotImplemented
+    assert torch.equal(ops.ternary_linear(*args), reference.ref_ternary_linear(*args))
     for args in ((x.double(), w4, ws, wz, None), (x, w4, ws.bfloat16(), wz, None)):
-        assert cpu.int4_linear(*args) is NotImplemented
-        assert torch.equal(ops.int4_linear(*args), ops.ref_int4_linear(*args))
-    assert cpu.ternary_linear(torch.randn(0, k), wp, torch.ones(1), None) is NotImplemented
-    handled = cpu.ternary_linear(x, wp, torch.ones(1, dtype=torch.bfloat16), None)  # +-1 exact in bf16
-    assert (handled is NotImplemented) == (built == cpu.SCALAR)
+        assert cpu_ops.int4_linear(*args) is NotImplemented
+        assert torch.equal(ops.int4_linear(*args), reference.ref_int4_linear(*args))
+    assert cpu_ops.ternary_linear(torch.randn(0, k), wp, torch.ones(1), None) is NotImplemented
+    handled = cpu_ops.ternary_linear(x, wp, torch.ones(1, dtype=torch.bfloat16), None)  # +-1 exact in bf16
+    assert (handled is NotImplemented) == (built == levels.SCALAR)
 
 
 @pytest.mark.parametrize("block_bytes", [16 * 4 * 200, 1 << 30], ids=["blocks", "one-block"])
 def test_weight_only_many_tokens_dequantize_blocks_for_blas(isa, poisoned, monkeypatch, block_bytes):
     # beyond WEIGHT_ONLY_DIRECT_MAX_M tokens: columns dequantized block by block (16 columns per
     # block here, the last one short), each block multiplied by BLAS
-    monkeypatch.setattr(cpu, "DEQUANT_BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(cpu, "DEQUANT_BLOCK_MIN_COLS", 16)
+    monkeypatch.setattr(cpu_ops, "DEQUANT_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(cpu_ops, "DEQUANT_BLOCK_MIN_COLS", 16)
     g = _gen(72)
-    m, k, n = cpu.WEIGHT_ONLY_DIRECT_MAX_M + 7, 200, 70
+    m, k, n = cpu_ops.WEIGHT_ONLY_DIRECT_MAX_M + 7, 200, 70
     x = torch.randn(m, k, generator=g)
     wp = pack_ternary(torch.randint(-1, 2, (n, k), generator=g))
     w4 = pack_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
     ws, wz = torch.rand(n, 5, generator=g) + 0.01, torch.randint(0, 16, (n, 5), generator=g).float()
     s, b = torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
     for bias in (b, None):
-        fast = cpu.ternary_linear(x, wp, s, bias)
+        fast = cpu_ops.ternary_linear(x, wp, s, bias)
         assert (fast is NotImplemented) == (isa == "scalar")
-        out, ref = ops.ternary_linear(x, wp, s, bias), ops.ref_ternary_linear(x, wp, s, bias)
+        out, ref = ops.ternary_linear(x, wp, s, bias), reference.ref_ternary_linear(x, wp, s, bias)
         assert not out.isnan().any() and _rel(out, ref) <= 1e-5
-        out, ref = ops.int4_linear(x, w4, ws, wz, bias), ops.ref_int4_linear(x, w4, ws, wz, bias)
+        out, ref = ops.int4_linear(x, w4, ws, wz, bias), reference.ref_int4_linear(x, w4, ws, wz, bias)
         assert not out.isnan().any() and _rel(out, ref) <= 1e-5
 
 
@@ -542,205 +503,3 @@ def test_weight_only_two_threads_split_the_work_the_same(built, poisoned):
 
     one, two = run(), _on_two_threads(run)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
-
-
-# ----------------------------------------------------------------------------
-# Prepacked weights
-# ----------------------------------------------------------------------------
-
-
-def test_prepack_cache_survives_a_weight_freed_while_its_lock_is_held(built):
-    # a garbage collection can free a cached weight inside any allocation, also one made while the
-    # cache holds its lock: the weakref callback must not wait for that lock (it deadlocked once)
-    import threading
-
-    w = torch.ones(3, 2)
-    cpu._prepacked.get(w, ("t", torch.float32))
-    before = len(cpu._prepacked)  # other tests' weights may still be cached
-    done = []
-
-    def free_under_lock():
-        nonlocal w
-        with cpu._prepacked._lock:
-            del w  # the callback runs here, synchronously
-        done.append(len(cpu._prepacked))
-
-    t = threading.Thread(target=free_under_lock, daemon=True)
-    t.start()
-    t.join(timeout=10)
-    assert not t.is_alive(), "the prepack cache deadlocked on a weight freed under its lock"
-    assert done == [before - 1]  # and the freed weight's entry is gone
-
-
-def test_prepack_cache_hits_follows_inplace_writes_and_forgets_freed_weights(built, monkeypatch):
-    if built < cpu.AVX2:
-        pytest.skip("weights are prepacked on the SIMD paths only")
-    calls = []
-    real = cpu._prepack
-    monkeypatch.setattr(cpu, "_prepack", lambda w, bits: calls.append(bits) or real(w, bits))
-    cpu.clear_prepack_cache()
-    xq, xs = _int8((4, 64), 31), torch.ones(4, 1)
-    wq = _int8((8, 64), 32, lo=-127)  # negating keeps every code in range
-    first = ops.w8a8_linear(xq, xs, wq, torch.ones(1))
-    ops.w8a8_linear(xq, xs, wq, torch.ones(1))
-    assert calls == [8] and len(cpu._prepacked) == 1
-    wq.mul_(-1)  # an in-place write bumps the version: the next call re-prepacks
-    second = ops.w8a8_linear(xq, xs, wq, torch.ones(1))
-    assert calls == [8, 8] and torch.equal(second, -first)
-    del wq
-    assert len(cpu._prepacked) == 0
-    with torch.inference_mode():  # inference tensors have no version counter: keyed by pointer
-        wi = _int8((8, 64), 33)
-        ops.w8a8_linear(xq, xs, wi, torch.ones(1))
-        ops.w8a8_linear(xq, xs, wi, torch.ones(1))
-    assert calls == [8, 8, 8]
-
-
-# ----------------------------------------------------------------------------
-# Backends: reporting, build failure, disabling, lazy build
-# ----------------------------------------------------------------------------
-
-
-def test_available_backends_names_each_op(built):
-    backends = cpu.available_backends()
-    assert backends["extension"].startswith(f"built ({cpu.ISAS[built]})")
-    assert set(ops.OPS) <= set(backends)
-    producers = [op for op in ops.OPS if op.endswith("_quantize_int8") and op != "quantize_per_token_int8"]
-    assert len(producers) == 4
-    for op in producers:
-        assert backends[op] == f"cpp-{cpu.ISAS[built]}"
-    if built == cpu.AVX512_VNNI:
-        assert backends["w8a8_linear"] == backends["w158a8_linear"] == "cpp-avx512_vnni"
-        assert backends["w4a8_linear"] == "cpp-avx512_vnni"
-    if built >= cpu.AVX2:
-        for op in ("ternary_linear", "int4_linear"):
-            assert backends[op].startswith(f"cpp-{cpu.ISAS[built]} (M <= {cpu.WEIGHT_ONLY_DIRECT_MAX_M})")
-
-
-@pytest.fixture
-def fresh_state():
-    """Run with a fresh build state; afterwards forget it again (the cached library reloads fast)."""
-    cpu._reset_for_tests()
-    yield
-    cpu._reset_for_tests()
-
-
-def test_build_failure_warns_once_and_falls_back(fresh_state, monkeypatch, poisoned):
-    def broken(verbose):
-        raise RuntimeError("Error building extension 'ditq_cpu_kernels': g++: not found")
-
-    monkeypatch.setattr(cpu, "_compile", broken)
-    xq, wq = _int8((3, 36), 41), _int8((5, 36), 42)
-    wp = pack_ternary(torch.randint(-1, 2, (5, 36), generator=_gen(43)))
-    x = torch.randn(3, 36, generator=_gen(44))
-    with pytest.warns(RuntimeWarning, match="C\\+\\+ CPU kernels are unavailable .*g\\+\\+: not found"):
-        out = ops.w8a8_linear(xq, torch.ones(3, 1), wq, torch.ones(5))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # only one warning per process
-        out2 = ops.w158a8_linear(xq, torch.ones(3, 1), wp, torch.ones(1))
-        q, s = ops.quantize_per_token_int8(x)
-    assert torch.equal(out, ops.ref_w8a8_linear(xq, torch.ones(3, 1), wq, torch.ones(5)))
-    assert torch.equal(out2, ops.ref_w158a8_linear(xq, torch.ones(3, 1), wp, torch.ones(1)))
-    assert all(map(torch.equal, (q, s), ops.ref_quantize_per_token_int8(x)))
-    backends = cpu.available_backends()
-    assert backends["extension"].startswith("unavailable: RuntimeError: Error building extension")
-    int_mm = "torch._int_mm" if cpu._int_mm_is_fast() else "reference"  # fast only with VNNI / AMX
-    assert backends["w8a8_linear"] == int_mm and backends["w158a8_linear"] == "reference"
-
-
-def test_what_will_run_is_known_before_the_build(fresh_state, monkeypatch):
-    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert cpu.available_backends() == {"extension": cpu.available_backends()["extension"]}  # nothing built
-    assert cpu.planned_backends()["w8a8_linear"] == "cpp-avx2"
-    if ops.implementation("w158a8_linear", "cpu", build=False) != "reference":  # a compiler is there
-        assert ops.implementation("w158a8_linear", "cpu", build=False) == "cpp-avx2 (built on first use)"
-    assert not cpu._state.tried
-    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset({"avx2", "fma", "avx_vnni"}))
-    planned = cpu.planned_backends()  # AVX-VNNI: its own GEMMs, AVX2 code for the rest
-    assert planned["w158a8_linear"] == "cpp-avx_vnni" and planned["gelu_quantize_int8"] == "cpp-avx2"
-    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset({"sse4_2"}))
-    assert cpu.planned_backends()["w4a8_linear"] == "reference"
-
-
-def test_a_compiler_without_openmp_still_builds_one_thread_kernels(monkeypatch):
-    from torch.utils import cpp_extension
-
-    calls = []
-
-    def load(**kw):
-        calls.append(kw["extra_cflags"])
-        if "-fopenmp" in kw["extra_cflags"]:
-            raise RuntimeError("error: unsupported option '-fopenmp'")
-        return "/tmp/libditq.so"
-
-    monkeypatch.setattr(cpp_extension, "load", load)
-    with pytest.warns(RuntimeWarning, match="built without OpenMP .*-fopenmp.*run on one thread"):
-        assert cpu._compile(verbose=False) == "/tmp/libditq.so"
-    assert ["-fopenmp" in c for c in calls] == [True, False]
-
-
-def test_missing_source_is_a_build_failure(fresh_state, monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu, "SOURCE", tmp_path / "missing.cpp")
-    with pytest.warns(RuntimeWarning, match="missing"):
-        assert cpu.build() is False
-    assert "FileNotFoundError" in cpu.available_backends()["extension"]
-
-
-def test_disabled_by_environment(fresh_state, monkeypatch):
-    monkeypatch.setenv(cpu.ENV_DISABLE, "0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # switching the kernels off is not worth a warning
-        assert cpu.build() is False
-    assert "disabled by DITQ_CPU_KERNELS=0" in cpu.available_backends()["extension"]
-
-
-def test_set_isa_rejects_unknown_names():
-    with pytest.raises(ops.KernelError, match="unknown instruction set"):
-        cpu.set_isa("avx1024")
-
-
-def test_the_environment_caps_the_instruction_set(built, monkeypatch):
-    monkeypatch.setenv(cpu.ENV_ISA, "avx2")
-    assert cpu.isa() == min(built, cpu.AVX2)
-    if built >= cpu.AVX2:
-        assert cpu.available_backends()["w8a8_linear"] == "cpp-avx2"
-        assert ops.implementation("w4a8_linear", "cpu") == "cpp-avx2"
-    cpu.set_isa("scalar")  # set_isa wins over the environment
-    try:
-        assert cpu.isa() == cpu.SCALAR
-    finally:
-        cpu.set_isa(None)
-    monkeypatch.setenv(cpu.ENV_ISA, "avx9")
-    with pytest.raises(ops.KernelError, match="DITQ_CPU_ISA='avx9' is not an instruction set; use one of"):
-        cpu.isa()
-
-
-@pytest.mark.parametrize("flags", [{"avx2", "fma"}, {"avx2", "fma", "avx512f", "avx512_vnni"}])
-def test_w8a8_runs_torch_int_mm_only_where_it_beats_float(built, monkeypatch, flags):
-    # torch._int_mm has no fast CPU path without int8 dot products: 0.03-0.10x fp32 on an AVX2-only
-    # EPYC. Where ditq's kernels cannot run (here: capped at scalar), auto must not pick it there.
-    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset(flags))
-    xq, wq = _int8((5, 64), 41), _int8((7, 64), 42)
-    cpu.set_isa("scalar")
-    try:
-        fast = "avx512_vnni" in flags
-        assert cpu.available_backends()["w8a8_linear"] == ("torch._int_mm" if fast else "reference")
-        assert ops.has_fast_impl("w8a8_linear", "cpu") == fast
-        out = cpu.w8a8_linear(xq, torch.ones(5, 1), wq, torch.ones(7), None, torch.float32)
-        assert (out is NotImplemented) == (not fast)
-        assert torch.equal(ops.w8a8_linear(xq, torch.ones(5, 1), wq, torch.ones(7)),
-                           ops.ref_w8a8_linear(xq, torch.ones(5, 1), wq, torch.ones(7)))  # fmt: skip
-    finally:
-        cpu.set_isa(None)
-
-
-def test_importing_ditq_builds_nothing():
-    code = (
-        "import ditq, ditq.kernels, ditq.quant\n"
-        "from ditq.kernels import cpu\n"
-        "assert not cpu._state.tried, 'import triggered a build'\n"
-        "print(cpu.available_backends()['extension'])\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("not built yet")

@@ -426,3 +426,85 @@ def test_diffusers_pixart_names():
     assert isinstance(
         quantize_(model, QDiTConfig(w_group=8)).get_submodule("transformer_blocks.0.ff.net.2"), QuantLinear
     )
+
+
+# ----------------------------------------------------------------------------
+# quantize_ is a handler registry keyed by config type
+# ----------------------------------------------------------------------------
+
+
+def _calib(n: int = 12, seed: int = 3):
+    from ditq.quant import CalibrationData
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return CalibrationData(x, t, {"y": y})
+
+
+def test_gptq_config_equals_gptq_model():
+    from ditq.quant import GPTQConfig
+    from ditq.quant.gptq import gptq_model
+
+    config = QDiTConfig(w_bits=4, a_bits=8, w_group=32)
+    data = _calib()
+    direct = _dit()
+    gptq_model(direct, config, data, batch_size=4)
+    via_door = quantize_(_dit(), GPTQConfig(config, lambda model: data, batch_size=4))  # a callable source
+    got, want = quantized_layers(via_door), quantized_layers(direct)
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name].qweight, want[name].qweight), name
+        assert torch.equal(got[name].w_scale, want[name].w_scale), name
+
+
+def test_static_ranges_are_calibrated_by_quantize_when_given_data():
+    from ditq.quant import run_calibration
+
+    config = QDiTConfig(w_bits=8, a_bits=8, w_group=32, dynamic=False)
+    data = _calib()
+    by_hand = quantize_(_dit(), config)
+    with calibrate(by_hand):
+        run_calibration(by_hand, data, 64)
+    at_once = quantize_(_dit(), config, calibration=data)
+    x, t, y = _inputs()
+    assert torch.equal(_run(at_once, x, t, y), _run(by_hand, x, t, y))
+
+
+def test_dict_configs_and_registered_types_dispatch():
+    from ditq.quant import TernaryQATConfig, TernaryQATLinear, register_quantize_handler
+
+    model = quantize_(_dit(), TernaryQATConfig().to_dict())
+    assert any(isinstance(m, TernaryQATLinear) for m in model.modules())
+    assert quantized_layers(quantize_(_dit(), QDiTConfig(w_bits=8, w_group=32).to_dict()))
+
+    class HalfConfig:
+        pass
+
+    with pytest.raises(InvalidArgumentError, match="no handler for a HalfConfig") as e:
+        quantize_(_dit(), HalfConfig())
+    assert "QDiTConfig" in str(e.value) and "\n" not in str(e.value)
+    try:
+
+        @register_quantize_handler(HalfConfig)
+        def _half(model, config, *, include=None, exclude=None):
+            return model.half()
+
+        assert next(quantize_(_dit(), HalfConfig()).parameters()).dtype == torch.float16
+    finally:
+        from ditq.quant import api
+
+        api._HANDLERS.pop(HalfConfig)
+
+
+def test_options_a_handler_does_not_take_are_one_line_errors():
+    from ditq.quant import TernaryQATConfig
+
+    with pytest.raises(InvalidArgumentError, match="calibration do not apply to a TernaryQATConfig") as e:
+        quantize_(_dit(), TernaryQATConfig(), calibration=_calib())
+    assert "\n" not in str(e.value)
+    with pytest.raises(InvalidArgumentError, match="GPTQConfig needs calibration"):
+        from ditq.quant import GPTQConfig
+
+        GPTQConfig(QDiTConfig())

@@ -10,9 +10,9 @@ from torch import nn
 
 from ditq.errors import InvalidArgumentError
 from ditq.quant import LayerQuant, QDiTConfig, QuantLinear
+from ditq.quant.act_quant import ActQuantizer
 from ditq.quant.gptq import GPTQ
 from ditq.quant.granularity import PerGroup, PerTensor, act_granularity, weight_granularity
-from ditq.quant.nn import ActQuantizer
 from ditq.quant.primitives import dequantize, fake_quantize, quant_params, quantize
 
 

@@ -31,8 +31,7 @@ from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.formats.official_dit import resolve_cache_dir
 from ditq.models.dit import DiT
 from ditq.pipelines.sample import make_labels, sample
-from ditq.quant.calibration import CalibrationData, CalibrationRecorder, run_calibration
-from ditq.quant.gptq import gptq_model
+from ditq.quant.calibration import CalibrationData, CalibrationRecorder
 from ditq.quant.search import output_error_proxy
 
 Log = Callable[[str], None]
@@ -159,21 +158,18 @@ def quantize_model(
     batch_size: int = 64,
     log: Log | None = None,
 ) -> nn.Module:
-    """Quantize ``model`` in place: round-to-nearest (``quantize_``) or GPTQ block by block; static
-    activation ranges are calibrated on ``calib``. Returns ``model``."""
+    """Quantize ``model`` in place with ``quantize_``: round-to-nearest, or GPTQ block by block
+    (:class:`~ditq.quant.GPTQConfig`); static activation ranges are calibrated on ``calib``, which
+    is checked against the model first. Returns ``model``."""
     if needs_calibration(config, gptq) and calib is None:
         what = "GPTQ" if gptq else "static activation quantization"
         raise InvalidArgumentError(f"{what} needs calibration data (calib=...)")
     if calib is not None and hasattr(model, "config"):
         check_calibration(calib, model)
     if gptq:
-        gptq_model(model, config, calib, batch_size=batch_size, act_order=act_order, log=log)
-        return model
-    quant.quantize_(model, config)
-    if not config.dynamic and not config.weight_only:
-        with quant.calibrate(model):
-            run_calibration(model, calib, batch_size)
-    return model
+        method = quant.GPTQConfig(config, calib, act_order=act_order, batch_size=batch_size, log=log)
+        return quant.quantize_(model, method)
+    return quant.quantize_(model, config, calibration=calib, batch_size=batch_size)
 
 
 # ----------------------------------------------------------------------------

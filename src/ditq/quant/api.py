@@ -31,11 +31,12 @@ from torch import nn
 from ditq.errors import InvalidArgumentError
 from ditq.kernels import ops
 from ditq.quant import select
+from ditq.quant.act_quant import ActQuantizer
 from ditq.quant.calibration import run_calibration
 from ditq.quant.config import QDiTConfig, as_qdit_config
 from ditq.quant.fuse import fuse_
 from ditq.quant.gptq import GPTQConfig, gptq_model
-from ditq.quant.nn import ActQuantizer, QuantLinear
+from ditq.quant.nn import QuantLinear
 from ditq.quant.presets import set_module
 from ditq.quant.state import quantized_layers
 from ditq.quant.ternary import TernaryLinear, TernaryQATConfig, quantize_ternary_

@@ -324,8 +324,9 @@ def gptq_model(
     leaves the model as it was.
     """
     from ditq.quant import select
+    from ditq.quant.act_quant import ActQuantizer
     from ditq.quant.config import as_qdit_config
-    from ditq.quant.nn import ActQuantizer, QuantLinear
+    from ditq.quant.nn import QuantLinear
     from ditq.quant.presets import set_module
 
     config = as_qdit_config(config)

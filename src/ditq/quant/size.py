@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ditq.quant import select
+from ditq.quant.act_quant import ActQuantizer
 from ditq.quant.config import LayerQuant, QDiTConfig, as_qdit_config
 from ditq.quant.granularity import num_groups, weight_granularity
-from ditq.quant.nn import ActQuantizer, QuantLinear
+from ditq.quant.nn import QuantLinear
 
 SCALE_BYTES = 2
 """Bytes per stored scale / zero point / static range end in :func:`model_size_bytes` (fp16)."""

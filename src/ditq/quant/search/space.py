@@ -37,10 +37,10 @@ import numpy as np
 from torch import nn
 
 from ditq.errors import InvalidArgumentError
+from ditq.quant.act_quant import ActQuantizer
 from ditq.quant.api import select_layers
 from ditq.quant.config import LayerQuant, QDiTConfig, as_qdit_config
 from ditq.quant.granularity import valid_group_sizes
-from ditq.quant.nn import ActQuantizer
 from ditq.quant.presets import few_names
 from ditq.quant.size import model_size_bytes, quant_bytes
 

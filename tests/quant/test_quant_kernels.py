@@ -21,6 +21,7 @@ from ditq.quant import (
     quantized_layers,
     set_kernels,
 )
+from ditq.quant.deployed import DeployedQuantLinear
 from ditq.quant.nn import kernel_op_for
 from ditq.quant.state import load_quantized_state_dict, packed_state_dict
 
@@ -38,6 +39,16 @@ def _linear(in_f: int = 64, out_f: int = 24) -> nn.Linear:
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+def _deployed(linear: nn.Linear, cfg) -> QuantLinear:
+    """``QuantLinear.from_float``, converted to the deployed layer when its settings fit an op."""
+    q = QuantLinear.from_float(linear, cfg)
+    return DeployedQuantLinear.from_quant(q).train(q.training) if q.kernel_op else q
+
+
+def _kernel_for(q: QuantLinear, x) -> str | None:
+    return q.kernel_for(x) if isinstance(q, DeployedQuantLinear) else None
 
 
 @pytest.mark.parametrize(
@@ -58,7 +69,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 )
 def test_settings_pick_an_op_and_its_numbers_match_fake_quant(cfg, op):
     assert kernel_op_for(cfg, 64) == op
-    q = QuantLinear.from_float(_linear(), cfg).eval()
+    q = _deployed(_linear(), cfg).eval()
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         if not cfg.dynamic:  # static ranges: calibrate on x
@@ -69,7 +80,7 @@ def test_settings_pick_an_op_and_its_numbers_match_fake_quant(cfg, op):
         fake = q(x)
         q.use_kernels = True
         with ops.use_backend("reference"):  # forces the ops (reference impls) wherever settings fit
-            assert q.kernel_for(x) == op
+            assert _kernel_for(q, x) == op
             out = q(x)
     assert out.shape == fake.shape and out.dtype == fake.dtype
     if op is None or op == "int4_linear":  # the float path, or the same float operations
@@ -83,7 +94,7 @@ def test_asymmetric_input_codes_equal_the_act_quantizers_on_every_backend(a_bits
     from ditq.quant.primitives import quantize
 
     cfg = LayerQuant(w_bits=4, w_group=32, a_bits=a_bits, a_group=a_group)
-    q = QuantLinear.from_float(_linear(), cfg).eval()
+    q = _deployed(_linear(), cfg).eval()
     x = torch.randn(3, 5, 64) * 4 + 1
     scale, zero = q.act_quant.params(x)
     want = quantize(x, scale, zero, a_bits, sym=False)
@@ -98,10 +109,8 @@ _NO_FAST_W4A8 = "float: no fast w4a8_linear on cpu (backend auto)"
 
 
 def test_auto_takes_the_float_path_where_only_an_emulating_reference_exists():
-    w4 = QuantLinear.from_float(_linear(), LayerQuant(w_bits=4, w_group=32, a_bits=8)).eval()
-    w8 = QuantLinear.from_float(
-        _linear(), LayerQuant(w_bits=8, w_group=0, w_sym=True, a_bits=8, a_sym=True)
-    ).eval()
+    w4 = _deployed(_linear(), LayerQuant(w_bits=4, w_group=32, a_bits=8)).eval()
+    w8 = _deployed(_linear(), LayerQuant(w_bits=8, w_group=0, w_sym=True, a_bits=8, a_sym=True)).eval()
     x = torch.randn(3, 64)
     with torch.no_grad():
         impl4 = ops.implementation("w4a8_linear", "cpu")  # the C++ kernel needs AVX2
@@ -124,7 +133,7 @@ def test_auto_takes_the_float_path_where_only_an_emulating_reference_exists():
 def test_w4a8_groups_the_kernels_decline_keep_the_float_path():
     # both scales constant over 20 inputs: the kernels want whole blocks of 8, so the reference
     # (slower than float) would run; auto keeps the layer's float path instead
-    q = QuantLinear.from_float(_linear(80), LayerQuant(w_bits=4, w_group=20, a_bits=8)).eval()
+    q = _deployed(_linear(80), LayerQuant(w_bits=4, w_group=20, a_bits=8)).eval()
     x = torch.randn(3, 80)
     with torch.no_grad():
         assert q.kernel_op == "w4a8_linear" and q.kernel_implementation("cpu") == "reference"
@@ -134,7 +143,7 @@ def test_w4a8_groups_the_kernels_decline_keep_the_float_path():
 
 def test_training_gradients_and_use_kernels_keep_the_fake_quant_path():
     cfg = LayerQuant(w_bits=8, w_group=0, w_sym=True, a_bits=8, a_sym=True)
-    q = QuantLinear.from_float(_linear().train(), cfg)
+    q = _deployed(_linear().train(), cfg)
     x = torch.randn(3, 64)
     ops.set_backend("reference")
     assert q.training and q.kernel_for(x) is None

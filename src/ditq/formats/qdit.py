@@ -32,6 +32,7 @@ from ditq import checkpoint as ckpt
 from ditq import quant
 from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.formats import build, ditq_float
+from ditq.quant.deployed import convert_
 from ditq.quant.presets import set_module
 from ditq.quant.state import load_quantized_state_dict, packed_state_dict
 
@@ -114,7 +115,7 @@ def skeleton(path: PathLike) -> nn.Module:
         if key.endswith("." + CODES) and isinstance(_submodule(model, name), nn.Linear):
             q = quant.QuantLinear.empty(model.get_submodule(name), qconfig.for_layer(name), layer=name)
             set_module(model, name, q)
-    return model
+    return convert_(model)
 
 
 def sizes(path: PathLike) -> dict[str, Any]:

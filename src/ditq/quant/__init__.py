@@ -8,13 +8,15 @@ User API (``__all__``)::
     search, SearchSpace, SearchResult, read/write_layer_config            Q-DiT's granularity search
     quantized_layers, ternary_layers, model_size_bytes, kernel_plan, set_kernels, pack_
     fuse_, unfuse_                                                        deploy-time producer fusion
-    QuantLinear, TernaryQATLinear, TernaryLinear                          the layers swapped in
+    QuantLinear -> DeployedQuantLinear (convert_), TernaryQATLinear -> TernaryLinear
 
 Modules:
     api          quantize_ and its handler registry, calibrate, kernel_plan, set_kernels
     select       which layers a config takes (one rule for every method)
     config       QDiTConfig, LayerQuant; gptq: GPTQConfig; ternary.config: TernaryQATConfig
-    nn           QuantLinear (integer codes + group scales), ActQuantizer
+    nn           QuantLinear: integer codes + group scales, fake-quant forward (calibration, GPTQ,
+                 search); act_quant: ActQuantizer
+    deployed     DeployedQuantLinear (runs one integer op, fixed at convert_) and convert_
     ternary      TernaryQATLinear, TernaryLinear, prepare/convert
     calibration  model inputs recorded while sampling, one random step per sample
     gptq         GPTQ: one weight, and whole models block by block
@@ -29,6 +31,7 @@ Modules:
 from ditq.quant.api import calibrate, kernel_plan, quantize_, register_quantize_handler, set_kernels
 from ditq.quant.calibration import CalibrationData, CalibrationRecorder, run_calibration
 from ditq.quant.config import LayerQuant, QDiTConfig
+from ditq.quant.deployed import DeployedQuantLinear, convert_
 from ditq.quant.fuse import fuse_, unfuse_
 from ditq.quant.gptq import GPTQConfig
 from ditq.quant.nn import QuantLinear
@@ -40,6 +43,7 @@ from ditq.quant.ternary import TernaryLinear, TernaryQATConfig, TernaryQATLinear
 __all__ = [
     "CalibrationData",
     "CalibrationRecorder",
+    "DeployedQuantLinear",
     "GPTQConfig",
     "LayerQuant",
     "QDiTConfig",
@@ -50,6 +54,7 @@ __all__ = [
     "TernaryQATConfig",
     "TernaryQATLinear",
     "calibrate",
+    "convert_",
     "fuse_",
     "kernel_plan",
     "model_size_bytes",

@@ -34,6 +34,7 @@ from ditq.quant import select
 from ditq.quant.act_quant import ActQuantizer
 from ditq.quant.calibration import run_calibration
 from ditq.quant.config import QDiTConfig, as_qdit_config
+from ditq.quant.deployed import DeployedQuantLinear, convert_
 from ditq.quant.fuse import fuse_
 from ditq.quant.gptq import GPTQConfig, gptq_model
 from ditq.quant.nn import QuantLinear
@@ -101,7 +102,8 @@ def _quantize_qdit(
     calibration=None,
     batch_size: int = 64,
 ) -> nn.Module:
-    """Q-DiT round-to-nearest: the selected ``nn.Linear`` layers become :class:`QuantLinear`.
+    """Q-DiT round-to-nearest: the selected ``nn.Linear`` layers become :class:`QuantLinear`, and
+    those whose settings fit an integer op are deployed (:func:`~ditq.quant.deployed.convert_`).
 
     Weights are quantized under each layer's settings (``config.for_layer(name)``), unless
     ``weight_overrides[name]`` gives codes and group parameters (a ``GPTQResult`` or ``(codes, scale,
@@ -126,7 +128,7 @@ def _quantize_qdit(
     if calibration is not None and not config.dynamic and not config.weight_only:
         with calibrate(model):
             run_calibration(model, calibration, batch_size)
-    return model
+    return convert_(model)
 
 
 @register_quantize_handler(GPTQConfig)
@@ -144,7 +146,7 @@ def _quantize_gptq(model: nn.Module, config: GPTQConfig, *, include=None, exclud
         act_order=config.act_order,
         log=config.log,
     )
-    return model
+    return convert_(model)
 
 
 @register_quantize_handler(TernaryQATConfig)
@@ -187,11 +189,11 @@ def calibrate(model: nn.Module, *, reset: bool = True) -> Iterator[nn.Module]:
             q.calibrating = False
 
 
-_KERNEL_LAYERS = (QuantLinear, TernaryLinear)
+_KERNEL_LAYERS = (DeployedQuantLinear, TernaryLinear)
 
 
 def set_kernels(model: nn.Module, enabled: bool) -> int:
-    """Let every :class:`QuantLinear` and :class:`TernaryLinear` run integer kernels in eval mode
+    """Let every deployed :class:`QuantLinear` and :class:`TernaryLinear` run integer kernels in eval mode
     (``enabled``, the default) or keep them on their fake-quant / float path; returns how many."""
     layers = [m for m in model.modules() if isinstance(m, _KERNEL_LAYERS)]
     for m in layers:
@@ -215,9 +217,14 @@ def kernel_plan(
     backend = ops.get_backend()
     plan = {}
     for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and not isinstance(m, DeployedQuantLinear):
+            op = m.kernel_op
+            why = "the layer's settings fit no integer op" if op is None else f"not converted to run {op}"
+            plan[name] = f"float: {why}"
+            continue
         if not isinstance(m, _KERNEL_LAYERS):
             continue
-        op = m.kernel_op
+        op = m.op if isinstance(m, DeployedQuantLinear) else m.kernel_op
         if op is None or not m.use_kernels:
             why = "the layer's settings fit no integer op" if op is None else "use_kernels is off"
             plan[name] = f"float: {why}"

@@ -326,6 +326,7 @@ def gptq_model(
     from ditq.quant import select
     from ditq.quant.act_quant import ActQuantizer
     from ditq.quant.config import as_qdit_config
+    from ditq.quant.deployed import convert_
     from ditq.quant.nn import QuantLinear
     from ditq.quant.presets import set_module
 
@@ -382,7 +383,7 @@ def gptq_model(
                 results[n] = res
             for n, q in new.items():
                 set_module(model, n, q)
-            fuse_(model)  # later stages see the quantized blocks as deployed (see ditq.quant.fuse)
+            fuse_(convert_(model))  # later stages see the quantized blocks as deployed
             if log is not None:
                 seconds = time.perf_counter() - started
                 log(f"GPTQ {stage or 'loose layers'}: {len(names)} layers in {seconds:.1f} s")

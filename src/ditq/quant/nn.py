@@ -1,4 +1,4 @@
-"""The quantized linear layer and its activation quantizer: integer kernels in eval mode, else fake quant.
+"""The fake-quant Q-DiT layer: integer weight codes and group scales, a fake-quantized input.
 
 A :class:`QuantLinear` stores what a low-bit kernel reads: integer weight
 codes ``qweight`` and one ``(w_scale, w_zero)`` per output row and group of
@@ -8,32 +8,14 @@ two per byte (``[out, in/2]`` uint8, the ``int4`` layout of
 :mod:`ditq.kernels.packing`, symmetric codes stored as ``q + 8``): see
 :meth:`QuantLinear.pack_` and ``packed=True``. Loaded checkpoints are packed.
 
-**Forward.** In eval mode, with no gradient wanted, a layer whose settings
-fit one of the integer ops of :mod:`ditq.kernels` runs it
-(:attr:`QuantLinear.kernel_op`)::
-
-    weights                         activations                      op
-    <= 4 bits, any group, sym/asym  dynamic, <= 8 bits, any group,    w4a8_linear
-    (K even)                        sym (int8) or asym (uint8 + zero)
-    <= 4 bits (K even)              float (a_bits None)              int4_linear
-    5-8 bits, symmetric, per        dynamic, <= 8 bits, symmetric,    w8a8_linear
-    output channel                  per token (or per tensor)
-
-Everything else (static activation ranges, asymmetric or group-wise weights
-of 5-8 bits, 8-bit weights with asymmetric activations) takes the
-fake-quant path: the input is fake-quantized with :class:`ActQuantizer`, the
-weight dequantized and ``F.linear`` called; its numbers are those of
-:mod:`ditq.quant.primitives`, bit for bit. (Asymmetric 8-bit weights would
-need 9-bit ``q - z``; folding zero points into int8 works only up to 7 bits,
-and w8a8_linear takes neither per-group scales nor activation zero points.)
-So does training mode, a call whose output needs gradients (the ops have no
-autograd formula), ``layer.use_kernels = False``, and, under the ``"auto"``
-kernel backend, an op that has no fast implementation on the input's device
-(e.g. ``w4a8_linear`` on CPU, whose reference only emulates integer math in
-float64): there the float path is faster and gives the fake-quant numbers.
-The integer path computes the same quantized values with integer
-accumulation and a float32 epilogue: it matches the fake-quant path to float
-rounding (about 1e-6 relative), not bit for bit.
+**Forward**: the reference, always: the input is fake-quantized with
+:class:`~ditq.quant.act_quant.ActQuantizer`, the weight dequantized and
+``F.linear`` called; its numbers are those of :mod:`ditq.quant.primitives`,
+bit for bit. This is the layer calibration, GPTQ and the search work on.
+Deployment converts it (:func:`ditq.quant.deployed.convert_`) into a
+:class:`~ditq.quant.deployed.DeployedQuantLinear` that runs the integer op its
+settings fit (:attr:`QuantLinear.kernel_op`); ``quantize_`` and the loaders do
+that for you.
 
 State-dict keys, beside the layer's original ``bias``::
 
@@ -47,12 +29,10 @@ A layer loads either form of ``qweight`` and converts it to its own storage
 (codes are checked against its bit width on the way in). Bits and group
 sizes are not in the state dict; they come from the
 :class:`~ditq.quant.config.QDiTConfig` saved beside it (see
-:func:`ditq.quant.api.load_quantized_state_dict`).
+:func:`ditq.quant.state.load_quantized_state_dict`).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -146,15 +126,15 @@ def _from_nibbles(nibbles: torch.Tensor, sym: bool) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """A linear layer with integer weight codes, group-wise (scale, zero), and quantized inputs.
 
-    In eval mode it runs an integer op of :mod:`ditq.kernels` when its settings
-    fit one (:attr:`kernel_op`; see the module doc), else fake quantization.
+    Its forward is fake quantization (see the module doc); :attr:`kernel_op` is the integer op of
+    :mod:`ditq.kernels` its settings fit, which :func:`~ditq.quant.deployed.convert_` makes it run.
     ``packed=True`` stores the codes of a layer of at most 4 bits two per byte
     (the kernels' int4 layout; no float weight is ever kept for such a layer).
     On the fake-quant path the dequantized weight is cached on first use and
     reused until a weight buffer changes (in-place writes such as
     ``load_state_dict``, or ``.to()``) or :meth:`invalidate_cache` is called;
     ``cache_weight = False`` turns the cache off (packed layers start with it
-    off). ``use_kernels = False`` forces the fake-quant path.
+    off).
     """
 
     def __init__(
@@ -196,12 +176,9 @@ class QuantLinear(nn.Module):
         self.act_quant = ActQuantizer(
             a_bits, a_group, a_sym, dynamic, in_features, layer=layer, device=device
         )
-        self.use_kernels = True
         self.cache_weight = not self.packed
         self._cache: torch.Tensor | None = None
         self._cache_key = None
-        self._kcache: tuple[torch.Tensor, torch.Tensor] | None = None  # packed codes of unpacked layers
-        self._kcache_key = None
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -390,10 +367,9 @@ class QuantLinear(nn.Module):
             return None
 
     def invalidate_cache(self) -> None:
-        """Drop the cached dequantized (and packed) weight (needed only after writes that bypass the
-        buffers' versions)."""
+        """Drop the cached dequantized weight (needed only after writes that bypass the buffers'
+        versions)."""
         self._cache = self._cache_key = None
-        self._kcache = self._kcache_key = None
 
     def dequantized_weight(self) -> torch.Tensor:
         """``(codes - w_zero) * w_scale`` [out, in], in the scale's dtype (cached; see the class doc)."""
@@ -412,19 +388,6 @@ class QuantLinear(nn.Module):
         """The dequantized weight (read-only view for code that inspects ``layer.weight``)."""
         return self.dequantized_weight()
 
-    def _int4_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int4-packed codes ``[out, in/2]``, the kernels' zero points ``[out, in/g]``)."""
-        zero = self.w_zero + INT4_SYM_OFFSET if self.w_sym else self.w_zero
-        if self.packed:
-            return self.qweight, zero
-        key = self._key()  # an unpacked layer keeps a packed copy (integers, half its codes' bytes)
-        if key is not None and self._kcache is not None and key == self._kcache_key:
-            return self._kcache
-        packed = (self.packed_codes(), zero)
-        if key is not None:
-            self._kcache, self._kcache_key = packed, key
-        return packed
-
     # -- forward -----------------------------------------------------------------------------------
 
     @property
@@ -438,48 +401,11 @@ class QuantLinear(nn.Module):
 
     @property
     def kernel_op(self) -> str | None:
-        """The :mod:`ditq.kernels` op this layer's settings fit (see :func:`kernel_op_for`), or None."""
+        """The :mod:`ditq.kernels` op this layer's settings fit (see :func:`kernel_op_for`), or None:
+        what :func:`~ditq.quant.deployed.convert_` makes it run."""
         return kernel_op_for(self.settings, self.in_features)
 
-    def kernel_implementation(self, device: torch.device | str, *, build: bool = True) -> str:
-        """What this layer's op runs on ``device`` under the backend in force (see
-        :func:`ditq.kernels.ops.implementation`): e.g. ``"cpp-avx2"``, or ``"reference"``."""
-        if self.kernel_op is None:
-            return "reference"
-        k = self.in_features
-        ga = k if self.act_quant.group in (0, PER_TENSOR) else self.act_quant.group
-        segment = math.gcd(ga, self.w_group or k)  # W4A8: where both scales are constant
-        return ops.implementation(self.kernel_op, device, build=build, w4a8_segment=segment)
-
-    def kernel_for(self, x: torch.Tensor) -> str | None:
-        """The op ``forward(x)`` runs now, or None for the fake-quant path (see the module doc)."""
-        op = self.kernel_op
-        if op is None or not self.use_kernels or self.training:
-            return None
-        wants_grad = x.requires_grad or (self.bias is not None and self.bias.requires_grad)
-        if wants_grad and torch.is_grad_enabled():
-            return None
-        if ops.get_backend() == "auto" and self.kernel_implementation(x.device) == "reference":
-            return None
-        return op
-
-    def takes_int8_tokens(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` would quantize ``x`` with :func:`ditq.kernels.ops.quantize_per_token_int8`
-        (8-bit symmetric per token) and run an integer op: then ``forward`` also takes
-        :class:`~ditq.kernels.ops.Int8Tokens` made by a producer fused with that quantization."""
-        return self._int8_token_inputs() and self.kernel_for(x) in ("w8a8_linear", "w4a8_linear")
-
-    def _int8_token_inputs(self) -> bool:
-        """Whether the integer ops quantize this layer's input by quantize_per_token_int8's rule."""
-        aq = self.act_quant
-        return aq.sym and aq.bits == 8 and aq.group == 0
-
-    def forward(self, x: torch.Tensor | ops.Int8Tokens) -> torch.Tensor:
-        if isinstance(x, ops.Int8Tokens):
-            return self._int8_tokens_forward(x)
-        op = self.kernel_for(x)
-        if op is not None:
-            return self._kernel_forward(op, x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_quant(x)  # [..., in], fake-quantized
         w = self.dequantized_weight()  # [out, in]
         b = self.bias
@@ -488,48 +414,6 @@ class QuantLinear(nn.Module):
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
         return F.linear(x, w, b)  # [..., out]
-
-    def _kernel_forward(self, op: str, x: torch.Tensor) -> torch.Tensor:
-        if op == "int4_linear":
-            wp, zero = self._int4_weight()
-            return ops.int4_linear(x, wp, self.w_scale, zero, self._bias())  # [..., out], x.dtype
-        xq, xs, xz = self._quantize_input(x)  # integer codes [..., in], scales (and zeros) [..., G]
-        return self._integer_linear(op, xq, xs, xz, x.dtype)
-
-    def _int8_tokens_forward(self, x: ops.Int8Tokens) -> torch.Tensor:
-        op = self.kernel_op
-        aq = self.act_quant
-        if op not in ("w8a8_linear", "w4a8_linear") or not self._int8_token_inputs():
-            raise InvalidArgumentError(
-                f"this layer ({self.w_bits}-bit weights, {aq.bits}-bit activations, group {aq.group}, "
-                f"sym={aq.sym}) does not take int8 per-token codes; pass floats"
-            )
-        return self._integer_linear(op, x.q, x.scale, None, x.dtype)
-
-    def _integer_linear(self, op: str, xq, xs, xz, out_dtype: torch.dtype) -> torch.Tensor:
-        """The integer op ``op`` on input codes ``xq`` with scales ``xs`` (zero points ``xz`` or None)."""
-        if op == "w8a8_linear":
-            return ops.w8a8_linear(xq, xs, self.qweight, self.w_scale, self._bias(), out_dtype)
-        wp, zero = self._int4_weight()
-        return ops.w4a8_linear(xq, xs, xz, wp, self.w_scale, zero, self._bias(), out_dtype)
-
-    def _bias(self) -> torch.Tensor | None:
-        return self.bias.detach() if self.bias is not None else None
-
-    def _quantize_input(self, x: torch.Tensor):
-        """The input's integer codes with its scales and zero points (None when symmetric), per token
-        or token group: the values :class:`ActQuantizer` fake-quantizes to."""
-        aq = self.act_quant
-        if self._int8_token_inputs():
-            xq, xs = ops.quantize_per_token_int8(x)  # the same rule; a fast kernel on CPU
-            return xq, xs, None
-        if not aq.sym and aq.dynamic and aq.group >= 0 and x.dtype == torch.float32:
-            return ops.quantize_per_token_asym(x, aq.bits, aq.group)  # Q-DiT's rule, one fused kernel
-        scale, zero = aq.params(x)  # [..., G], or all ones for one range per tensor
-        q = quantize(x, scale, zero, aq.bits, aq.sym)
-        lead = (*x.shape[:-1], scale.shape[-1])
-        xs = scale.expand(lead).contiguous()
-        return q, xs, None if aq.sym else zero.expand(lead).contiguous()
 
     def extra_repr(self) -> str:
         group = "channel" if self.w_group == 0 else f"group{self.w_group}"

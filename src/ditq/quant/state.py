@@ -15,6 +15,7 @@ from torch import nn
 
 from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.quant.config import LayerQuant, QDiTConfig, as_qdit_config
+from ditq.quant.deployed import convert_
 from ditq.quant.fuse import fuse_
 from ditq.quant.nn import QuantLinear, packable
 from ditq.quant.presets import few_names, set_module
@@ -56,7 +57,8 @@ def load_quantized_state_dict(
 
     Shapes, dtypes and code ranges are checked against the config; every
     mismatch is a one-line :class:`CheckpointError` naming the layer, and
-    leaves the model as it was. Returns ``model``, fused (:func:`~ditq.quant.fuse.fuse_`).
+    leaves the model as it was. Returns ``model``, deployed (:func:`~ditq.quant.deployed.convert_`)
+    and fused (:func:`~ditq.quant.fuse.fuse_`).
     """
     config = as_qdit_config(config)
     if layout not in LAYOUTS:
@@ -120,7 +122,7 @@ def load_quantized_state_dict(
         for name, linear in originals.items():  # leave the model as it was
             set_module(model, name, linear)
         raise
-    return fuse_(model)
+    return fuse_(convert_(model))
 
 
 def _check_qweight(name: str, got: torch.Tensor, q: QuantLinear, cfg: LayerQuant, layout: str) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from ditq.errors import InvalidArgumentError
 from ditq.quant.api import quantize_, select_layers
 from ditq.quant.config import QDiTConfig, as_qdit_config
+from ditq.quant.fuse import fuse_
 from ditq.quant.nn import QuantLinear
 from ditq.quant.presets import set_module
 
@@ -44,6 +45,7 @@ def applied(
     finally:
         for name, module in originals.items():
             set_module(model, name, module)
+        fuse_(model)  # the float layers feed nothing fused: put the plain producers back
 
 
 class WeightCache:

@@ -40,6 +40,7 @@ _DOORS = {
     "describe": "ditq.formats",
     "quantize_": "ditq.quant",
     "QDiTConfig": "ditq.quant",
+    "GPTQConfig": "ditq.quant",
     "TernaryQATConfig": "ditq.quant",
     "sample": "ditq.pipelines.sample",
     "evaluate": "ditq.eval",

@@ -18,9 +18,9 @@ machine has; asking for anything else is a one-line :class:`KernelError`.
 table of :mod:`ditq.kernels.cpu`, per op and instruction set) and
 :func:`has_fast_impl` tells layers (``ditq.quant``) whether that is a fast
 implementation, so that they can keep their float path where only an emulating
-reference exists; :func:`should_fuse` tells a model whether to run a producer
-fused with its consumer's activation quantization and hand the consumer
-:class:`Int8Tokens`. Users reach all of this through :mod:`ditq.kernels.ops`.
+reference exists; :func:`should_fuse` tells a fused producer module
+(``ditq.quant.fuse``) whether to run fused with its consumers' activation
+quantization and hand them :class:`Int8Tokens`. Users reach all of this through :mod:`ditq.kernels.ops`.
 """
 
 from __future__ import annotations

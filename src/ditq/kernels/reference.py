@@ -104,8 +104,8 @@ def ref_rmsnorm_modulate_quantize_int8(
     x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
     """Reference of :func:`rmsnorm_modulate_quantize_int8`: the unfused composition, in ``x``'s dtype
-    (``ditq.models.layers.RMSNorm``'s math: the mean of squares in float32, the normalized value
-    rounded to ``x``'s dtype before the weight multiplies it)."""
+    (Large-DiT's RMSNorm: the mean of squares in float32, the normalized value rounded to ``x``'s
+    dtype before the weight multiplies it)."""
     variance = x.float().pow(2).mean(-1, keepdim=True)
     normed = weight * (x * torch.rsqrt(variance + eps)).to(x.dtype)
     modulated = normed * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)

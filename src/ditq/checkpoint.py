@@ -20,8 +20,10 @@ loop, the quantizer and the CLI can all use it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import struct
 import uuid
 from collections.abc import Iterator, Mapping
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ditq.errors import CheckpointError
+from ditq.errors import CheckpointError, OutputError
 
 FORMAT_VERSION = 1
 """Version of the metadata layout written by this ditq; readers refuse newer ones."""
@@ -51,30 +53,132 @@ PathLike = str | os.PathLike
 #################################################################################
 
 
+OUTPUT_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+"""The write failures that are the user's to fix, each turned into one :class:`OutputError` line."""
+
+FAULT_ENV = "DITQ_FAULT_DISK_FULL_AFTER"
+"""Fault injection for tests: with ``DITQ_FAULT_DISK_FULL_AFTER=N`` (bytes), an atomic write that would
+bring this process's total past N fails as a full disk would, after its data was written (the partial
+file exists, then goes). Never set it outside tests."""
+
+FAULT_ERRNO_ENV = "DITQ_FAULT_WRITE_ERRNO"
+"""Fault injection for tests: ``DITQ_FAULT_WRITE_ERRNO=EROFS`` (or ``EACCES``) makes every atomic write
+fail with that error, as a read-only or unwritable folder would, also for a user (root) whom
+permissions do not stop. Never set it outside tests."""
+
+_written = 0  # bytes this process has written through atomic_write, for the fault injection
+
+
 @contextmanager
-def atomic_write(path: PathLike) -> Iterator[Path]:
+def atomic_write(path: PathLike, what: str = "file", *, size_hint: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path``.
 
     On any exception the temporary file is removed and ``path`` is left as it
-    was. The folder is created if needed.
+    was. The folder is created if needed. A full disk, a read-only or
+    unwritable folder (:data:`OUTPUT_ERRNOS`) becomes one :class:`OutputError`
+    line naming ``what`` was being written, where, and how much space it needed
+    (``size_hint`` bytes when the caller knows; else what was written before the
+    failure) beside what was free.
     """
+    global _written
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder, so os.replace is a rename within one filesystem (atomic);
     # a hidden, unique name, so concurrent writers (torchrun ranks) never collide.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
+        size = tmp.stat().st_size if tmp.exists() else 0
+        _inject_disk_full(size)
         _fsync(tmp)
         # Some writers (safetensors) create 0600 files; give the file the permissions
         # a plain open() would have, so a checkpoint is as readable as any other output.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        _written += size
         _fsync_dir(path.parent)
-    except BaseException:
-        with suppress(FileNotFoundError):
+    except BaseException as e:
+        written = _size(tmp)
+        with suppress(FileNotFoundError, PermissionError, IsADirectoryError):
             os.unlink(tmp)
+        failure = _output_failure(e)
+        if failure is not None:
+            raise OutputError(_output_message(what, path, failure, size_hint, written)) from None
         raise
+
+
+def _inject_disk_full(size: int) -> None:
+    name = os.environ.get(FAULT_ERRNO_ENV)
+    if name:
+        code = getattr(errno, name)
+        raise OSError(code, os.strerror(code))
+    limit = os.environ.get(FAULT_ENV)
+    if limit is not None and _written + size > int(limit):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _output_failure(e: BaseException) -> int | None:
+    """The errno of ``e`` (or of the OSError it wraps, as torch and safetensors do) if the user can fix it."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
+            return e.errno
+        text = str(e)
+        if isinstance(e, RuntimeError) and ("No space left" in text or "unexpected pos" in text):
+            return errno.ENOSPC  # torch.save's zip writer reports a full disk as a RuntimeError
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _output_message(what: str, path: Path, err: int, size_hint: int | None, written: int) -> str:
+    where = path.parent if err in (errno.EROFS, errno.EACCES, errno.EPERM) else path
+    message = f"cannot write the {what} {path}: {OUTPUT_ERRNOS[err]}"
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_bytes(path.parent)
+        need = (
+            f"{_human(size_hint)}"
+            if size_hint
+            else f"more than the {_human(written)} written before it filled"
+        )
+        message += (
+            f" (it needs {need}; {_human(free)} free there)" if free is not None else f" (it needs {need})"
+        )
+        advice = "free some space or write elsewhere"
+    else:
+        advice = f"make {where} writable or write elsewhere"
+    keep = f"; the previous {path.name} is kept" if path.exists() else ""
+    return f"{message}{keep}; {advice}, then run the same command again"
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+def _free_bytes(folder: Path) -> int | None:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _human(n: int | None) -> str:
+    size = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 def _umask() -> int:
@@ -128,14 +232,13 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], metadat
 
     from safetensors.torch import save_file
 
+    size = sum(t.numel() * t.element_size() for t in prepared.values()) + len(meta_json)
     try:
-        with atomic_write(path) as tmp:
+        with atomic_write(path, "checkpoint", size_hint=size) as tmp:
             save_file(prepared, str(tmp), metadata={METADATA_KEY: meta_json})
-    except OSError as e:
+    except OSError as e:  # not the user's to fix (EIO, ...): still one line
         reason = e.strerror or str(e)
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: {reason}; check that the folder is writable and has space"
-        ) from e
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}") from e
 
 
 def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from ditq import __version__
 from ditq.cli import demo, eval, export, extract, info, ptq, sample, train, train_evaluator
-from ditq.errors import DitqError
+from ditq.errors import DitqError, StoppedBySignal
 
 # One module per subcommand, in the order `ditq --help` lists them. All are imported to build the
 # parser, so they import torch, numpy and the rest of ditq inside their `run` only: `ditq --version`
@@ -50,9 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
         return int(args.func(args) or 0)
+    except StoppedBySignal as e:  # not an error: the run saved its state and says how to resume
+        print(f"ditq: {_one_line(str(e))}", file=sys.stderr)
+        return e.exit_status
     except DitqError as e:
         print(f"ditq: error: {_one_line(str(e))}", file=sys.stderr)
-        return 2
+        return e.exit_status
     except KeyboardInterrupt:
         print("ditq: interrupted", file=sys.stderr)
         return 130

@@ -56,10 +56,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ditq.distributed import agree, init_distributed
-from ditq.errors import CheckpointError, DitqError, InvalidArgumentError
+from ditq.errors import CheckpointError, DitqError, InvalidArgumentError, RunLockedError, StoppedBySignal
 from ditq.formats.ditq_float import write as save
 from ditq.models import build_model, config_from_dict, get_config
 from ditq.models.registry import ModelConfig
+from ditq.preemption import StopSignals
+from ditq.runlock import RunLock
 from ditq.train.checkpoint import CheckpointDir
 from ditq.train.config import ConfigError, DataSpec, ModelSpec, QuantSpec, TrainRun
 from ditq.train.loop import fit
@@ -344,6 +346,25 @@ def run_training(
 def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on_log) -> TrainResult:
     main, device = ctx.is_main, ctx.device
     out = Path(run.out)
+    # One process (one torchrun job) per run folder: rank 0 holds the lock, and every rank stops if it
+    # could not take it.
+    lock, lock_error = RunLock(out, "training run", log=log), None
+    if main:
+        try:
+            lock.acquire()
+        except DitqError as e:
+            lock_error = e
+    if not agree(lock_error is None, device):
+        raise lock_error or RunLockedError(f"rank 0 could not lock {out} (see its error)")
+    try:
+        return _train_locked(run, ctx, started, out, resume=resume, command=command, progress=progress,
+                             log=log, warn=warn, on_log=on_log)  # fmt: skip
+    finally:
+        lock.release()
+
+
+def _train_locked(run, ctx, started, out, *, resume, command, progress, log, warn, on_log) -> TrainResult:
+    main, device = ctx.is_main, ctx.device
     log_path, ckpt_dir, model_path = out / LOG_FILE, out / CHECKPOINT_DIR, out / MODEL_FILE
     store = CheckpointDir(ckpt_dir, keep_last=run.checkpoint.keep_last)
     existing = store.list()
@@ -423,22 +444,31 @@ def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on
     extra = {"run": run.to_dict(), "model_config": model_config.to_dict()}
     if qconfig is not None:
         extra["quant_config"] = qconfig.to_dict()
-    result = fit(
-        model,
-        train_data,
-        cfg,
-        device=device,
-        store=store,
-        save_every=run.checkpoint.every,
-        resume=resume,
-        log_path=log_path,
-        on_log=on_log,
-        num_workers=run.data.num_workers,
-        progress=progress,
-        state_extra=extra,
-        strategy=run.distributed.strategy,
-        loss_fn=loss_fn,
-    )
+    with StopSignals() as stop:
+        result = fit(
+            model,
+            train_data,
+            cfg,
+            device=device,
+            store=store,
+            save_every=run.checkpoint.every,
+            resume=resume,
+            log_path=log_path,
+            on_log=on_log,
+            num_workers=run.data.num_workers,
+            progress=progress,
+            state_extra=extra,
+            strategy=run.distributed.strategy,
+            loss_fn=loss_fn,
+            stop=stop,
+        )
+    if result.stopped_by is not None:  # the state at result.step is saved; the final model is not written
+        again = command if command and "--resume" in command.split() else None
+        again = again or (f"{command} --resume" if command else f"ditq train --resume --out {out}")
+        raise StoppedBySignal(
+            f"stopped at step {result.step} of {cfg.steps} by {result.stopped_by}; its state is "
+            f"{result.last_checkpoint}; resume with: {again}"
+        )
     error = None
     if main:
         use_ema = run.checkpoint.weights_to_export(quantized=qconfig is not None) == "ema"

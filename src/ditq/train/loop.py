@@ -52,6 +52,7 @@ from ditq import distributed as dist
 from ditq.diffusion import create_diffusion
 from ditq.distributed import STRATEGIES, get_rank, get_world_size, is_main_process
 from ditq.errors import DitqError, InvalidArgumentError
+from ditq.preemption import StopSignals
 from ditq.train.checkpoint import StateStore
 from ditq.train.ema import make_ema, update_ema
 from ditq.train.resume import RunState
@@ -117,6 +118,7 @@ class FitResult:
     step: int = 0  # where it ended (cfg.steps)
     resumed_from: Path | None = None
     last_checkpoint: Path | None = None
+    stopped_by: str | None = None  # the signal that stopped the run early (see ditq.preemption), or None
 
 
 class StepData(Protocol):
@@ -164,6 +166,7 @@ def fit(
     state_extra: dict | None = None,
     strategy: str = "ddp",
     loss_fn: LossFn | None = None,
+    stop: StopSignals | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` (images or latents, with labels) for ``cfg.steps`` steps.
 
@@ -186,6 +189,11 @@ def fit(
     ``fit`` with the same arguments. The returned model and EMA are plain
     (unwrapped, unsharded) modules, except under FSDP on ranks other than 0,
     which get their sharded modules.
+
+    With ``stop`` (a :class:`~ditq.preemption.StopSignals` in force), a SIGTERM, SIGINT or SIGUSR1
+    ends the run after the step it arrives in: the state is saved to ``store`` at that step (every
+    rank agrees on it), and the result says ``stopped_by``; ``resume`` continues from there to the
+    same numbers as a run that was never stopped.
 
     Every ``cfg.log_every`` steps a record (step, mean loss over all
     processes, grad norm, lr, images/s, elapsed s) goes to ``log_path`` (JSON
@@ -270,11 +278,13 @@ def fit(
             on_log=on_log,
             num_workers=num_workers,
             progress=progress,
+            stop=stop,
         )
     finally:
         if label_drop is not None:
             label_drop.restore()
-    result.step = max(result.start_step, cfg.steps)
+    if result.stopped_by is None:
+        result.step = max(result.start_step, cfg.steps)
     if fsdp:
         model_state, ema_state = dist.fsdp_model_state(model), dist.fsdp_model_state(ema)
         if main:
@@ -286,7 +296,7 @@ def fit(
 
 
 def _steps(
-    run, data, cfg, result, *, store, save_every, log_path, on_log, num_workers, progress
+    run, data, cfg, result, *, store, save_every, log_path, on_log, num_workers, progress, stop=None
 ) -> list[dict]:
     """Steps ``result.start_step .. cfg.steps`` of :func:`fit`; returns the log records (rank 0's)."""
     model, ema, opt, scaler = run.model, run.ema, run.opt, run.scaler
@@ -372,8 +382,11 @@ def _steps(
             n_sum += 1
             done = step + 1
             bar.update(1)
+            stopping = stop is not None and done < cfg.steps and stop.should_stop()
             is_log = done % cfg.log_every == 0 or done == cfg.steps
-            is_save = store is not None and ((save_every and done % save_every == 0) or done == cfg.steps)
+            is_save = store is not None and (
+                (save_every and done % save_every == 0) or done == cfg.steps or stopping
+            )
             if is_log or is_save:
                 _check_finite(bad_step, bad_value, grad_clip=cfg.grad_clip, result=result)
             if is_save:
@@ -399,6 +412,9 @@ def _steps(
                         log_file.flush()
                     if on_log:
                         on_log(rec)
+            if stopping:
+                result.stopped_by, result.step = stop.received, done
+                break
     finally:
         bar.close()
         if log_file:

@@ -181,3 +181,41 @@ def test_imports_nothing_from_ditq_but_errors():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert {m for m in imported if m.startswith("ditq")} == {"ditq.errors"}
+
+
+# ----------------------------------------------------------------------------
+# A full disk or an unwritable folder: one line, the previous file kept, nothing partial
+# ----------------------------------------------------------------------------
+
+
+def test_a_full_disk_keeps_the_previous_file_and_says_what_it_needed(tmp_path, monkeypatch):
+    import os
+
+    from ditq import checkpoint as ckpt
+    from ditq.errors import EXIT_OUTPUT, OutputError
+
+    path = tmp_path / "model.safetensors"
+    ckpt.save_checkpoint(path, {"w": torch.zeros(256)}, {"n": 1})
+    monkeypatch.setattr(ckpt, "_written", 0)
+    monkeypatch.setenv(ckpt.FAULT_ENV, "100")  # the disk fills after 100 bytes
+    with pytest.raises(OutputError) as e:
+        ckpt.save_checkpoint(path, {"w": torch.ones(256)}, {"n": 2})
+    message = str(e.value)
+    assert "checkpoint" in message and str(path) in message and "disk is full" in message
+    assert "it needs 1.0 KB" in message and "previous model.safetensors is kept" in message
+    assert "\n" not in message and e.value.exit_status == EXIT_OUTPUT
+    assert os.listdir(tmp_path) == ["model.safetensors"]  # no temporary file left
+    assert torch.equal(ckpt.load_tensors(path)["w"], torch.zeros(256))
+
+
+@pytest.mark.parametrize("name,words", [("EROFS", "read-only"), ("EACCES", "permission denied")])
+def test_an_unwritable_folder_is_one_line(tmp_path, monkeypatch, name, words):
+    from ditq import checkpoint as ckpt
+    from ditq.errors import OutputError
+
+    monkeypatch.setenv(ckpt.FAULT_ERRNO_ENV, name)
+    with pytest.raises(OutputError) as e, ckpt.atomic_write(tmp_path / "r.json", "report") as tmp:
+        tmp.write_text("{}")
+    assert f"cannot write the report {tmp_path / 'r.json'}: " in str(e.value) and words in str(e.value)
+    assert f"make {tmp_path} writable" in str(e.value)
+    assert list(tmp_path.iterdir()) == []

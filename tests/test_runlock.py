@@ -40,7 +40,10 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
 def test_release_leaves_no_holder_and_a_clean_rerun_says_nothing(tmp_path):
     with RunLock(tmp_path):
         pass
-    assert (tmp_path / LOCK_FILE).read_text() == ""
+    assert not (tmp_path / LOCK_FILE).exists()
+    with RunLock(tmp_path / "new" / "run"):
+        pass
+    assert not (tmp_path / "new" / "run").exists()  # a folder the lock made and nothing else used goes
     notices = []
     with RunLock(tmp_path, log=notices.append) as lock:
         assert lock.previous is None

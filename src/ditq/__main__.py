@@ -1,7 +1,5 @@
 """``python -m ditq``: the ``ditq`` command line."""
 
-import sys
+from ditq.cli.main import entry
 
-from ditq.cli.main import main
-
-sys.exit(main())
+entry()

@@ -49,26 +49,29 @@ class RunLock:
         self.path = self.folder / LOCK_FILE
         self.previous: dict | None = None  # the record of a dead holder this lock took over
         self._fd: int | None = None
+        self._made_folder = False
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise :class:`RunLockedError` naming the live process that holds it."""
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            reason = e.strerror or str(e)
-            raise OutputError(
-                f"cannot lock the {self.what} {self.folder}: {reason}; make it writable or use another folder"
-            ) from None
-        try:
-            if fcntl is not None and not _flock(fd):
-                raise RunLockedError(self._held_message(_read(fd)))
-            record = _read(fd)
-            if fcntl is None and record and _alive(record):
-                raise RunLockedError(self._held_message(record))
-        except BaseException:
+        self._made_folder = not self.folder.exists()
+        for _ in range(10):  # a holder may remove the file between our open and our flock: open again
+            fd = self._open()
+            try:
+                if fcntl is not None and not _flock(fd):
+                    raise RunLockedError(self._held_message(_read(fd)))
+                record = _read(fd)
+                if fcntl is None and record and _alive(record):
+                    raise RunLockedError(self._held_message(record))
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, self.path):
+                break
             os.close(fd)
-            raise
+        else:
+            raise RunLockedError(
+                f"the {self.what} {self.folder} is being locked and unlocked by other processes"
+            )
         if record and record.get("pid") != os.getpid():
             self.previous = record
             if self.log is not None:
@@ -81,17 +84,32 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Drop the lock (the file stays, empty: the next run finds no holder in it)."""
+        """Drop the lock and remove its file (and the folder, if this lock made it and it is empty)."""
         if self._fd is None:
             return
         try:
-            os.ftruncate(self._fd, 0)
+            os.unlink(self.path)  # before unlocking: a waiting process then sees the file gone and retries
         except OSError:
             pass
         if fcntl is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+        if self._made_folder:
+            try:
+                self.folder.rmdir()  # only if empty: a run that wrote nothing leaves nothing
+            except OSError:
+                pass
+
+    def _open(self) -> int:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            raise OutputError(
+                f"cannot lock the {self.what} {self.folder}: {reason}; make it writable or use another folder"
+            ) from None
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -107,6 +125,14 @@ class RunLock:
             f"since {record.get('started')} ({record.get('command', '?')}); wait for it to finish or stop it "
             "(a stopped run resumes with the same command)"
         )
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _flock(fd: int) -> bool:

@@ -143,3 +143,52 @@ def test_a_read_only_output_is_one_line_and_writes_nothing(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "read-only" in lines[0] and "Traceback" not in proc.stderr
     assert not [p for p in out.rglob("*") if p.is_file() and p.name != ".ditq.lock"]
+
+
+def _torchrun(out: Path, *more: str) -> list[str]:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = ["-m", "ditq", "train", "--config", CONFIG, "--out", str(out), *TINY]
+    return [*launch, *run, "--set", "optim.batch_size=8", *more]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_two_processes_resume_bit_identically(tmp_path):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    full = _run(_torchrun(tmp_path / "full", "--quiet"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    want = load_tensors(tmp_path / "full" / "model.safetensors")
+
+    out = tmp_path / "run"
+    agent = subprocess.Popen(_torchrun(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=_env())  # fmt: skip
+    deadline = time.monotonic() + 240
+    while _steps_logged(out) < 6:
+        assert agent.poll() is None, agent.communicate()
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.02)
+    workers = sorted(_children(agent.pid))
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGTERM)  # one rank only: the other learns it at the step boundary
+    _, err = agent.communicate(timeout=120)  # no rank waits forever in a collective
+    stopped = [line for line in err.splitlines() if "stopped at step" in line]
+    assert stopped, err[-3000:]
+    step = int(stopped[0].split("stopped at step ")[1].split()[0])
+    assert (out / "checkpoints" / f"step_{step:07d}.pt").is_file()
+    again = _run(_torchrun(out, "--resume", "--quiet"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _same(out, want)

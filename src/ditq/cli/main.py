@@ -66,5 +66,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def entry() -> None:
+    """The ``ditq`` executable (and ``python -m ditq``): :func:`main`, then exit with its status.
+
+    Under ``torchrun`` the process leaves with ``os._exit`` once its output is flushed: in about one
+    launch in ten, a thread of torch's c10d store was still joinable when the interpreter's teardown
+    destroyed it, and the process aborted (SIGABRT) after its work was done and written, which
+    torchrun then reports as a failed run (torch 2.13, gloo on CPU; the workers of
+    tests/dist_worker.py leave the same way). Every file ditq writes is complete and renamed by then.
+    """
+    status = main()
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -10,6 +10,10 @@ once, as the signal would have without ditq (143 for SIGTERM, 130 for SIGINT).
 Under ``torchrun`` a signal reaches one process or several, not always all:
 :meth:`~StopSignals.should_stop` takes a collective OR over the ranks, so every
 rank stops at the same step and none waits in a collective for a rank that left.
+The OR runs in the background while the next step computes (a blocking one cost
+~0.24 ms a step with gloo on 2 CPU processes, over 1% of a tiny model's step), so
+ranks agree one boundary after the signal: the run stops one step later, and
+saves that step too.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: str | None = None
         self._previous: dict[int, object] = {}
+        self._pending = None  # (flag tensor, async all_reduce work) started at the previous boundary
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -43,6 +48,9 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._pending is not None:  # every rank started it: finish it before the group may go
+            self._pending[1].wait()
+            self._pending = None
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
@@ -55,17 +63,22 @@ class StopSignals:
         self.received = signal.Signals(number).name
 
     def should_stop(self, group=None) -> bool:
-        """Whether to stop at this boundary: a signal arrived here, or (under torch.distributed) on any
-        rank. Every rank must call it at the same boundaries when distributed."""
+        """Whether to stop at this boundary: a signal arrived here (one process), or on any rank before
+        the previous boundary (under torch.distributed; see the module doc). Every rank must call it at
+        the same boundaries when distributed."""
         local = self.received is not None
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
             return local
+        stop = False
+        if self._pending is not None:  # what the ranks said at the previous boundary
+            flag, work = self._pending
+            work.wait()
+            stop = bool(flag.item())
         flag = torch.tensor([1 if local else 0], dtype=torch.int32)
         if dist.get_backend(group) == "nccl":
             flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        stop = bool(flag.item())
+        self._pending = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True))
         if stop and self.received is None:
             self.received = "a signal on another rank"
         return stop

@@ -1,0 +1,102 @@
+"""What surviving preemption costs a training step: the stop check (StopSignals.should_stop) and the run lock.
+
+    python benchmarks/bench_long_runs.py [--steps 200] [--repeats 5] [--json out.json]
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_long_runs.py   # the collective check
+
+Trains the same tiny DiT (the tests' synthetic recipe: depth 1, 8x8 images, batch 32; the smallest step,
+so the largest relative cost) with ``fit(stop=StopSignals())`` and with ``fit(stop=None)``, alternating,
+``--repeats`` times each, one thread per process; reports the median time per step of each and the
+difference. The lock is taken once per run: its cost per step is its acquire + release time divided by
+the steps of a run. Prints a table; ``--json`` writes it with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from _common import cpu_flags, cpu_model, load_average
+
+from ditq.data.synthetic import load_synthetic_dataset
+from ditq.models import build_model, get_config
+from ditq.preemption import StopSignals
+from ditq.runlock import RunLock
+from ditq.train.loop import TrainConfig, fit
+
+
+def _steps_time(stop: bool, steps: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(
+        get_config("DiT-S/4", depth=1, hidden_size=64, num_heads=2, input_size=8, in_channels=1)
+    )
+    images, labels = load_synthetic_dataset(64, image_size=8, channels=1, seed=0)
+    cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, log_every=steps, seed=0)
+    t0 = time.perf_counter()
+    if stop:
+        with StopSignals() as s:
+            fit(model, (images, labels), cfg, stop=s)
+    else:
+        fit(model, (images, labels), cfg)
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    _steps_time(True, 20)  # warm up both paths
+    _steps_time(False, 20)
+    with_stop, without = [], []
+    for _ in range(args.repeats):
+        with_stop.append(_steps_time(True, args.steps))
+        without.append(_steps_time(False, args.steps))
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        for _ in range(50):
+            RunLock(d).acquire().release()
+        lock_s = (time.perf_counter() - t0) / 50
+    a, b = statistics.median(with_stop), statistics.median(without)
+    row = {
+        "processes": world,
+        "step_ms_with_stop_check": a * 1e3,
+        "step_ms_without": b * 1e3,
+        "stop_check_cost_pct": 100 * (a - b) / b,
+        "lock_ms_per_run": lock_s * 1e3,
+        "lock_cost_pct_per_step_over_the_run": 100 * lock_s / (b * args.steps),
+        "steps": args.steps,
+        "repeats": args.repeats,
+    }
+    if main_rank:
+        print(
+            f"{world} process(es), {args.steps} steps x {args.repeats}: step {b * 1e3:.3f} ms without the "
+            f"stop check, {a * 1e3:.3f} ms with it ({row['stop_check_cost_pct']:+.2f}%); the run lock "
+            f"{lock_s * 1e3:.3f} ms once a run ({row['lock_cost_pct_per_step_over_the_run']:.3f}% of "
+            f"{args.steps} steps)"
+        )
+        if args.json:
+            machine = {
+                "cpu": cpu_model(),
+                "isa": cpu_flags(),
+                "load": load_average(),
+                "torch": torch.__version__,
+            }
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine, "result": row}, f, indent=2)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -113,6 +113,16 @@ def atomic_write(path: PathLike, what: str = "file", *, size_hint: int | None = 
         raise
 
 
+def output_error(e: BaseException, what: str, path: PathLike) -> OutputError | None:
+    """The one-line :class:`OutputError` for ``e`` if it is a write failure the user can fix (a full disk,
+    a read-only or unwritable folder) while writing ``what`` at ``path``, else None: for writes that
+    cannot be atomic (appending to a log)."""
+    failure = _output_failure(e)
+    if failure is None:
+        return None
+    return OutputError(_output_message(what, Path(path), failure, None, 0))
+
+
 def _inject_disk_full(size: int) -> None:
     name = os.environ.get(FAULT_ERRNO_ENV)
     if name:

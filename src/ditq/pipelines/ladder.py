@@ -103,7 +103,7 @@ def _measure(model: nn.Module, spec: EvalSpec, quality: QualityFn, cache: Path |
         images, labels = draw_samples(model, spec)
         if cache is not None:  # the arrays as drawn (ADM's save_npz would widen grayscale to RGB)
             cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(cache) as tmp, open(tmp, "wb") as f:
+            with atomic_write(cache, "sample cache") as tmp, open(tmp, "wb") as f:
                 np.savez(f, arr_0=images, arr_1=labels)
     return quality(images, labels)
 

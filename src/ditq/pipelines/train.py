@@ -551,7 +551,7 @@ def _truncate_log(log_path: Path, step: int) -> None:
                 kept.append(line)
         except ValueError:  # a line cut off by a kill
             continue
-    with atomic_write(log_path) as tmp:
+    with atomic_write(log_path, "training log") as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
 
 

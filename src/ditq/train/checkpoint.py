@@ -42,7 +42,7 @@ class StateStore(Protocol):
 def save_state(path: str | os.PathLike, state: dict) -> None:
     """Write one training state atomically."""
     try:
-        with atomic_write(path) as tmp:
+        with atomic_write(path, "training state") as tmp:
             torch.save(state, tmp)
     except OSError as e:
         raise CheckpointError(

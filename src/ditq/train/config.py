@@ -267,7 +267,7 @@ class TrainRun:
 
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else self.to_yaml()
-        with atomic_write(path) as tmp:
+        with atomic_write(path, "run config") as tmp:
             tmp.write_text(text)
 
     @classmethod

@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ditq import distributed as dist
+from ditq.checkpoint import output_error
 from ditq.diffusion import create_diffusion
 from ditq.distributed import STRATEGIES, get_rank, get_world_size, is_main_process
 from ditq.errors import DitqError, InvalidArgumentError
@@ -325,7 +326,7 @@ def _steps(
         batches = iter(loader)
 
     records: list[dict] = []
-    log_file = open(log_path, "a") if log_path and main else None  # noqa: SIM115 (kept open for the run)
+    log_file = _open_log(log_path) if log_path and main else None
     bar = _progress_bar(start, cfg.steps, enabled=progress and main)
     # Non-finite losses are noted on the device and checked at log and save points
     # only: a per-step check would synchronize the GPU every step.
@@ -408,8 +409,7 @@ def _steps(
                     records.append(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
                     if log_file:
-                        log_file.write(json.dumps(rec) + "\n")
-                        log_file.flush()
+                        _append(log_file, json.dumps(rec) + "\n", log_path)
                     if on_log:
                         on_log(rec)
             if stopping:
@@ -421,6 +421,29 @@ def _steps(
             log_file.close()
         del batches  # shuts down DataLoader workers
     return records
+
+
+def _open_log(path):
+    try:
+        return open(path, "a")  # noqa: SIM115 (kept open for the run)
+    except OSError as e:
+        error = output_error(e, "training log", path)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _append(log_file, line: str, path) -> None:
+    """Append a log line; a full disk or a read-only folder is one OutputError line (the log is a journal:
+    a resumed run truncates it to its state's step, so a half-written line is never read)."""
+    try:
+        log_file.write(line)
+        log_file.flush()
+    except OSError as e:
+        error = output_error(e, "training log", path)
+        if error is None:
+            raise
+        raise error from None
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -1,5 +1,6 @@
-"""QuantLinear and ActQuantizer: bit-exact against the primitives, GPTQ overrides, dynamic vs static
-activation ranges, the dequantized-weight cache, repr and one-line errors."""
+"""ditq.quant.nn: QuantLinear bit-exact against the primitives, GPTQ overrides, int4-packed storage (either
+layout loads into either storage), codes outside the bit width, the dequantized-weight cache, repr and
+one-line errors."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditq.errors import InvalidArgumentError
+from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.kernels import ops, pack_int4
 from ditq.quant import LayerQuant, QDiTConfig, QuantLinear
 from ditq.quant.act_quant import ActQuantizer
 from ditq.quant.gptq import GPTQ
 from ditq.quant.granularity import PerGroup, PerTensor, act_granularity, weight_granularity
 from ditq.quant.primitives import dequantize, fake_quantize, quant_params, quantize
+from ditq.quant.state import packed_state_dict
 
 
 def _linear(in_f: int = 64, out_f: int = 24, bias: bool = True) -> nn.Linear:
@@ -194,3 +197,42 @@ def test_group_size_errors_name_the_layer():
         QuantLinear.from_float(_linear(), LayerQuant(w_group=0, a_group=24))
     with pytest.raises(InvalidArgumentError, match="takes an nn.Linear"):
         QuantLinear.from_float(nn.Conv2d(3, 3, 1), LayerQuant())
+
+
+@pytest.mark.parametrize("w_sym", [False, True])
+def test_packed_storage_round_trips_and_loads_either_layout(w_sym):
+    cfg = LayerQuant(w_bits=4, w_group=32, w_sym=w_sym, a_bits=8)
+    q = QuantLinear.from_float(_linear(), cfg).eval()
+    codes = q.qweight.clone()
+    p = QuantLinear.from_float(_linear(), cfg).eval().pack_()
+    assert p.packed and p.qweight.shape == (24, 32) and p.qweight.dtype == torch.uint8
+    assert torch.equal(p.codes(), codes) and not p.cache_weight
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(p(x), q(x))  # the same codes: the same numbers on every path
+        with ops.use_backend("reference"):
+            assert torch.equal(p(x), q(x))
+    # state dicts hold what the layer stores; either form loads into either storage
+    assert p.state_dict()["qweight"].shape == (24, 32) and q.state_dict()["qweight"].shape == (24, 64)
+    for src in (p.state_dict(), q.state_dict()):
+        for packed in (False, True):
+            dst = QuantLinear.empty(_linear(), cfg, packed=packed)
+            dst.load_state_dict(src)
+            assert dst.packed == packed and torch.equal(dst.codes(), codes)
+    assert torch.equal(p.unpack_().qweight, codes) and not p.packed
+    assert torch.equal(packed_state_dict(nn.Sequential(q))["0.qweight"], p.pack_().qweight)
+    assert torch.equal(p.qweight, pack_int4((codes.short() + 8 * w_sym).to(torch.uint8)))
+    wide = QuantLinear.from_float(_linear(), LayerQuant(w_bits=8, w_group=0)).pack_()
+    assert not wide.packed and wide.qweight.shape == (24, 64)  # only <= 4 bits pack
+
+
+def test_codes_outside_the_bit_width_are_a_checkpoint_error_naming_the_layer():
+    cfg = LayerQuant(w_bits=4, w_group=32, a_bits=8)
+    wide = QuantLinear.from_float(_linear(), LayerQuant(w_bits=8, w_group=32, a_bits=8)).state_dict()
+    for packed in (False, True):
+        dst = QuantLinear.empty(_linear(), cfg, layer="blocks.0.mlp.fc1", packed=packed)
+        with pytest.raises(CheckpointError) as e:
+            dst.load_state_dict(wide)
+        msg = str(e.value)
+        assert "layer 'blocks.0.mlp.fc1': qweight holds codes from 0 to 255" in msg
+        assert "outside the 4-bit range [0, 15]" in msg and "\n" not in msg

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ditq.errors import CheckpointError
-from ditq.quant import QDiTConfig, pack_, quantize_, quantized_layers
+from ditq.models import DiT, DiTConfig
+from ditq.quant import QDiTConfig, calibrate, pack_, quantize_, quantized_layers
 from ditq.quant.state import load_quantized_state_dict, packed_state_dict
 
 
@@ -50,3 +51,88 @@ def test_pack_converts_every_small_layer():
     assert model[0].packed and not model[2].packed
     assert all(not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() < 2 or t.shape[1] < 32
                for n, t in model[0].state_dict().items())  # fmt: skip
+
+
+TINY = DiTConfig(depth=2, hidden_size=64, num_heads=2, patch_size=2, input_size=8, num_classes=10)
+
+
+def _dit(seed: int = 0) -> DiT:
+    """A tiny DiT with every weight random; std 0.1 makes the blocks matter (~half of the output)."""
+    torch.manual_seed(seed)
+    model = DiT(TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def _inputs(seed: int = 1, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = scale * torch.randn(4, 4, 8, 8, generator=g)
+    return x, torch.tensor([0, 250, 500, 999]), torch.tensor([1, 3, 5, 10])
+
+
+def _run(model, *inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*(inputs or _inputs()))
+
+
+def _one_line(exc_info, *words):
+    msg = str(exc_info.value)
+    assert "\n" not in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_save_and_reload_gives_identical_outputs(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = QDiTConfig(
+        w_bits=4,
+        a_bits=8,
+        w_group=32,
+        a_group=16,
+        dynamic=False,
+        quantize_adaln=True,
+        layers={"blocks.0.attn.qkv": {"w_group": 16, "a_group": 0}, "blocks.1.mlp.fc2": {"a_bits": None}},
+    )
+    model = quantize_(_dit(), cfg, exclude=["blocks.1.attn.proj"])
+    with calibrate(model):
+        _run(model)
+    out = _run(model)
+    save_file(model.state_dict(), tmp_path / "q.safetensors")
+    (tmp_path / "q.json").write_text(cfg.to_json())
+
+    fresh = _dit(seed=7)  # other float weights: everything must come from the file
+    loaded = load_quantized_state_dict(
+        fresh, load_file(tmp_path / "q.safetensors"), QDiTConfig.from_json((tmp_path / "q.json").read_text())
+    )
+    assert loaded is fresh
+    assert list(quantized_layers(fresh)) == list(quantized_layers(model))
+    assert type(fresh.get_submodule("blocks.1.attn.proj")) is nn.Linear
+    assert torch.equal(_run(fresh), out)
+
+
+def test_reload_with_the_wrong_config_is_one_line():
+    model = quantize_(_dit(), QDiTConfig(w_group=32))
+    sd = model.state_dict()
+    fresh = _dit()
+    with pytest.raises(CheckpointError) as e:
+        load_quantized_state_dict(fresh, sd, QDiTConfig(w_group=16))
+    _one_line(e, "layer 'blocks.0.attn.qkv': w_scale is", "(192, 2)", "(192, 4)")
+    with pytest.raises(CheckpointError) as e:
+        load_quantized_state_dict(fresh, sd, QDiTConfig(w_group=32, w_sym=True))
+    _one_line(e, "qweight is torch.uint8")
+    with pytest.raises(CheckpointError) as e:
+        load_quantized_state_dict(fresh, sd, QDiTConfig(w_group=32, dynamic=False))
+    _one_line(e, "missing", "act_quant.lo")
+    with pytest.raises(CheckpointError) as e:
+        load_quantized_state_dict(fresh, _dit().state_dict(), QDiTConfig(w_group=32))
+    _one_line(e, "no quantized layers")
+    with pytest.raises(CheckpointError) as e:
+        load_quantized_state_dict(fresh, sd, QDiTConfig(w_group=32, layers={"final_layer.linear": {}}))
+    _one_line(e, "does not quantize: final_layer.linear")
+    assert not quantized_layers(fresh)  # failed loads leave the float model as it was
+    load_quantized_state_dict(fresh, sd, QDiTConfig(w_group=32))
+    assert torch.equal(_run(fresh), _run(model))

@@ -1,4 +1,6 @@
-"""ditq.pipelines.ptq: calibration recording and cache, RTN/static/GPTQ, quantized checkpoints, run_ptq."""
+"""ditq.pipelines.ptq: calibration recording and cache, RTN/static/GPTQ, run_ptq (checkpoint, report, search).
+
+Saving and reloading Q-DiT checkpoints is tests/formats/test_formats_qdit.py."""
 
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ import pytest
 import torch
 
 import ditq
-from ditq import models, quant
+from ditq import quant
 from ditq.errors import InvalidArgumentError
-from ditq.formats import qdit
 from ditq.models import DiT, DiTConfig
 from ditq.pipelines import ptq
 
@@ -35,11 +36,6 @@ def _dit(seed: int = 0) -> DiT:
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DITQ_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(5)
-    return torch.randn(3, 1, 16, 16, generator=g), torch.tensor([3, 300, 900]), torch.tensor([0, 2, 4])
 
 
 def test_record_calibration_is_cached_by_model_and_settings(cache, monkeypatch):
@@ -72,57 +68,6 @@ def test_calibration_of_the_wrong_shape_is_a_one_line_error():
     assert not quant.quantized_layers(model)
     with pytest.raises(InvalidArgumentError, match="needs calibration data"):
         ptq.quantize_model(model, quant.QDiTConfig(dynamic=False))
-
-
-@pytest.mark.parametrize(
-    "config,gptq",
-    [
-        (quant.QDiTConfig(w_bits=8, a_bits=8, w_group=0), False),
-        (quant.QDiTConfig(w_bits=4, w_group=0, a_group=-1, dynamic=False), False),
-        (
-            quant.QDiTConfig(w_bits=4, w_group=32, a_group=32, layers={"blocks.1.mlp.fc2": {"w_group": 64}}),
-            True,
-        ),
-    ],
-)
-def test_saved_quantized_checkpoints_reload_to_identical_outputs(tmp_path, cache, config, gptq):
-    model = _dit()
-    calib = ptq.record_calibration(model, CALIB, cache=False)
-    ptq.quantize_model(model, config, calib=calib, gptq=gptq)
-    path = qdit.save(model, tmp_path / "q.safetensors", config, command="test")
-    assert ditq.formats.is_quantized(path) and not ditq.formats.is_quantized(tmp_path / "nope")
-    back = ditq.load(path)
-    assert back.quant_config == config
-    assert set(quant.quantized_layers(back)) == set(quant.quantized_layers(model))
-    x, t, y = _inputs()
-    with torch.no_grad():
-        assert torch.equal(back(x, t, y), model(x, t, y))
-
-
-def test_a_quantized_large_dit_reloads_as_a_large_dit(tmp_path):
-    # ditq ptq calibrates DiTs only; a Large-DiT quantized through the API saves and reloads too.
-    torch.manual_seed(0)
-    config = models.LargeDiTConfig(dim=64, n_layers=2, n_heads=4, input_size=16, in_channels=1)
-    model = models.LargeDiT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    config = quant.QDiTConfig(w_bits=8, a_bits=8, w_group=0, w_sym=True, a_sym=True)
-    quant.quantize_(model.eval(), config)
-    back = ditq.load(qdit.save(model, tmp_path / "q.safetensors", config, command="test"))
-    assert isinstance(back, models.LargeDiT)
-    x, t, y = _inputs()
-    with torch.no_grad():
-        assert torch.equal(back(x, t, y), model(x, t, y))
-
-
-def test_ditq_load_reads_float_checkpoints_too(tmp_path):
-    model = _dit()
-    ditq.save(model, tmp_path / "fp.safetensors")
-    back = ditq.load(tmp_path / "fp.safetensors")
-    assert not quant.quantized_layers(back)
-    with pytest.raises(InvalidArgumentError, match="no quantized layers"):
-        qdit.save(model, tmp_path / "q.safetensors", quant.QDiTConfig())
 
 
 def _fake_quality(calls):

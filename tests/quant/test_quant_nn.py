@@ -1,5 +1,6 @@
-"""QuantLinear and ActQuantizer: bit-exact against the primitives, GPTQ overrides, dynamic vs static
-activation ranges, the dequantized-weight cache, repr and one-line errors."""
+"""ditq.quant.nn: QuantLinear bit-exact against the primitives, GPTQ overrides, int4-packed storage (either
+layout loads into either storage), codes outside the bit width, the dequantized-weight cache, repr and
+one-line errors."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditq.errors import InvalidArgumentError
+from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.kernels import ops, pack_int4
 from ditq.quant import LayerQuant, QDiTConfig, QuantLinear
-from ditq.quant.act_quant import ActQuantizer
 from ditq.quant.gptq import GPTQ
 from ditq.quant.granularity import PerGroup, PerTensor, act_granularity, weight_granularity
 from ditq.quant.primitives import dequantize, fake_quantize, quant_params, quantize
+from ditq.quant.state import packed_state_dict
 
 
 def _linear(in_f: int = 64, out_f: int = 24, bias: bool = True) -> nn.Linear:
@@ -98,65 +100,6 @@ def test_bad_weight_override_is_one_line(override, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
-def test_dynamic_scales_follow_each_sample_and_call():
-    aq = ActQuantizer(8, 0)
-    x = torch.randn(2, 5, 16)
-    x2 = x.clone()
-    x2[0] *= 10  # sample 0 (e.g. another timestep) has a 10x range
-    s1, _ = aq.params(x)
-    s2, _ = aq.params(x2)
-    assert s1.shape == (2, 5, 1)
-    assert torch.allclose(s2[0], 10 * s1[0]) and torch.equal(s2[1], s1[1])  # per sample, per token
-    assert len(aq.state_dict()) == 0  # no state: nothing carries over between calls
-    assert torch.equal(aq(x2)[1], aq(x)[1])
-    grouped = ActQuantizer(8, 4).params(x)[0]
-    assert grouped.shape == (2, 5, 4)
-
-
-def test_static_per_tensor_calibrates_then_freezes():
-    aq = ActQuantizer(8, -1, dynamic=False, channels=16, layer="blocks.0.attn.qkv")
-    x1, x2 = torch.randn(3, 16), 5 * torch.randn(3, 16)
-    with pytest.raises(InvalidArgumentError, match="layer 'blocks.0.attn.qkv' has no calibrated range"):
-        aq(x1)
-    aq.calibrating = True
-    assert torch.equal(aq(x1), x1)  # passes through while observing
-    aq.calibrating = False
-    assert torch.equal(aq(x1), fake_quantize(x1, 8, PerTensor()))
-    lo, hi = aq.lo.clone(), aq.hi.clone()
-    out2 = aq(x2)
-    assert torch.equal(aq.lo, lo) and torch.equal(aq.hi, hi)  # frozen
-    assert not torch.equal(out2, fake_quantize(x2, 8, PerTensor()))  # unlike a dynamic range
-    step = float(hi - lo) / 255  # the grid ends within one step of the calibrated range (zero is rounded)
-    assert float(out2.max()) <= float(hi) + step and float(out2.min()) >= float(lo) - step
-    assert float(x2.abs().max()) > 2 * float(hi.abs().max() + lo.abs().max())  # so x2 really was clipped
-
-
-def test_static_per_channel_ranges():
-    aq = ActQuantizer(8, 1, dynamic=False, channels=16)  # a_group 1: one range per channel
-    x = torch.randn(2, 3, 16) * torch.linspace(0.1, 10, 16)
-    aq.calibrating = True
-    aq(x[:1])
-    aq(x[1:])  # running min/max over both calls
-    aq.calibrating = False
-    assert aq.lo.shape == (16,)
-    assert torch.equal(aq.lo, x.reshape(-1, 16).amin(0)) and torch.equal(aq.hi, x.reshape(-1, 16).amax(0))
-    cols = x.reshape(-1, 16).t().contiguous()  # each channel as one row
-    ref = fake_quantize(cols, 8, act_granularity(0)).t().reshape(x.shape)
-    assert torch.equal(aq(x), ref)
-
-
-def test_static_ranges_load_as_calibrated():
-    a = ActQuantizer(8, 0, dynamic=False, channels=8)
-    a.calibrating = True
-    a(torch.randn(4, 8))
-    a.calibrating = False
-    b = ActQuantizer(8, 0, dynamic=False, channels=8)
-    assert not b.calibrated
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(4, 8)
-    assert b.calibrated and torch.equal(b(x), a(x))
-
-
 def test_weight_cache_tracks_buffer_changes():
     q = QuantLinear.from_float(_linear(), LayerQuant(w_group=32))
     w1 = q.dequantized_weight()
@@ -194,3 +137,42 @@ def test_group_size_errors_name_the_layer():
         QuantLinear.from_float(_linear(), LayerQuant(w_group=0, a_group=24))
     with pytest.raises(InvalidArgumentError, match="takes an nn.Linear"):
         QuantLinear.from_float(nn.Conv2d(3, 3, 1), LayerQuant())
+
+
+@pytest.mark.parametrize("w_sym", [False, True])
+def test_packed_storage_round_trips_and_loads_either_layout(w_sym):
+    cfg = LayerQuant(w_bits=4, w_group=32, w_sym=w_sym, a_bits=8)
+    q = QuantLinear.from_float(_linear(), cfg).eval()
+    codes = q.qweight.clone()
+    p = QuantLinear.from_float(_linear(), cfg).eval().pack_()
+    assert p.packed and p.qweight.shape == (24, 32) and p.qweight.dtype == torch.uint8
+    assert torch.equal(p.codes(), codes) and not p.cache_weight
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(p(x), q(x))  # the same codes: the same numbers on every path
+        with ops.use_backend("reference"):
+            assert torch.equal(p(x), q(x))
+    # state dicts hold what the layer stores; either form loads into either storage
+    assert p.state_dict()["qweight"].shape == (24, 32) and q.state_dict()["qweight"].shape == (24, 64)
+    for src in (p.state_dict(), q.state_dict()):
+        for packed in (False, True):
+            dst = QuantLinear.empty(_linear(), cfg, packed=packed)
+            dst.load_state_dict(src)
+            assert dst.packed == packed and torch.equal(dst.codes(), codes)
+    assert torch.equal(p.unpack_().qweight, codes) and not p.packed
+    assert torch.equal(packed_state_dict(nn.Sequential(q))["0.qweight"], p.pack_().qweight)
+    assert torch.equal(p.qweight, pack_int4((codes.short() + 8 * w_sym).to(torch.uint8)))
+    wide = QuantLinear.from_float(_linear(), LayerQuant(w_bits=8, w_group=0)).pack_()
+    assert not wide.packed and wide.qweight.shape == (24, 64)  # only <= 4 bits pack
+
+
+def test_codes_outside_the_bit_width_are_a_checkpoint_error_naming_the_layer():
+    cfg = LayerQuant(w_bits=4, w_group=32, a_bits=8)
+    wide = QuantLinear.from_float(_linear(), LayerQuant(w_bits=8, w_group=32, a_bits=8)).state_dict()
+    for packed in (False, True):
+        dst = QuantLinear.empty(_linear(), cfg, layer="blocks.0.mlp.fc1", packed=packed)
+        with pytest.raises(CheckpointError) as e:
+            dst.load_state_dict(wide)
+        msg = str(e.value)
+        assert "layer 'blocks.0.mlp.fc1': qweight holds codes from 0 to 255" in msg
+        assert "outside the 4-bit range [0, 15]" in msg and "\n" not in msg

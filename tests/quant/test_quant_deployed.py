@@ -1,5 +1,6 @@
-"""QuantLinear and TernaryLinear on the integer kernels of ditq.kernels: which settings hit which op, the
-numbers against the fake-quant path, int4-packed storage and its state dicts, when the float path runs."""
+"""ditq.quant.deployed: DeployedQuantLinear on the integer kernels of ditq.kernels: which settings hit which
+op, the numbers against the fake-quant path, input codes against the act quantizer's on every backend,
+when the float path runs (kernel_plan, training, use_kernels)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from ditq.errors import CheckpointError
-from ditq.kernels import cpu, ops, pack_int4
-from ditq.quant import (
-    LayerQuant,
-    QDiTConfig,
-    QuantLinear,
-    TernaryLinear,
-    TernaryQATConfig,
-    kernel_plan,
-    pack_,
-    quantize_,
-    quantized_layers,
-    set_kernels,
-)
+from ditq.kernels import cpu, ops
+from ditq.quant import LayerQuant, QuantLinear, kernel_plan, set_kernels
 from ditq.quant.deployed import DeployedQuantLinear
 from ditq.quant.nn import kernel_op_for
-from ditq.quant.state import load_quantized_state_dict, packed_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -156,112 +144,3 @@ def test_training_gradients_and_use_kernels_keep_the_fake_quant_path():
         assert q.kernel_for(x) == "w8a8_linear"
         assert set_kernels(nn.Sequential(q), False) == 1 and q.kernel_for(x) is None
         assert kernel_plan(nn.Sequential(q)) == {"0": "float: use_kernels is off"}
-
-
-@pytest.mark.parametrize("w_sym", [False, True])
-def test_packed_storage_round_trips_and_loads_either_layout(w_sym):
-    cfg = LayerQuant(w_bits=4, w_group=32, w_sym=w_sym, a_bits=8)
-    q = QuantLinear.from_float(_linear(), cfg).eval()
-    codes = q.qweight.clone()
-    p = QuantLinear.from_float(_linear(), cfg).eval().pack_()
-    assert p.packed and p.qweight.shape == (24, 32) and p.qweight.dtype == torch.uint8
-    assert torch.equal(p.codes(), codes) and not p.cache_weight
-    x = torch.randn(4, 64)
-    with torch.no_grad():
-        assert torch.equal(p(x), q(x))  # the same codes: the same numbers on every path
-        with ops.use_backend("reference"):
-            assert torch.equal(p(x), q(x))
-    # state dicts hold what the layer stores; either form loads into either storage
-    assert p.state_dict()["qweight"].shape == (24, 32) and q.state_dict()["qweight"].shape == (24, 64)
-    for src in (p.state_dict(), q.state_dict()):
-        for packed in (False, True):
-            dst = QuantLinear.empty(_linear(), cfg, packed=packed)
-            dst.load_state_dict(src)
-            assert dst.packed == packed and torch.equal(dst.codes(), codes)
-    assert torch.equal(p.unpack_().qweight, codes) and not p.packed
-    assert torch.equal(packed_state_dict(nn.Sequential(q))["0.qweight"], p.pack_().qweight)
-    assert torch.equal(p.qweight, pack_int4((codes.short() + 8 * w_sym).to(torch.uint8)))
-    wide = QuantLinear.from_float(_linear(), LayerQuant(w_bits=8, w_group=0)).pack_()
-    assert not wide.packed and wide.qweight.shape == (24, 64)  # only <= 4 bits pack
-
-
-def test_codes_outside_the_bit_width_are_a_checkpoint_error_naming_the_layer():
-    cfg = LayerQuant(w_bits=4, w_group=32, a_bits=8)
-    wide = QuantLinear.from_float(_linear(), LayerQuant(w_bits=8, w_group=32, a_bits=8)).state_dict()
-    for packed in (False, True):
-        dst = QuantLinear.empty(_linear(), cfg, layer="blocks.0.mlp.fc1", packed=packed)
-        with pytest.raises(CheckpointError) as e:
-            dst.load_state_dict(wide)
-        msg = str(e.value)
-        assert "layer 'blocks.0.mlp.fc1': qweight holds codes from 0 to 255" in msg
-        assert "outside the 4-bit range [0, 15]" in msg and "\n" not in msg
-
-
-def _tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)).eval()
-
-
-def test_load_quantized_state_dict_checks_the_layout_and_fills_a_meta_model():
-    cfg = QDiTConfig(w_bits=4, w_group=16, a_bits=8, preset=None)
-    model = quantize_(_tiny(), cfg)
-    packed_sd, codes_sd = packed_state_dict(model), model.state_dict()
-    with torch.device("meta"):
-        skeleton = _tiny()
-    load_quantized_state_dict(skeleton, packed_sd, cfg, layout="int4", packed=True)
-    assert not any(t.is_meta for t in skeleton.state_dict().values())
-    assert all(q.packed for q in quantized_layers(skeleton).values())
-    assert skeleton[0].qweight.data_ptr() == packed_sd["0.qweight"].data_ptr()  # adopted, not copied
-    x = torch.randn(5, 32)
-    skeleton.eval()  # the same path as the model (the W4A8 kernel where it is fast, else the float path)
-    with torch.no_grad():
-        assert torch.equal(skeleton(x), model(x))
-    with pytest.raises(CheckpointError) as e:
-        load_quantized_state_dict(_tiny(), codes_sd, cfg, layout="int4")
-    msg = str(e.value)
-    assert "layer '0': qweight is torch.uint8 (64, 32) in the state dict but the config gives" in msg
-    assert "torch.uint8 (64, 16) (int4-packed) for 4-bit weights" in msg and "\n" not in msg
-    with pytest.raises(CheckpointError, match="layer '0': qweight is torch.uint8 \\(64, 16\\)"):
-        load_quantized_state_dict(_tiny(), packed_sd, cfg, layout="codes")
-    fresh = load_quantized_state_dict(_tiny(), codes_sd, cfg).eval()  # "auto": either layout
-    with torch.no_grad():
-        assert torch.equal(fresh(x), model(x))
-
-
-def _ternary(act_bits) -> nn.Module:
-    model = _tiny()
-    quantize_(model, TernaryQATConfig(act_bits=act_bits, preset=None))
-    quantize_(model, TernaryQATConfig(step="convert", preset=None))
-    return model.eval()
-
-
-@pytest.mark.parametrize("act_bits, op", [(8, "w158a8_linear"), (None, "ternary_linear")])
-def test_ternary_layers_run_their_op_and_match_the_float_path(act_bits, op):
-    model = _ternary(act_bits)
-    layer = model[0]
-    assert isinstance(layer, TernaryLinear) and layer.kernel_op == op
-    x = torch.randn(3, 7, 32)
-    with torch.no_grad():
-        set_kernels(model, False)
-        want = model(x)
-        set_kernels(model, True)
-        for backend in ops.available_backends():
-            with ops.use_backend(backend):
-                assert layer.kernel_for(x) == op
-                got = model(x)
-            if op == "ternary_linear" and backend == "reference":
-                assert torch.equal(got, want)  # weight-only: the same float operations
-            else:
-                assert _rel(got, want) < 1e-5
-        auto = layer.kernel_for(x)
-        assert auto == (op if ops.has_fast_impl(op, "cpu") else None)
-    layer.train()
-    assert layer.kernel_for(x) is None
-
-
-def test_pack_converts_every_small_layer():
-    cfg = QDiTConfig(w_bits=4, w_group=16, a_bits=8, preset=None, layers={"2": {"w_bits": 8}})
-    model = pack_(quantize_(_tiny(), cfg))
-    assert model[0].packed and not model[2].packed
-    assert all(not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() < 2 or t.shape[1] < 32
-               for n, t in model[0].state_dict().items())  # fmt: skip

@@ -174,8 +174,9 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_two_processes_resum
     want = load_tensors(tmp_path / "full" / "model.safetensors")
 
     out = tmp_path / "run"
+    # The ranks compare notes about every DITQ_DIST_STOP_CHECK_S seconds (2 by default): often here.
     agent = subprocess.Popen(_torchrun(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=_env())  # fmt: skip
+                             env=_env(DITQ_DIST_STOP_CHECK_S="0.05"))  # fmt: skip
     deadline = time.monotonic() + 240
     while _steps_logged(out) < 6:
         assert agent.poll() is None, agent.communicate()

@@ -25,8 +25,7 @@ stage() {
   case "$1" in
     tests)
       nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-      "$py" -m pytest -q tests/kernels/test_triton.py tests/kernels/test_triton_aot.py \
-        tests/models/test_dit_fused_quantization.py 2>&1 | tee "$out/tests_gpu.log"
+      "$py" -m pytest -q tests/kernels/test_triton*.py tests/quant/test_fuse.py 2>&1 | tee "$out/tests_gpu.log"
       ;;
     kernels-dit | kernels-terdit)
       "$py" benchmarks/bench_kernels.py --device cuda --shapes "${1#kernels-}" \

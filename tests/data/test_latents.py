@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ditq.cli.main import main
 from ditq.data import ImageFolderDataset, LatentDataset, extract_latents, read_manifest
 from ditq.data.folder import flip_bit
 from ditq.errors import DitqError
@@ -139,22 +138,6 @@ def test_training_on_latents(folder, tmp_path):
     meta = read_metadata(tmp_path / "run" / "model.safetensors")
     assert meta["vae"] == "fake" and meta["class_names"] == ["cat", "dog"]
     assert any("latents" in line and "4x4x4 from 32px images via fake" in line for line in lines)
-
-
-def test_cli_extract_latents_resumes(folder, tmp_path, capsys):
-    out = tmp_path / "latents"
-    argv = ["extract-latents", "--data", str(folder), "--vae", "pixel", "--out", str(out)]
-    argv += ["--image-size", "8", "--shard-size", "3", "--dtype", "float32", "--seed", "1"]
-    assert main(argv) == 0
-    assert "wrote 2 shard(s), kept 0" in capsys.readouterr().out
-    m = read_manifest(out)
-    assert m["vae"] == "pixel" and m["latent_shape"] == [3, 8, 8] and not m["flip"]
-    x, _ = ImageFolderDataset(folder, 8, random_flip=False)[4]
-    assert torch.equal(LatentDataset(out)[4][0], x)  # pixel space: the latents are the images
-    assert main(argv) == 0
-    assert "wrote 0 shard(s), kept 2" in capsys.readouterr().out
-    assert main([*argv[:-2], "--seed", "2", "--quiet"]) == 2
-    assert "other settings (seed 1 -> 2)" in capsys.readouterr().err
 
 
 def test_extract_through_a_real_diffusers_autoencoder(folder, tmp_path):

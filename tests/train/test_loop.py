@@ -4,7 +4,6 @@ import torch
 from ditq.errors import DitqError
 from ditq.models import create_model
 from ditq.train.checkpoint import CheckpointDir, SingleFileState, load_state
-from ditq.train.ema import make_ema, update_ema
 from ditq.train.loop import TrainConfig, fit, lr_at
 
 
@@ -49,17 +48,6 @@ def test_lr_schedule_warmup_and_step_decay():
     cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, decay_at=0.8, decay_factor=0.1)
     assert lr_at(0, cfg) == 0.1 and lr_at(9, cfg) == 1.0 and lr_at(79, cfg) == 1.0
     assert abs(lr_at(80, cfg) - 0.1) < 1e-12
-
-
-def test_ema_update():
-    m = torch.nn.Linear(3, 3)
-    e = make_ema(m)
-    with torch.no_grad():
-        m.weight.add_(1.0)
-    before = e.weight.clone()
-    update_ema(e, m, 0.9)
-    torch.testing.assert_close(e.weight, 0.9 * before + 0.1 * m.weight)
-    assert not e.weight.requires_grad
 
 
 # --- fit: data loaders, checkpoint folders, non-finite losses --------------------------------

@@ -20,7 +20,6 @@ from ditq.pipelines.train import init_from, run_training
 from ditq.quant import TernaryLinear, TernaryQATLinear, ternary_layers
 from ditq.train.checkpoint import load_state
 from ditq.train.config import ConfigError, TrainRun
-from ditq.train.distill import TeacherPool
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY_MODEL = {"name": "DiT-S/4", "overrides": {"depth": 1, "hidden_size": 32, "num_heads": 2}}
@@ -55,22 +54,6 @@ def _run(out, **changes) -> dict:
 
 def _train(d: dict, **kw):
     return run_training(TrainRun.from_dict(d), log=kw.pop("log", lambda _: None), **kw)
-
-
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory) -> Path:
-    """A tiny float DiT with every weight random (adaLN-Zero would make it output zeros)."""
-    torch.manual_seed(3)
-    model = models.create_model(
-        "DiT-S/4", input_size=8, depth=1, hidden_size=32, num_heads=2, in_channels=1, num_classes=4
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.1)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    ditq.save(model, path)
-    return path
 
 
 def _distill(out, teacher, **changes) -> dict:
@@ -281,33 +264,6 @@ def test_distillation_resumes_exactly_across_pool_refreshes(tmp_path, teacher_pa
     resumed = _train(_distill(tmp_path / "cut", teacher_path), resume=True)
     assert resumed.start_step == 4  # in pool 1 (steps 3-5), rebuilt on resume
     _same_run(tmp_path / "full", tmp_path / "cut", full.last_checkpoint, resumed.last_checkpoint)
-
-
-def test_teacher_pool_and_loss(teacher_path):
-    teacher = ditq.load(teacher_path)
-    pool = TeacherPool(teacher, size=5, steps=2, refresh=4, seed=0)
-    x, y = pool.batch(0, torch.tensor([0, 1, 7]))
-    assert x.shape == (3, 1, 8, 8) and torch.equal(x[0], pool.images[0]) and torch.equal(x[2], pool.images[2])
-    assert y.min() >= 0 and y.max() < 4 and x.abs().max() <= 1  # pixel space: clipped like ditq sample
-    first = pool.images.clone()
-    pool.batch(3, torch.tensor([0]))
-    assert torch.equal(pool.images, first)  # same pool until step 4
-    pool.batch(4, torch.tensor([0]))
-    assert pool.index == 1 and not torch.equal(pool.images, first)
-    pool.batch(0, torch.tensor([0]))
-    assert torch.equal(pool.images, first)  # pool 0 again, bit for bit
-
-    from ditq.diffusion import create_diffusion
-
-    diffusion = create_diffusion("")
-    t, noise = torch.tensor([10, 500, 990]), torch.randn(3, 1, 8, 8)
-    assert pool.loss(teacher, diffusion, x, t, y, noise) == 0  # the teacher matches itself
-    y_null = torch.full_like(y, 4)  # the null label reaches the teacher, for guidance
-    student = lambda x_t, t, y: torch.zeros(3, 2, 8, 8)  # noqa: E731
-    x_t = diffusion.q_sample(x, t, noise)
-    with torch.no_grad():
-        want = teacher(x_t, t, y_null).pow(2).mean()  # every channel: eps and variance
-    torch.testing.assert_close(pool.loss(student, diffusion, x, t, y_null, noise), want)
 
 
 #################################################################################

@@ -1,4 +1,5 @@
-"""Training-state stores: keep-last-K checkpoint folders and clear errors on bad files."""
+"""Training-state stores (ditq.train.checkpoint): keep-last-K checkpoint folders and clear errors on
+bad files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``evaluate`` and ``ditq eval`` end to end with a tiny feature extractor (no Inception weights)."""
+"""``ditq eval`` (ditq.cli.eval) end to end: with a tiny feature extractor (no Inception weights), and with
+``--evaluator fmnist`` and a tiny FID-FMNIST classifier; bad options and files as one-line errors."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 from ditq.cli.main import main
-from ditq.errors import InvalidArgumentError
 from ditq.eval import evaluator as E
 from ditq.eval import metrics as M
 from ditq.eval.npz import write_reference
@@ -52,78 +52,6 @@ def files(tmp_path, monkeypatch):
     write_reference(tmp_path / "ref_images_only.npz", images=ref_images)
     write_reference(tmp_path / "ref_stats_only.npz", mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     return {"dir": tmp_path, "samples": samples, "ref_images": ref_images}
-
-
-def test_evaluate_computes_every_metric_from_features(files):
-    d = files["dir"]
-    result = E.evaluate(d / "samples.npz", d / "ref.npz", batch_size=7, device="cpu", progress=False)
-    assert list(result["metrics"]) == ["fid", "sfid", "is", "precision", "recall"]
-    fs, fr = tiny_extractor(files["samples"]), tiny_extractor(files["ref_images"])
-    expected = {
-        "fid": M.frechet_distance(*_stats(files["samples"], "pool"), *_stats(files["ref_images"], "pool")),
-        "sfid": M.frechet_distance(
-            *_stats(files["samples"], "spatial"), *_stats(files["ref_images"], "spatial")
-        ),
-        "is": M.inception_score(fs["probs"].numpy()),
-    }
-    expected["precision"], expected["recall"] = M.precision_recall(fr["pool"].numpy(), fs["pool"].numpy())
-    assert result["metrics"] == pytest.approx(expected, rel=1e-5)
-    assert result["metrics"]["fid"] > 0.01 and 0 <= result["metrics"]["precision"] <= 1
-    assert result["samples"]["num_images"] == 40 and result["reference"]["num_images"] == 30
-    assert result["reference"]["statistics"] == {"fid": "read", "sfid": "read"}
-    json.dumps(result)  # serializable as it is
-
-
-def test_samples_against_their_own_reference_score_perfectly(files):
-    d = files["dir"]
-    mu, sigma = _stats(files["samples"], "pool")
-    write_reference(d / "self.npz", images=files["samples"], mu=mu, sigma=sigma)
-    result = E.evaluate(d / "samples.npz", d / "self.npz", metrics="fid,precision,recall", progress=False)
-    assert abs(result["metrics"]["fid"]) < 1e-6
-    assert result["metrics"]["precision"] == 1.0 and result["metrics"]["recall"] == 1.0
-
-
-def test_reference_statistics_are_read_not_recomputed(files):
-    d = files["dir"]
-    # statistics that do not belong to the images: the FID must follow the statistics
-    write_reference(d / "odd.npz", images=files["ref_images"], mu=np.zeros(6), sigma=np.eye(6))
-    result = E.evaluate(d / "samples.npz", d / "odd.npz", metrics="fid", progress=False)
-    expected = M.frechet_distance(*_stats(files["samples"], "pool"), np.zeros(6), np.eye(6))
-    assert result["metrics"]["fid"] == pytest.approx(expected)
-
-
-def test_missing_reference_statistics_need_the_flag(files):
-    d = files["dir"]
-    with pytest.raises(InvalidArgumentError, match="--compute-ref-stats") as e:
-        E.evaluate(d / "samples.npz", d / "ref_images_only.npz", metrics="fid,sfid", progress=False)
-    assert "\n" not in str(e.value)
-    computed = E.evaluate(
-        d / "samples.npz",
-        d / "ref_images_only.npz",
-        metrics="fid,sfid",
-        compute_ref_stats=True,
-        progress=False,
-    )
-    read = E.evaluate(d / "samples.npz", d / "ref.npz", metrics="fid,sfid", progress=False)
-    assert computed["metrics"] == pytest.approx(read["metrics"], rel=1e-9)
-    assert computed["reference"]["statistics"] == {"fid": "computed", "sfid": "computed"}
-
-
-def test_precision_recall_need_reference_images(files):
-    d = files["dir"]
-    with pytest.raises(InvalidArgumentError, match="no images") as e:
-        E.evaluate(d / "samples.npz", d / "ref_stats_only.npz", metrics="precision", progress=False)
-    assert "\n" not in str(e.value)
-    result = E.evaluate(d / "samples.npz", d / "ref_stats_only.npz", metrics="fid,sfid,is", progress=False)
-    assert set(result["metrics"]) == {"fid", "sfid", "is"} and result["reference"]["num_images"] is None
-
-
-def test_parse_metrics():
-    assert E.parse_metrics("recall, FID") == ("fid", "recall")
-    assert E.parse_metrics(None) == E.METRICS
-    for bad in ("fid,kid", "", " , "):
-        with pytest.raises(InvalidArgumentError):
-            E.parse_metrics(bad)
 
 
 #################################################################################

@@ -1,5 +1,6 @@
 """Data-free distillation's teacher pool (ditq.train.distill): pools drawn per refresh, reproducible,
-and the loss against the teacher's outputs. Distillation through ``ditq train`` is in test_qat.py."""
+and the loss against the teacher's outputs. Distillation through ``ditq train``: see
+tests/pipelines/test_pipeline_qat.py."""
 
 from __future__ import annotations
 

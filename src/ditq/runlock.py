@@ -9,6 +9,9 @@ a lock left by a dead process is never in the way: the next run takes it and
 says whose it was. On file systems without working ``flock`` (some network
 mounts) the lock falls back to the recorded pid, checked on this host.
 
+:meth:`RunLock.for_file` locks one file instead of a folder (``.NAME.lock`` beside it): a search
+state is one file, and two searches may keep theirs in one folder as long as they do not share one.
+
 Why a lock file and not just the atomic writes: two processes training the
 same run would each write valid checkpoints and interleave the log, so every
 file stays well-formed while the run is wrong.
@@ -47,8 +50,19 @@ class RunLock:
         self.what = what
         self.log = log
         self.path = self.folder / LOCK_FILE
+        self.subject = self.folder  # what messages name: the folder, or the file of for_file
         self.previous: dict | None = None  # the record of a dead holder this lock took over
         self._fd: int | None = None
+
+    @classmethod
+    def for_file(cls, path: str | os.PathLike, what: str = "file", *, log=None) -> RunLock:
+        """A lock on one file rather than its folder: ``.NAME.lock`` beside ``path``, messages naming
+        ``path`` (``RunLock.for_file("search.json", "search state")``)."""
+        path = Path(path)
+        lock = cls(path.parent, what, log=log)
+        lock.path = path.parent / f".{path.name}.lock"
+        lock.subject = path
+        return lock
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise :class:`RunLockedError` naming the live process that holds it."""
@@ -58,7 +72,8 @@ class RunLock:
         except OSError as e:
             reason = e.strerror or str(e)
             raise OutputError(
-                f"cannot lock the {self.what} {self.folder}: {reason}; make it writable or use another folder"
+                f"cannot lock the {self.what} {self.subject}: {reason}; make {self.folder} writable or use "
+                "another folder"
             ) from None
         try:
             if fcntl is not None and not _flock(fd):
@@ -73,7 +88,7 @@ class RunLock:
             self.previous = record
             if self.log is not None:
                 self.log(
-                    f"took over the lock of {self.what} {self.folder} from pid {record.get('pid')} on "
+                    f"took over the lock of {self.what} {self.subject} from pid {record.get('pid')} on "
                     f"{record.get('host')} (started {record.get('started')}), which is no longer running"
                 )
         _write(fd, _record())
@@ -101,9 +116,9 @@ class RunLock:
 
     def _held_message(self, record: dict | None) -> str:
         if not record:
-            return f"the {self.what} {self.folder} is in use by another process; wait for it to finish"
+            return f"the {self.what} {self.subject} is in use by another process; wait for it to finish"
         return (
-            f"the {self.what} {self.folder} is in use by pid {record.get('pid')} on {record.get('host')} "
+            f"the {self.what} {self.subject} is in use by pid {record.get('pid')} on {record.get('host')} "
             f"since {record.get('started')} ({record.get('command', '?')}); wait for it to finish or stop it "
             "(a stopped run resumes with the same command)"
         )
@@ -126,9 +141,7 @@ def _record() -> dict:
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(["ditq", *sys.argv[1:]])
-        if sys.argv and sys.argv[0].endswith("ditq")
-        else " ".join(sys.argv),
+        "command": _command(),
     }
 
 

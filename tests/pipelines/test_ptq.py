@@ -62,6 +62,18 @@ def test_record_calibration_is_cached_by_model_and_settings(cache, monkeypatch):
     assert len(list((cache / "calibration").glob("*.safetensors"))) == 2
 
 
+def test_a_calibration_cache_that_cannot_be_written_is_one_warning(cache, monkeypatch):
+    monkeypatch.setenv("DITQ_FAULT_WRITE_ERRNO", "EROFS")
+    warnings: list[str] = []
+    data = ptq.record_calibration(_dit(), CALIB, warn=warnings.append)
+    assert len(data) == 2 * CALIB.num_samples
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith(f"warning: cannot write the calibration cache {cache / 'calibration'}/")
+    assert ": the file system is read-only; going on without caching the calibration inputs" in warnings[0]
+    assert "run the same command again" not in warnings[0]  # the run goes on: no advice to rerun
+    assert not list((cache / "calibration").glob("*"))
+
+
 def test_calibration_of_the_wrong_shape_is_a_one_line_error():
     model = _dit()
     bad = quant.CalibrationData(torch.zeros(2, 4, 32, 32), torch.zeros(2), {"y": torch.zeros(2).long()})

@@ -224,13 +224,16 @@ def _fsync_dir(folder: Path) -> None:
 #################################################################################
 
 
-def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping) -> None:
+def save_checkpoint(
+    path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping, *, what: str = "checkpoint"
+) -> None:
     """Write ``tensors`` and ``metadata`` to ``path`` as a ditq safetensors checkpoint, atomically.
 
     ``metadata`` must be JSON-serializable; it is stored under the ``"ditq"``
     key together with ``format_version``. Tensors are detached, moved to CPU
     and made contiguous; tensors sharing storage with an earlier one are
-    cloned (safetensors stores each tensor on its own).
+    cloned (safetensors stores each tensor on its own). ``what`` names the
+    file in the one-line error of a failed write (``"quantized checkpoint"``).
     """
     path = Path(path)
     meta = {"format_version": FORMAT_VERSION, **{k: v for k, v in metadata.items() if k != "format_version"}}
@@ -244,11 +247,11 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, torch.Tensor], metadat
 
     size = sum(t.numel() * t.element_size() for t in prepared.values()) + len(meta_json)
     try:
-        with atomic_write(path, "checkpoint", size_hint=size) as tmp:
+        with atomic_write(path, what, size_hint=size) as tmp:
             save_file(prepared, str(tmp), metadata={METADATA_KEY: meta_json})
     except OSError as e:  # not the user's to fix (EIO, ...): still one line
         reason = e.strerror or str(e)
-        raise CheckpointError(f"cannot write checkpoint {path}: {reason}") from e
+        raise CheckpointError(f"cannot write the {what} {path}: {reason}") from e
 
 
 def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,6 +9,9 @@ a lock left by a dead process is never in the way: the next run takes it and
 says whose it was. On file systems without working ``flock`` (some network
 mounts) the lock falls back to the recorded pid, checked on this host.
 
+:meth:`RunLock.for_file` locks one file instead of a folder (``.NAME.lock`` beside it): a search
+state is one file, and two searches may keep theirs in one folder as long as they do not share one.
+
 Why a lock file and not just the atomic writes: two processes training the
 same run would each write valid checkpoints and interleave the log, so every
 file stays well-formed while the run is wrong.
@@ -47,9 +50,20 @@ class RunLock:
         self.what = what
         self.log = log
         self.path = self.folder / LOCK_FILE
+        self.subject = self.folder  # what messages name: the folder, or the file of for_file
         self.previous: dict | None = None  # the record of a dead holder this lock took over
         self._fd: int | None = None
         self._made_folder = False
+
+    @classmethod
+    def for_file(cls, path: str | os.PathLike, what: str = "file", *, log=None) -> RunLock:
+        """A lock on one file rather than its folder: ``.NAME.lock`` beside ``path``, messages naming
+        ``path`` (``RunLock.for_file("search.json", "search state")``)."""
+        path = Path(path)
+        lock = cls(path.parent, what, log=log)
+        lock.path = path.parent / f".{path.name}.lock"
+        lock.subject = path
+        return lock
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise :class:`RunLockedError` naming the live process that holds it."""
@@ -70,13 +84,13 @@ class RunLock:
             os.close(fd)
         else:
             raise RunLockedError(
-                f"the {self.what} {self.folder} is being locked and unlocked by other processes"
+                f"the {self.what} {self.subject} is being locked and unlocked by other processes"
             )
         if record and record.get("pid") != os.getpid():
             self.previous = record
             if self.log is not None:
                 self.log(
-                    f"took over the lock of {self.what} {self.folder} from pid {record.get('pid')} on "
+                    f"took over the lock of {self.what} {self.subject} from pid {record.get('pid')} on "
                     f"{record.get('host')} (started {record.get('started')}), which is no longer running"
                 )
         _write(fd, _record())
@@ -108,7 +122,8 @@ class RunLock:
         except OSError as e:
             reason = e.strerror or str(e)
             raise OutputError(
-                f"cannot lock the {self.what} {self.folder}: {reason}; make it writable or use another folder"
+                f"cannot lock the {self.what} {self.subject}: {reason}; make {self.folder} writable or use "
+                "another folder"
             ) from None
 
     def __enter__(self) -> RunLock:
@@ -119,9 +134,9 @@ class RunLock:
 
     def _held_message(self, record: dict | None) -> str:
         if not record:
-            return f"the {self.what} {self.folder} is in use by another process; wait for it to finish"
+            return f"the {self.what} {self.subject} is in use by another process; wait for it to finish"
         return (
-            f"the {self.what} {self.folder} is in use by pid {record.get('pid')} on {record.get('host')} "
+            f"the {self.what} {self.subject} is in use by pid {record.get('pid')} on {record.get('host')} "
             f"since {record.get('started')} ({record.get('command', '?')}); wait for it to finish or stop it "
             "(a stopped run resumes with the same command)"
         )
@@ -152,9 +167,7 @@ def _record() -> dict:
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(["ditq", *sys.argv[1:]])
-        if sys.argv and sys.argv[0].endswith("ditq")
-        else " ".join(sys.argv),
+        "command": _command(),
     }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ditq import checkpoint
 from ditq.checkpoint import load_tensors, read_metadata
 from ditq.cli.main import main
 
@@ -137,3 +138,47 @@ def test_bad_sources_are_one_line_errors(runs, tmp_path, capsys):
     assert "holds no training state" in _error(["export", tmp_path, "--out", out], capsys)
     assert "--out must be a .safetensors file" in _error(["export", runs / "qat", "--out", "x.pt"], capsys)
     assert not Path(out).exists()
+
+
+@pytest.mark.parametrize("fault", ["disk-full", "read-only"])
+def test_a_full_disk_or_read_only_folder_is_one_line_exit_74_and_nothing_partial(
+    runs, tmp_path, capsys, monkeypatch, fault
+):
+    out, sizes = tmp_path / "t.safetensors", tmp_path / "sizes.json"
+    argv = ["export", str(runs / "qat"), "--out", str(out), "--sizes", str(sizes), "--quiet"]
+    monkeypatch.setattr(checkpoint, "_written", 0)
+    if fault == "disk-full":
+        monkeypatch.setenv(checkpoint.FAULT_ENV, "1000")
+        reason = f"cannot write the ternary checkpoint {out}: the disk is full (it needs "
+    else:
+        monkeypatch.setenv(checkpoint.FAULT_ERRNO_ENV, "EROFS")
+        reason = f"cannot write the ternary checkpoint {out}: the file system is read-only"
+    assert main(argv) == 74
+    err = capsys.readouterr().err
+    assert err.startswith(f"ditq: error: {reason}") and err.count("\n") == 1, err
+    assert fault == "disk-full" or f"; make {tmp_path} writable or write elsewhere" in err
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary file
+
+    # Room for the checkpoint but not the size breakdown: the checkpoint is whole, the breakdown absent.
+    monkeypatch.delenv(checkpoint.FAULT_ERRNO_ENV, raising=False)
+    monkeypatch.delenv(checkpoint.FAULT_ENV, raising=False)
+    assert main(argv[:4]) == 0  # the checkpoint alone, to know its size
+    capsys.readouterr()
+    monkeypatch.setattr(checkpoint, "_written", 0)
+    monkeypatch.setenv(checkpoint.FAULT_ENV, str(out.stat().st_size + 10))
+    assert main(argv) == 74
+    err = capsys.readouterr().err
+    assert err.startswith(f"ditq: error: cannot write the size breakdown {sizes}: the disk is full"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+
+    # A checkpoint written before is kept as it was, and the message says so.
+    before = out.read_bytes()
+    monkeypatch.setattr(checkpoint, "_written", 0)
+    if fault == "disk-full":
+        monkeypatch.setenv(checkpoint.FAULT_ENV, "1000")
+    else:
+        monkeypatch.setenv(checkpoint.FAULT_ERRNO_ENV, "EROFS")
+    assert main(argv) == 74
+    err = capsys.readouterr().err
+    assert err.startswith(f"ditq: error: {reason}") and "; the previous t.safetensors is kept; " in err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]

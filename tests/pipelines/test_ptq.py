@@ -58,6 +58,18 @@ def test_record_calibration_is_cached_by_model_and_settings(cache, monkeypatch):
     assert len(list((cache / "calibration").glob("*.safetensors"))) == 2
 
 
+def test_a_calibration_cache_that_cannot_be_written_is_one_warning(cache, monkeypatch):
+    monkeypatch.setenv("DITQ_FAULT_WRITE_ERRNO", "EROFS")
+    warnings: list[str] = []
+    data = ptq.record_calibration(_dit(), CALIB, warn=warnings.append)
+    assert len(data) == 2 * CALIB.num_samples
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith(f"warning: cannot write the calibration cache {cache / 'calibration'}/")
+    assert ": the file system is read-only; going on without caching the calibration inputs" in warnings[0]
+    assert "run the same command again" not in warnings[0]  # the run goes on: no advice to rerun
+    assert not list((cache / "calibration").glob("*"))
+
+
 def test_calibration_of_the_wrong_shape_is_a_one_line_error():
     model = _dit()
     bad = quant.CalibrationData(torch.zeros(2, 4, 32, 32), torch.zeros(2), {"y": torch.zeros(2).long()})
@@ -124,6 +136,46 @@ def test_run_ptq_search_writes_a_layer_config_that_applies(tmp_path, cache):
     )  # fmt: skip
     r2 = ptq.run_ptq(opts2, log=lambda _: None)
     assert r2.config.layers == layers
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_signal_during_the_search_stops_it_after_the_generation_with_how_to_go_on(tmp_path, cache, keep):
+    import os
+    import signal
+
+    from ditq.errors import StoppedBySignal
+
+    ditq.save(_dit(), tmp_path / "fp.safetensors")
+    quality = _fake_quality([])
+
+    def interrupted(images, labels):  # SIGTERM arrives during the first evaluation
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return quality(images, labels)
+
+    sent: list[int] = []
+    state = tmp_path / "state.json"
+    opts = ptq.PTQOptions(
+        model=str(tmp_path / "fp.safetensors"), out=str(tmp_path / "q.safetensors"), w_bits=4,
+        w_group=32, search=True, search_groups=(16, 32, 64), search_population=4, search_generations=3,
+        search_state=str(state) if keep else None, device="cpu",
+        search_eval=ptq.EvalSpec(num_samples=4, steps=2, batch_size=4),
+    )  # fmt: skip
+    with pytest.raises(StoppedBySignal) as e:
+        ptq.run_ptq(opts, log=lambda _: None, quality=interrupted)
+    message = str(e.value)
+    assert message.startswith("stopped after generation 1 of 3 by SIGTERM; ") and "\n" not in message
+    if keep:
+        assert message.endswith(
+            f"the search state is {state}; resume with: the same options (search_state {state})"
+        )
+        assert json.loads(state.read_text())["generation"] == 1
+        result = ptq.run_ptq(opts, log=lambda _: None, quality=quality)  # no signal: it goes on to the end
+        assert result.checkpoint.is_file() and json.loads(state.read_text())["generation"] == 3
+    else:
+        assert "without --search-state its progress is not kept" in message
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back
 
 
 def test_quality_function_needs_a_reference_for_other_models():

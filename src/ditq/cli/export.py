@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
         log=None if args.quiet else print,
     )
     if args.sizes:
-        with atomic_write(args.sizes) as tmp:
-            tmp.write_text(json.dumps({"checkpoint": str(result.path), **result.sizes}, indent=2) + "\n")
+        data = (json.dumps({"checkpoint": str(result.path), **result.sizes}, indent=2) + "\n").encode()
+        with atomic_write(args.sizes, "size breakdown", size_hint=len(data)) as tmp:
+            tmp.write_bytes(data)
     return 0
 
 

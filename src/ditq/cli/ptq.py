@@ -7,6 +7,12 @@
 
 The checkpoint holds integer codes, group scales/zeros and the full
 quantization config (per-layer map included); ``ditq sample --model`` reads it.
+
+A search with ``--search-state`` resumes from that file, which one process at a
+time may use (a second exits 2 naming the first); SIGTERM, SIGINT or SIGUSR1
+stops it after the current generation is saved (exit 75, printing the command
+that resumes it). A write that fails for a full disk or a read-only folder is
+one line and exit 74, with the previous file kept.
 """
 
 from __future__ import annotations
@@ -76,7 +82,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--search-samples", type=int, default=800, help="samples per fitness FID (default 800)")
     s.add_argument("--search-steps", type=int, default=50, help="DDIM steps for fitness samples (default 50)")
     s.add_argument(
-        "--search-state", default=None, metavar="PATH", help="state file: resume an interrupted search"
+        "--search-state",
+        default=None,
+        metavar="PATH",
+        help="state file, saved every generation: the same command resumes a stopped or killed search",
     )
     e = p.add_argument_group("evaluation")
     e.add_argument(
@@ -155,10 +164,28 @@ def options_from_args(args: argparse.Namespace):
         report=args.report,
         seed=args.seed,
         device=args.device,
-        command="ditq " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=_command(args),
     )
     opts.qdit_config()  # bits and group sizes are checked before the model loads
     return opts
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line of ``args``: what the checkpoint records and what resumes a stopped search.
+
+    Rebuilt from the options rather than sys.argv, which is not ours when called as main([...]);
+    options left at their defaults are left out."""
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    parts = ["ditq", "ptq"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        parts += [flag] if action.nargs == 0 else [flag, str(value)]
+    return shlex.join(parts)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,12 +38,14 @@ def write(
     command: str | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    what: str = "checkpoint",
 ) -> Path:
     """Write ``model`` (its ``config`` and state dict) as a ditq checkpoint, atomically.
 
     ``command`` records what made the file (the CLI passes its command line);
     ``extra_metadata`` adds JSON-serializable entries (``quant_config``, ...);
-    ``state_dict`` replaces ``model.state_dict()`` (e.g. with packed codes).
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. with packed codes);
+    ``what`` names the file in the one-line error of a failed write.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -59,7 +61,7 @@ def write(
         if k in RESERVED:
             raise InvalidArgumentError(f"extra_metadata cannot set '{k}'; ditq writes it")
         metadata[k] = v
-    ckpt.save_checkpoint(path, model.state_dict() if state_dict is None else state_dict, metadata)
+    ckpt.save_checkpoint(path, model.state_dict() if state_dict is None else state_dict, metadata, what=what)
     return Path(path)
 
 

@@ -258,7 +258,7 @@ def ensure_official(
             f"{label} weights are not cached and download=False; fetch {entry.url} and put it at {dest}"
         )
     try:
-        with ckpt.atomic_write(dest) as tmp:
+        with ckpt.atomic_write(dest, f"{label} weights") as tmp:
             try:
                 fetch_url(entry.url, tmp, progress=progress)
             except (OSError, http.client.HTTPException, ValueError) as e:

@@ -76,8 +76,9 @@ def save(
         **(extra_metadata or {}),
     }
     return ditq_float.write(
-        model, path, command=command, extra_metadata=meta, state_dict=packed_state_dict(model)
-    )
+        model, path, command=command, extra_metadata=meta, state_dict=packed_state_dict(model),
+        what="quantized checkpoint",
+    )  # fmt: skip
 
 
 def load(path: PathLike, *, packed: bool = True) -> nn.Module:

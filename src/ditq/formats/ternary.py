@@ -160,8 +160,9 @@ def save_ternary(
     if cast is not None:
         state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
     return ditq_float.write(
-        model, path, command=command, extra_metadata={**(extra_metadata or {}), **meta}, state_dict=state
-    )
+        model, path, command=command, extra_metadata={**(extra_metadata or {}), **meta}, state_dict=state,
+        what="ternary checkpoint",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------

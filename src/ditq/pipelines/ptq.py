@@ -9,6 +9,12 @@
     model = ditq.load("w4a8.safetensors")                                    # identical outputs
 
 ``ditq ptq`` is :func:`run_ptq`. The checkpoint format is :mod:`ditq.formats.qdit`.
+
+Long searches survive preemption: the search state (``search_state``) is locked for the run (a second
+process on it gets a one-line error naming the first, exit 2), a SIGTERM, SIGINT or SIGUSR1 during the
+search stops it after the current generation is saved (:class:`~ditq.errors.StoppedBySignal`, exit 75,
+with the command that resumes it), and a full disk or read-only folder fails any write in one line
+(exit 74) with the previous file kept. A calibration cache that cannot be written is only a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,12 +34,14 @@ from torch import nn
 
 from ditq import checkpoint as ckpt
 from ditq import formats, quant
-from ditq.errors import CheckpointError, InvalidArgumentError
+from ditq.errors import CheckpointError, InvalidArgumentError, OutputError, StoppedBySignal
 from ditq.formats.official_dit import resolve_cache_dir
 from ditq.models.dit import DiT
 from ditq.pipelines.sample import make_labels, sample
+from ditq.preemption import StopSignals
 from ditq.quant.calibration import CalibrationData, CalibrationRecorder
 from ditq.quant.search import output_error_proxy
+from ditq.runlock import RunLock
 
 Log = Callable[[str], None]
 
@@ -85,12 +94,15 @@ def record_calibration(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
     log: Log | None = None,
+    warn: Log | None = None,
 ) -> CalibrationData:
     """Record ``spec.num_samples`` calibration inputs while sampling ``model`` (see :class:`CalibSpec`).
 
     Labels are uniform at random from ``spec.seed``. With ``cache`` the
     inputs are kept in ``$DITQ_CACHE/calibration/`` under a hash of the
-    model's weights and ``spec``, and read back on the next run.
+    model's weights and ``spec``, and read back on the next run. A cache that
+    cannot be written (full disk, read-only folder) is one line to ``warn``
+    (default stderr), and the inputs are returned all the same.
     """
     spec = spec or CalibSpec()
     path = _calib_cache_path(model, spec, cache_dir) if cache else None
@@ -116,7 +128,14 @@ def record_calibration(
             )  # fmt: skip
     data = recorder.data(meta={**asdict(spec), "model": model_fingerprint(model)})
     if path is not None:
-        data.save(path)
+        try:
+            data.save(path, what="calibration cache")
+        except (OutputError, CheckpointError) as e:
+            why = str(e).rsplit("; ", 1)[0] if isinstance(e, OutputError) else str(e)  # not its advice
+            (warn or _stderr)(
+                f"warning: {why}; going on without caching the calibration inputs (the next run records "
+                "them again; set DITQ_CACHE to a writable folder with space to keep them)"
+            )
     if log:
         log(
             f"calibration: recorded {len(data)} inputs from {spec.num_samples} samples (DDIM-{spec.steps}, "
@@ -312,7 +331,12 @@ def _size_mb(model: nn.Module) -> float:
 
 
 def run_ptq(
-    options: PTQOptions, *, log: Log = print, progress: bool = False, quality: QualityFn | None = None
+    options: PTQOptions,
+    *,
+    log: Log = print,
+    progress: bool = False,
+    quality: QualityFn | None = None,
+    warn: Log | None = None,
 ) -> PTQResult:
     """Quantize a DiT with Q-DiT: calibrate, optionally search group sizes, RTN or GPTQ, save, report.
 
@@ -323,14 +347,30 @@ def run_ptq(
     of samples from the FP and the quantized model drawn with identical seeds
     and labels. The report (JSON, and markdown beside it) records settings,
     sizes, quality and the time of each phase. ``quality`` replaces the
-    default measure (:func:`quality_function`).
+    default measure (:func:`quality_function`); ``warn`` gets warnings (default stderr).
+
+    A search with a ``search_state`` holds that state's lock for the whole run
+    (:meth:`~ditq.runlock.RunLock.for_file`); a signal during the search raises
+    :class:`~ditq.errors.StoppedBySignal` after the current generation is saved
+    (see the module doc), and the same options again resume it.
     """
+    base = options.qdit_config()  # bad bits / groups fail before loading
+    lock = None
+    if options.search and options.search_state:
+        lock = RunLock.for_file(options.search_state, "search state", log=log).acquire()
+    try:
+        return _run_ptq(options, base, log=log, progress=progress, quality=quality, warn=warn)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_ptq(options: PTQOptions, base, *, log: Log, progress: bool, quality, warn) -> PTQResult:
     from ditq.common import resolve_device
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     device = resolve_device(options.device)
-    base = options.qdit_config()  # bad bits / groups fail before loading
     layers = {}
     if options.layer_config:
         layers = quant.read_layer_config(options.layer_config)["layers"]
@@ -349,7 +389,7 @@ def run_ptq(
             check_calibration(calib, model)
             log(f"calibration: {len(calib)} inputs from {options.calib_data}")
         else:
-            calib = record_calibration(model, options.calib, progress=progress, log=log)
+            calib = record_calibration(model, options.calib, progress=progress, log=log, warn=warn)
         timings["calibration"] = time.perf_counter() - t
 
     if quality is None and (options.search or options.eval is not None):
@@ -359,7 +399,10 @@ def run_ptq(
     search_summary = None
     if options.search:
         t = time.perf_counter()
-        result = _search(model, base, options, calib, quality, log, progress)
+        with StopSignals() as stop:
+            result = _search(model, base, options, calib, quality, log, progress, stop.should_stop)
+        if result.stopped:
+            raise StoppedBySignal(_stopped_message(options, result, stop.received))
         layers = result.layers
         layer_config_path = Path(str(options.out) + ".layers.json")
         quant.write_layer_config(layer_config_path, result, meta={"model": options.model})
@@ -419,13 +462,27 @@ def _quality_line(fp: dict, q: dict) -> str:
     return ", ".join(f"{k} {q[k]:.4g} (FP {fp[k]:.4g})" for k in q)
 
 
-def _search(model, base, options: PTQOptions, calib, quality: QualityFn, log: Log, progress: bool):
+def _search(model, base, options: PTQOptions, calib, quality: QualityFn, log: Log, progress, should_stop):
     return granularity_search(
         model, base, quality, options.search_eval, calib=calib, groups=options.search_groups,
         population=options.search_population, generations=options.search_generations,
         prescreen=options.search_prescreen, seed=options.seed, state_path=options.search_state,
-        log=log, progress=progress,
+        log=log, progress=progress, should_stop=should_stop,
     )  # fmt: skip
+
+
+def _stopped_message(options: PTQOptions, result: quant.SearchResult, signal: str | None) -> str:
+    where = (
+        f"stopped after generation {result.generations} of {options.search_generations} by "
+        f"{signal or 'a signal'}"
+    )
+    if not options.search_state:
+        return (
+            f"{where}; without --search-state its progress is not kept: run again with --search-state "
+            "PATH to make the search resumable"
+        )
+    again = options.command or f"the same options (search_state {options.search_state})"
+    return f"{where}; the search state is {options.search_state}; resume with: {again}"
 
 
 def granularity_search(
@@ -443,11 +500,14 @@ def granularity_search(
     state_path: str | os.PathLike | None = None,
     log: Log | None = None,
     progress: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> quant.SearchResult:
     """:func:`ditq.quant.search` with Q-DiT's fitness: the quality (first metric, e.g. FID) of
     ``spec`` samples drawn with the same seed and labels for every candidate. With ``prescreen`` the
     noise-prediction error vs the float model on 64 calibration inputs pre-screens candidates.
-    Mutations and crossovers are half the population each, parents the best ``min(10, population)``."""
+    Mutations and crossovers are half the population each, parents the best ``min(10, population)``.
+    ``should_stop`` is asked after every generation (see :func:`ditq.quant.search`); the state is
+    not locked here (:func:`run_ptq` locks it)."""
 
     def fitness(quantized: nn.Module) -> float:
         images, labels = draw_samples(quantized, spec, progress=progress)
@@ -464,6 +524,7 @@ def granularity_search(
         model, fitness, base, groups=groups, population=population, generations=generations,
         top_k=min(10, population), mutations=population // 2, crossovers=population // 2,
         proxy=proxy, prescreen=prescreen, seed=seed, state_path=state_path, log=log,
+        should_stop=should_stop,
     )  # fmt: skip
 
 
@@ -472,10 +533,13 @@ def write_report(report: dict, path: str | os.PathLike) -> list[Path]:
     base = Path(path)
     base = base.with_suffix("") if base.suffix in (".json", ".md") else base
     json_path, md_path = base.with_name(base.name + ".json"), base.with_name(base.name + ".md")
-    with ckpt.atomic_write(json_path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    with ckpt.atomic_write(md_path) as tmp:
-        tmp.write_text(report_markdown(report))
+    for target, text in (
+        (json_path, json.dumps(report, indent=2) + "\n"),
+        (md_path, report_markdown(report)),
+    ):
+        data = text.encode()
+        with ckpt.atomic_write(target, "report", size_hint=len(data)) as tmp:
+            tmp.write_bytes(data)
     return [json_path, md_path]
 
 
@@ -511,3 +575,7 @@ def report_markdown(report: dict) -> str:
     if report.get("search"):
         lines += ["", "Search: " + json.dumps(report["search"])]
     return "\n".join(lines) + "\n"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)

@@ -112,11 +112,14 @@ class CalibrationData:
 
     # -- files -------------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, meta: Mapping | None = None) -> None:
-        """Write a safetensors file (atomic) with ``meta`` (default ``self.meta``) in its header."""
+    def save(
+        self, path: str | os.PathLike, meta: Mapping | None = None, *, what: str = "calibration data"
+    ) -> None:
+        """Write a safetensors file (atomic) with ``meta`` (default ``self.meta``) in its header;
+        ``what`` names it in the one-line error of a failed write."""
         tensors = {"x": self.x, "t": self.t, **{_KW_PREFIX + k: v for k, v in self.kwargs.items()}}
         meta = dict(self.meta if meta is None else meta)
-        save_checkpoint(path, tensors, {"kind": CALIBRATION_FORMAT, "calibration": meta})
+        save_checkpoint(path, tensors, {"kind": CALIBRATION_FORMAT, "calibration": meta}, what=what)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationData:

@@ -1,4 +1,5 @@
-"""Search state (ditq.quant.search.state): exact resume, and refusing a state made differently."""
+"""Search state (ditq.quant.search.state): exact resume, stopping at a generation boundary, refusing a
+state made differently, and a full disk that keeps the previous state."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 import pytest
 from search_helpers import CFG, SMALL, one_line, output_error, tiny, trace
 
-from ditq.errors import InvalidArgumentError
+from ditq import checkpoint
+from ditq.errors import InvalidArgumentError, OutputError
 from ditq.quant import QDiTConfig, search
 
 
@@ -60,3 +62,42 @@ def test_resume_refuses_a_state_made_differently(tmp_path):
     with pytest.raises(InvalidArgumentError) as e:
         search(model, fit, CFG, **SMALL, state_path=path)
     one_line(e)
+
+
+def test_should_stop_ends_after_the_saved_generation_and_the_same_call_continues(tmp_path):
+    model = tiny()
+    fit = output_error(model)
+    straight = search(model, fit, CFG, **SMALL, seed=5)
+    assert not straight.stopped
+    path = tmp_path / "state.json"
+    asked: list[int] = []
+
+    def should_stop() -> bool:  # a signal arrives during generation 2
+        asked.append(json.loads(path.read_text())["generation"])  # asked after the save
+        return len(asked) == 2
+
+    stopped = search(model, fit, CFG, **SMALL, seed=5, state_path=path, should_stop=should_stop)
+    assert stopped.stopped and stopped.generations == 2 and asked == [1, 2]
+    assert json.loads(path.read_text())["generation"] == 2
+    resumed = search(model, fit, CFG, **SMALL, seed=5, state_path=path, should_stop=lambda: False)
+    assert not resumed.stopped and trace(resumed) == trace(straight)
+    with pytest.raises(InvalidArgumentError, match="should_stop"):
+        search(model, fit, CFG, **SMALL, should_stop=True)
+
+
+def test_a_full_disk_keeps_the_previous_state_and_the_same_call_resumes(tmp_path, monkeypatch):
+    model = tiny()
+    fit = output_error(model)
+    path = tmp_path / "state.json"
+    search(model, fit, CFG, **{**SMALL, "generations": 1}, seed=5, state_path=path)
+    saved = path.read_bytes()
+    monkeypatch.setattr(checkpoint, "_written", 0)
+    monkeypatch.setenv(checkpoint.FAULT_ENV, "100")
+    with pytest.raises(OutputError) as e:
+        search(model, fit, CFG, **SMALL, seed=5, state_path=path)
+    assert one_line(e).startswith(f"cannot write the search state {path}: the disk is full")
+    assert path.read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    monkeypatch.delenv(checkpoint.FAULT_ENV)
+    assert trace(search(model, fit, CFG, **SMALL, seed=5, state_path=path)) == trace(
+        search(model, fit, CFG, **SMALL, seed=5)
+    )

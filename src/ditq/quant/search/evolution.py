@@ -26,7 +26,9 @@ best ``k - 1``) get the real fitness. Ranking: candidates with a real fitness, b
 before proxy-only ones, by proxy; so the result always has a real fitness.
 
 After every generation the run is saved to ``state_path`` (:mod:`ditq.quant.search.state`), and a
-later call with the same arguments resumes from it.
+later call with the same arguments resumes from it. Then ``should_stop()`` (e.g.
+:meth:`ditq.preemption.StopSignals.should_stop`), when given, is asked whether to stop there: the
+result is then the best so far, with ``stopped`` set, and the same call again continues.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class SearchRun:
                 f"mean {mean}, {n_real} evaluations ({total} in all), {entry['seconds']:.1f}s"
             )
 
-    def result(self) -> SearchResult:
+    def result(self, stopped: bool = False) -> SearchResult:
         best = self.records[self.top[0]]
         base = self.records[self.space.baseline]
         return SearchResult(
@@ -215,6 +217,7 @@ class SearchRun:
             evaluations=sum(c.fitness is not None for c in self.records.values()),
             history=list(self.history),
             evaluated=list(self.records.values()),
+            stopped=stopped,
         )
 
 
@@ -238,6 +241,7 @@ def search(
     seed: int = 0,
     state_path: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SearchResult:
     """Evolutionary search of per-layer weight and activation group sizes (see the module doc).
 
@@ -247,7 +251,9 @@ def search(
     ``k`` best new candidates by proxy per generation. ``weights(name, w_group)`` returns the codes
     of a layer at a group size (a ``GPTQResult`` or ``(codes, scale, zero)``; default round-to-
     nearest), called once per pair. ``state_path`` saves every generation and resumes from it.
-    ``log`` gets one line per generation.
+    ``log`` gets one line per generation. ``should_stop()`` is asked after each generation (and its
+    save); when it says yes the search returns its best so far with ``stopped=True`` and
+    ``generations`` the number done.
     """
     if not callable(fitness):
         raise InvalidArgumentError(f"fitness must be a callable fitness(model) -> float, got {fitness!r}")
@@ -255,6 +261,10 @@ def search(
         raise InvalidArgumentError(f"proxy must be a callable proxy(model) -> float, got {proxy!r}")
     if weights is not None and not callable(weights):
         raise InvalidArgumentError(f"weights must be a callable weights(name, w_group), got {weights!r}")
+    if should_stop is not None and not callable(should_stop):
+        raise InvalidArgumentError(
+            f"should_stop must be a callable should_stop() -> bool, got {should_stop!r}"
+        )
     population = _positive(population, "population")
     generations = _positive(generations, "generations")
     top_k = _positive(top_k, "top_k")
@@ -299,4 +309,6 @@ def search(
         run.step()
         if path is not None:
             save_state(run, path)
+        if should_stop is not None and should_stop():
+            return run.result(stopped=True)
     return run.result()

@@ -55,8 +55,9 @@ def write_layer_config(
     except (TypeError, ValueError) as e:
         raise InvalidArgumentError(f"layer-config meta must be JSON-able: {e}") from None
     path = Path(path)
-    with atomic_write(path) as tmp:
-        tmp.write_text(text + "\n")
+    data = (text + "\n").encode()
+    with atomic_write(path, "layer config", size_hint=len(data)) as tmp:
+        tmp.write_bytes(data)
     return path
 
 

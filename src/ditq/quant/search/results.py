@@ -46,7 +46,8 @@ class SearchResult:
     ``layers`` is the ``QDiTConfig.layers`` override dict of the best genome; ``config`` the base
     config with it applied. ``history`` has one dict per generation (``generation``, ``candidates``,
     ``evaluations``, ``proxy_evaluations``, ``best``, ``mean``, ``seconds``). ``evaluated`` lists
-    every candidate in evaluation order.
+    every candidate in evaluation order. ``stopped`` is True when ``should_stop`` ended the search
+    after ``generations`` generations (the best so far; the same call again continues it).
     """
 
     layer_names: tuple[str, ...]
@@ -62,6 +63,7 @@ class SearchResult:
     evaluations: int
     history: list[dict] = field(default_factory=list)
     evaluated: list[Candidate] = field(default_factory=list)
+    stopped: bool = False
 
     def summary(self) -> dict:
         """JSON-able numbers (no genomes): fitness and costs of the best and the baseline."""

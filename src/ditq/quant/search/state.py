@@ -43,9 +43,11 @@ def state_dict(run: SearchRun) -> dict:
 
 
 def save_state(run: SearchRun, path: Path) -> None:
-    """Write ``run``'s state to ``path`` atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(state_dict(run)))  # compact: hundreds of genomes
+    """Write ``run``'s state to ``path`` atomically (a full disk or a read-only folder: one
+    :class:`~ditq.errors.OutputError` line, the previous state kept)."""
+    data = json.dumps(state_dict(run)).encode()  # compact: hundreds of genomes
+    with atomic_write(path, "search state", size_hint=len(data)) as tmp:
+        tmp.write_bytes(data)
 
 
 def load_state(run: SearchRun, path: Path) -> None:

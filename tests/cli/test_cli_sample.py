@@ -169,9 +169,10 @@ def test_npz_resumes_from_its_shards(tmp_path, capsys, tiny_ckpt):
     out, shards = tmp_path / "s.npz", tmp_path / "s.shards"
     assert run(capsys, *sample_args(tiny_ckpt, out, *SHARDED, "--keep-shards"))[0] == 0
     first = read(out)
-    assert sorted(p.name for p in shards.iterdir()) == ["manifest.json"] + [
+    assert sorted(p.name for p in shards.iterdir()) == [".ditq.lock", "manifest.json"] + [
         f"shard_00000{k}.npz" for k in range(4)
     ]
+    assert (shards / ".ditq.lock").read_bytes() == b""  # released: it names no holder
     (shards / "shard_000002.npz").unlink()
     argv = sample_args(tiny_ckpt, out, *SHARDED)
     argv.remove("--quiet")

@@ -263,7 +263,8 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], entry: dict) -> N
     from safetensors.torch import save_file
 
     try:
-        with atomic_write(path) as tmp:
+        size = sum(t.numel() * t.element_size() for t in tensors.values()) + 1024
+        with atomic_write(path, "latents shard", size_hint=size) as tmp:
             save_file(
                 {k: v.contiguous() for k, v in tensors.items()},
                 str(tmp),
@@ -275,7 +276,7 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], entry: dict) -> N
 
 def write_manifest(out: str | os.PathLike, manifest: dict) -> None:
     """Write ``out/manifest.json`` atomically."""
-    with atomic_write(Path(out) / MANIFEST) as tmp:
+    with atomic_write(Path(out) / MANIFEST, "latents manifest") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
 

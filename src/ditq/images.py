@@ -59,12 +59,18 @@ def _as_nhwc(images: np.ndarray) -> np.ndarray:
 
 
 def save_npz(
-    path: str | os.PathLike, images: np.ndarray, labels: Sequence[int] | np.ndarray | None = None
+    path: str | os.PathLike,
+    images: np.ndarray,
+    labels: Sequence[int] | np.ndarray | None = None,
+    *,
+    what: str = "sample batch",
 ) -> Path:
     """Write an ADM sample batch: ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` int64 labels (when given).
 
     Grayscale images are written as RGB (the channel repeated), because the
     ADM evaluator and its reference batches are RGB. Returns the path.
+    ``what`` names the file in the one-line error of a full disk or a
+    read-only folder (see :func:`ditq.checkpoint.atomic_write`).
     """
     images = _as_nhwc(images)
     if images.shape[-1] == 1:
@@ -78,7 +84,10 @@ def save_npz(
             )
         arrays["arr_1"] = labels
     path = Path(path)
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+    with (
+        atomic_write(path, what, size_hint=images.nbytes + 8 * len(images) + 1024) as tmp,
+        open(tmp, "wb") as f,
+    ):
         np.savez(f, **arrays)  # a file object, so numpy does not append another ".npz"
     return path
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +19,8 @@ from PIL import Image
 
 import ditq
 from ditq import models
-from ditq.cli.main import main
+from ditq.cli.main import build_parser, main
+from ditq.eval.sampling import list_shards
 from ditq.formats import official_dit, qdit
 
 
@@ -169,9 +175,10 @@ def test_npz_resumes_from_its_shards(tmp_path, capsys, tiny_ckpt):
     out, shards = tmp_path / "s.npz", tmp_path / "s.shards"
     assert run(capsys, *sample_args(tiny_ckpt, out, *SHARDED, "--keep-shards"))[0] == 0
     first = read(out)
-    assert sorted(p.name for p in shards.iterdir()) == ["manifest.json"] + [
+    assert sorted(p.name for p in shards.iterdir()) == [".ditq.lock", "manifest.json"] + [
         f"shard_00000{k}.npz" for k in range(4)
     ]
+    assert (shards / ".ditq.lock").read_bytes() == b""  # released: it names no holder
     (shards / "shard_000002.npz").unlink()
     argv = sample_args(tiny_ckpt, out, *SHARDED)
     argv.remove("--quiet")
@@ -290,3 +297,153 @@ def test_two_processes_write_what_one_writes_and_resume(tmp_path, capsys, tiny_c
     assert sorted(p.name for p in shards.iterdir()) == sorted(
         p.name for p in (tmp_path / "one.shards").iterdir()
     )
+
+
+# --- long runs: a signal stops after a shard, one process per shard folder, a full disk -------
+
+# 12 shards of one image, 40 steps each: a few tens of ms a shard, so that a signal sent when the
+# first shard appears lands well before the last.
+LONG = ["--num-samples", "12", "--batch-size", "1", "--shard-size", "1", "--steps", "40", "--seed", "3"]
+
+
+def long_args(ckpt, out, *extra):
+    return [*sample_args(ckpt, out), *LONG, *extra]
+
+
+@pytest.fixture(scope="module")
+def long_baseline(tiny_ckpt, tmp_path_factory):
+    """The uninterrupted run of LONG (merged images, labels), in this process."""
+    out = tmp_path_factory.mktemp("baseline") / "whole.npz"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest's per-test fixture does, which has not run yet for this one
+    try:
+        assert main(list(map(str, long_args(tiny_ckpt, out)))) == 0
+    finally:
+        torch.set_num_threads(before)
+    return read(out)
+
+
+def start(argv):
+    """``python -m ditq`` with ``argv`` in a subprocess, once its first shard exists (or it ended)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ditq", *map(str, argv)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = Path(argv[argv.index("--out") + 1]).with_suffix(".shards") / "shard_000000.npz"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return proc
+
+
+def assert_same(path, baseline):
+    for a, b in zip(read(path), baseline, strict=True):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+
+
+def no_temp_files(folder):
+    return not [p for p in Path(folder).rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_sigterm_stops_after_a_shard_and_the_printed_command_resumes(
+    tmp_path, capsys, tiny_ckpt, long_baseline
+):
+    out, shards = tmp_path / "s.npz", tmp_path / "s.shards"
+    proc = start(long_args(tiny_ckpt, out))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert err.count("\n") == 1, err  # one line, no traceback, not an "error"
+    m = re.fullmatch(r"ditq: stopped after (\d+) of 12 shards by SIGTERM; the finished shards are in (.+); "
+                     r"resume with: (ditq sample .+)\n", err)  # fmt: skip
+    assert m and m[2] == str(shards), err
+    done = int(m[1])
+    assert 1 <= done < 12 and list_shards(shards) == list(range(done))
+    assert not out.exists() and no_temp_files(tmp_path)
+    assert (shards / ".ditq.lock").read_bytes() == b""  # released
+
+    resume = shlex.split(m[3])  # the same command: the same options
+    parse = build_parser().parse_args
+    assert resume[0] == "ditq" and parse(resume[1:]) == parse(list(map(str, long_args(tiny_ckpt, out))))
+    code, _, err = run(capsys, *resume[1:])
+    assert (code, err) == (0, "")
+    assert_same(out, long_baseline)
+    assert not shards.exists()
+
+
+def test_a_second_process_is_refused_and_a_killed_ones_lock_is_taken_over(
+    tmp_path, capsys, tiny_ckpt, long_baseline
+):
+    out, shards = tmp_path / "s.npz", tmp_path / "s.shards"
+    argv = long_args(tiny_ckpt, out)
+    proc = start(argv)
+    try:
+        proc.send_signal(signal.SIGSTOP)  # it holds the lock and stays put while the second one tries
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"ditq: error: the shard folder {shards} is in use by pid {proc.pid} on "), err
+        assert "wait for it to finish or stop it" in err
+        done = list_shards(shards)
+    finally:
+        proc.kill()  # SIGKILL: no clean-up at all
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and list_shards(shards) == done and done
+
+    argv.remove("--quiet")
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0 and err == "", err
+    assert f"took over the lock of shard folder {shards} from pid {proc.pid}" in stdout
+    assert f"resuming: {len(done)} of 12 shards" in stdout
+    assert_same(out, long_baseline)
+    assert no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["shard", "merge", "read-only"])
+def test_a_full_disk_or_read_only_folder_is_one_line_and_the_same_command_resumes(
+    tmp_path, capsys, tiny_ckpt, monkeypatch, where
+):
+    from ditq import checkpoint
+
+    base = tmp_path / "base"
+    base.mkdir()
+    argv = sample_args(tiny_ckpt, base / "s.npz", *SHARDED, "--keep-shards")
+    assert run(capsys, *argv)[0] == 0
+    whole = read(base / "s.npz")
+    manifest = (base / "s.shards" / "manifest.json").stat().st_size
+    sizes = [(base / "s.shards" / f"shard_00000{k}.npz").stat().st_size for k in range(4)]
+
+    out, shards = tmp_path / "s.npz", tmp_path / "s.shards"
+    argv = sample_args(tiny_ckpt, out, *SHARDED)
+    monkeypatch.setattr(checkpoint, "_written", 0)  # the fault counts this process's bytes from here
+    if where == "shard":  # the third shard fills the disk
+        monkeypatch.setenv("DITQ_FAULT_DISK_FULL_AFTER", str(manifest + sum(sizes[:2]) + sizes[2] // 2))
+        fragments, kept = ["cannot write the sample shard", "shard_000002.npz: the disk is full"], 2
+    elif where == "merge":
+        monkeypatch.setenv("DITQ_FAULT_DISK_FULL_AFTER", str(manifest + sum(sizes) + 100))
+        fragments, kept = [f"cannot write the merged samples {out}: the disk is full"], 4
+    else:  # a run that drew two shards, then the folder became read-only
+        shards.mkdir()
+        for name in ("manifest.json", "shard_000000.npz", "shard_000001.npz"):
+            shutil.copy2(base / "s.shards" / name, shards / name)
+        monkeypatch.setenv("DITQ_FAULT_WRITE_ERRNO", "EROFS")
+        fragments, kept = ["shard_000002.npz: the file system is read-only", f"make {shards} writable"], 2
+    code, _, err = run(capsys, *argv)
+    assert code == 74 and err.startswith("ditq: error: ") and err.count("\n") == 1, err
+    for fragment in [*fragments, "then run the same command again"]:
+        assert fragment in err, err
+    assert list_shards(shards) == list(range(kept)) and not out.exists() and no_temp_files(tmp_path)
+    for k in range(kept):  # the shards written before are whole
+        assert (shards / f"shard_00000{k}.npz").read_bytes() == (
+            base / "s.shards" / f"shard_00000{k}.npz"
+        ).read_bytes()
+
+    monkeypatch.delenv("DITQ_FAULT_DISK_FULL_AFTER", raising=False)
+    monkeypatch.delenv("DITQ_FAULT_WRITE_ERRNO", raising=False)
+    argv.remove("--quiet")
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0 and f"resuming: {kept} of 4 shards" in stdout
+    assert_same(out, whole)
+    assert not shards.exists() and no_temp_files(tmp_path)

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +172,118 @@ def test_extract_through_a_real_diffusers_autoencoder(folder, tmp_path):
     mean = vae.encode(x[None], sample=False)[0].half().float()
     sample = LatentDataset(tmp_path / "a", random_flip=False)[0][0]
     assert 0 < (sample - mean).abs().max() < 1  # a posterior sample near the mean, not the mean
+
+
+# --- long runs: a signal stops after a shard, one process per folder, a full disk ------------
+
+
+def extract_argv(folder, out, *extra):
+    options = ["--image-size", "8", "--shard-size", "1", "--dtype", "float32", "--quiet", *extra]
+    return ["extract-latents", "--data", str(folder), "--vae", "pixel", "--out", str(out), *options]
+
+
+def same_latents(a, b):
+    """Two latents folders hold the same manifest and the same shard files, byte for byte."""
+    assert read_manifest(a) == read_manifest(b)
+    for entry in read_manifest(b)["shards"]:
+        assert (a / entry["file"]).read_bytes() == (b / entry["file"]).read_bytes()
+
+
+def no_temp_files(folder):
+    return not [p for p in Path(folder).rglob("*") if p.name.endswith(".tmp")]
+
+
+# The CLI in a subprocess, its pixel-space "VAE" slowed down to 0.1 s a shard: a signal sent when the
+# first shard appears lands well before the last.
+SLOW_CLI = """
+import sys, time
+from ditq.models.vae import PixelSpace
+encode = PixelSpace.encode
+PixelSpace.encode = lambda self, *a, **k: (time.sleep(0.1), encode(self, *a, **k))[1]
+from ditq.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_extract_latents_stops_on_sigterm_and_resumes(folder, tmp_path, capsys):
+    whole, out = tmp_path / "whole", tmp_path / "latents"
+    assert main(extract_argv(folder, whole)) == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI, *extract_argv(folder, out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while (
+        not (out / "shard_00000.safetensors").exists() and proc.poll() is None and time.monotonic() < deadline
+    ):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75 and err.count("\n") == 1, err
+    m = re.fullmatch(r"ditq: stopped after (\d+) of 5 shards by SIGTERM; the finished shards are in (.+); "
+                     r"resume with: (ditq extract-latents .+)\n", err)  # fmt: skip
+    assert m and m[2] == str(out), err
+    manifest = read_manifest(out)
+    assert 1 <= int(m[1]) < 5 and len(manifest["shards"]) == int(m[1]) and not manifest["complete"]
+    assert no_temp_files(out) and (out / ".ditq.lock").read_bytes() == b""
+
+    resume = shlex.split(m[3])
+    assert resume[0] == "ditq" and main(resume[1:]) == 0
+    same_latents(out, whole)
+
+
+def test_a_second_extraction_into_the_folder_is_refused(folder, tmp_path, capsys):
+    out = tmp_path / "latents"
+    hold = "import sys; from ditq.runlock import RunLock; RunLock(sys.argv[1]).acquire(); print('locked')"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "; sys.stdout.flush(); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert main(extract_argv(folder, out)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ditq: error: the latents folder {out} is in use by pid {holder.pid} on ")
+        assert err.count("\n") == 1 and not (out / "manifest.json").exists()
+    finally:
+        holder.communicate("", timeout=60)  # it ends when its stdin closes
+    assert main(extract_argv(folder, out)) == 0  # the lock was released with the process
+
+
+def test_extract_latents_after_a_full_disk_and_a_read_only_folder_resumes(
+    folder, tmp_path, capsys, monkeypatch
+):
+    from ditq import checkpoint
+
+    whole, out = tmp_path / "whole", tmp_path / "latents"
+    assert main(extract_argv(folder, whole)) == 0
+    shard = (whole / "shard_00000.safetensors").stat().st_size
+    # The first shard and its manifest fit, the second shard does not.
+    monkeypatch.setenv(
+        "DITQ_FAULT_DISK_FULL_AFTER", str(shard + (whole / "manifest.json").stat().st_size + 100)
+    )
+    monkeypatch.setattr(checkpoint, "_written", 0)
+    assert main(extract_argv(folder, out)) == 74
+    err = capsys.readouterr().err
+    assert err.startswith("ditq: error: cannot write the latents shard ") and err.count("\n") == 1, err
+    assert "shard_00001.safetensors: the disk is full" in err and "then run the same command again" in err
+    assert [e["file"] for e in read_manifest(out)["shards"]] == ["shard_00000.safetensors"]
+    assert (out / "shard_00000.safetensors").read_bytes() == (whole / "shard_00000.safetensors").read_bytes()
+    assert not (out / "shard_00001.safetensors").exists() and no_temp_files(out)
+
+    monkeypatch.delenv("DITQ_FAULT_DISK_FULL_AFTER")
+    monkeypatch.setenv("DITQ_FAULT_WRITE_ERRNO", "EROFS")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(extract_argv(folder, out)) == 74
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the file system is read-only; make" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and no_temp_files(out)
+
+    monkeypatch.delenv("DITQ_FAULT_WRITE_ERRNO")
+    assert main(extract_argv(folder, out)) == 0
+    same_latents(out, whole)

@@ -14,7 +14,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from ditq.errors import InvalidArgumentError
+from ditq.errors import InvalidArgumentError, StoppedBySignal
 from ditq.eval.npz import read_samples
 from ditq.eval.sampling import (
     MANIFEST,
@@ -188,6 +188,81 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     assert run(out, third).kept == [0, 1, 2, 3, 4] and third.calls == []
 
 
+class Boundary:
+    """A ``boundary`` callback that records what it is given and stops at call ``stop_at`` (0: after the
+    setup, 1: after the first round...), or raises the error it gets, as the pipeline's does."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.stop_at, self.errors = stop_at, []
+
+    def __call__(self, error):
+        self.errors.append(error)
+        if error is not None:
+            raise error
+        return len(self.errors) - 1 == self.stop_at
+
+
+def test_every_rank_reaches_the_boundary_as_often_and_a_stop_keeps_its_shards(tmp_path):
+    """Ranks go through the shards in rounds: with 5 shards on 2 ranks, rank 0 draws 0, 2, 4 and rank 1
+    draws 1, 3, yet both call the boundary 1 + 3 times, so a collective there never waits for a rank
+    that has left; likewise a rank that has all its shards already."""
+    counts = []
+    for rank in (0, 1):
+        boundary = Boundary()
+        result = run(tmp_path / "whole", rank=rank, world_size=2, boundary=boundary)
+        assert not result.stopped
+        counts.append(len(boundary.errors))
+    kept = Boundary()
+    assert run(tmp_path / "whole", rank=1, world_size=2, boundary=kept).kept == [1, 3]
+    assert counts == [4, 4] and len(kept.errors) == 4 and set(kept.errors) == {None}
+
+    out = tmp_path / "stopped"
+    for rank, drew in ((0, [0, 2]), (1, [1, 3])):  # both ranks stop after the second round
+        model = FakeModel()
+        result = run(out, model, rank=rank, world_size=2, boundary=Boundary(stop_at=2))
+        assert result.stopped and result.drawn == drew and len(model.calls) == 2
+    assert list_shards(out) == [0, 1, 2, 3]
+    assert not run(tmp_path / "early", boundary=Boundary(stop_at=0)).drawn  # stopped before any shard
+    again = FakeModel()
+    result = run(out, again)  # the resume draws the rest only, and the same images as a whole run
+    assert result.kept == [0, 1, 2, 3] and result.drawn == [4] and len(again.calls) == 1
+    for a, b in zip(merged(out, tmp_path, "r.npz"), merged(tmp_path / "whole", tmp_path), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_failed_shard_goes_to_the_boundary(tmp_path):
+    calls = []
+
+    def fails_on_the_second(labels, seed):
+        calls.append(seed)
+        if len(calls) == 2:
+            return np.zeros((1, 4, 4, 3), np.uint8)
+        return FakeModel()(labels, seed)
+
+    boundary = Boundary()
+    with pytest.raises(InvalidArgumentError, match="generate must return 5 uint8 images"):
+        run(tmp_path / "s", fails_on_the_second, boundary=boundary)
+    assert boundary.errors[:2] == [None, None] and isinstance(boundary.errors[2], InvalidArgumentError)
+    assert list_shards(tmp_path / "s") == [0]
+    (tmp_path / "f").write_text("not a folder")
+    boundary = Boundary()  # a failed setup reaches it too
+    with pytest.raises(InvalidArgumentError, match="is a file"):
+        run(tmp_path / "f", boundary=boundary)
+    assert len(boundary.errors) == 1
+
+
+def test_a_stopped_merge_leaves_no_file(tmp_path):
+    out = tmp_path / "shards"
+    run(out)
+    asked = []
+    with pytest.raises(StoppedBySignal, match="stopped while merging"):
+        merge_shards(out, tmp_path / "x.npz", stop=lambda: asked.append(1) or len(asked) == 3)
+    assert len(asked) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+    assert list_shards(out) == [0, 1, 2, 3, 4]
+    merge_shards(out, tmp_path / "x.npz", stop=lambda: False)
+    assert read_samples(tmp_path / "x.npz")[0].shape == (23, 4, 4, 3)
+
+
 def test_damaged_shards_are_drawn_again(tmp_path):
     out = tmp_path / "shards"
     run(out)
@@ -343,6 +418,7 @@ def test_remove_shards_leaves_other_files(tmp_path):
     out = tmp_path / "shards"
     run(out)
     (out / ".shard_000001.npz.123.abcd.tmp").write_bytes(b"left by a killed writer")
+    (out / ".ditq.lock").write_bytes(b"")  # the pipeline's lock (its holder removes it)
     remove_shards(out)
     assert not out.exists()
     run(out)

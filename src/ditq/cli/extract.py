@@ -5,13 +5,18 @@
 
 Writes DIR/shard_XXXXX.safetensors (latents + labels, ``--shard-size`` items
 each) and DIR/manifest.json; run the same command again to finish an
-interrupted extraction (finished shards are kept). See ditq.data.latents.
+interrupted extraction (finished shards are kept). SIGTERM, SIGINT or SIGUSR1
+stops it after the current shard (exit 75, printing the command that resumes
+it); a second process on DIR is refused (exit 2), a full disk or read-only
+folder is exit 74. See ditq.data.latents.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from ditq.cli import command_line
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         source=str(args.data),
         log=say,
         progress=not args.quiet and sys.stderr.isatty(),
+        command=command_line(args, add_parser),
     )
     shape = "x".join(map(str, result.manifest["latent_shape"]))
     say(

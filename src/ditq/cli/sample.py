@@ -15,7 +15,10 @@ An ``.npz`` is drawn in shards of ``--shard-size`` samples, written to
 ``--shard-dir`` (default ``samples.shards/`` beside ``samples.npz``) and
 merged at the end (the shards are then deleted, unless ``--keep-shards``). A
 killed run resumes: run the same command again and the complete shards are
-kept. Under torchrun the shards are shared out among the processes and rank 0
+kept. SIGTERM, SIGINT or SIGUSR1 stops it after the current shard (exit 75,
+printing the command that resumes it); a second process on the same shard
+folder is refused (exit 2), a full disk or read-only folder is exit 74.
+Under torchrun the shards are shared out among the processes and rank 0
 writes the ``.npz``; the images are the same for any number of processes.
 """
 
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ditq.cli import command_line
 from ditq.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -209,6 +213,7 @@ def _run_npz(args: argparse.Namespace, class_labels: list[int] | None) -> int:
         kernel_backend=getattr(args, "backend", "auto"),
         progress=not args.quiet and sys.stderr.isatty(),
         log=say,
+        command=command_line(args, add_parser),
     )
     if result.is_main:  # under torchrun, the other processes stay quiet
         h, w, _ = result.image_shape

@@ -21,7 +21,10 @@ The manifest (``format: "ditq-latents"``) lists the finished shards with
 their counts, the class names, the VAE, the image size, the latent shape and
 the options. Extraction resumes: a shard listed there whose file is present
 and whole is skipped, any other is (re)written; options that differ from the
-manifest's are refused. ``complete: true`` marks a finished folder, the only
+manifest's are refused. One extraction at a time: the folder is locked
+(:class:`~ditq.runlock.RunLock`), and SIGTERM, SIGINT or SIGUSR1 stops it
+after the current shard with :class:`~ditq.errors.StoppedBySignal`, which
+says how to resume. ``complete: true`` marks a finished folder, the only
 kind :class:`LatentDataset` reads (``data: {kind: latents, path: DIR}`` in a
 training config; the model's ``in_channels`` and ``input_size`` are then the
 latents' channels and side, e.g. 4 and ``image_size / 8``).
@@ -47,7 +50,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ditq.checkpoint import atomic_write, read_safetensors_header
 from ditq.data.folder import flip_bit
-from ditq.errors import CheckpointError, DitqError, InvalidArgumentError
+from ditq.errors import CheckpointError, DitqError, InvalidArgumentError, StoppedBySignal
+from ditq.preemption import StopSignals
+from ditq.runlock import RunLock
 
 FORMAT = "ditq-latents"
 VERSION = 1
@@ -106,6 +111,7 @@ def extract_latents(
     source: str | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
+    command: str | None = None,
 ) -> ExtractResult:
     """Encode every ``(image, label)`` of ``dataset`` through ``vae`` into shards in ``out``; resumable.
 
@@ -114,6 +120,11 @@ def extract_latents(
     ``batch_size`` at a time by ``num_workers`` DataLoader workers.
     ``vae_name`` and ``source`` are recorded in the manifest (the name is what
     sampling should decode with). See the module doc for the layout.
+
+    ``out`` is locked for the call (another live process there is a
+    :class:`~ditq.errors.RunLockedError`); a signal stops it after the current
+    shard with :class:`~ditq.errors.StoppedBySignal`, whose message says to
+    resume with ``command`` (the command line of this run).
     """
     if shard_size < 1:
         raise InvalidArgumentError(f"shard_size must be at least 1, got {shard_size}")
@@ -155,9 +166,24 @@ def extract_latents(
         "shards": [],
     }
     num_shards = -(-num_items // shard_size)
+    say = log or (lambda _: None)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"the output {out} is a file; give a folder for the latents")
+    with RunLock(out, "latents folder", log=say), StopSignals() as stop:
+        written = _extract_locked(
+            dataset, vae, out, manifest, num_shards, say=say, stop=stop, command=command, progress=progress,
+            batch_size=batch_size, num_workers=num_workers,
+        )  # fmt: skip
+    return ExtractResult(out, num_items, num_shards, written, num_shards - written, manifest)
+
+
+def _extract_locked(
+    dataset, vae, out, manifest, num_shards, *, say, stop, command, progress, batch_size, num_workers
+) -> int:
+    """The shards :func:`extract_latents` encodes, under its lock and signals; how many it wrote."""
+    num_items, shard_size = manifest["num_items"], manifest["shard_size"]
     done = _finished_shards(out, manifest)
     manifest["shards"] = [done[i] for i in sorted(done)]
-    say = log or (lambda _: None)
     if done:
         say(
             f"{len(done)} of {num_shards} shards already in {out}; "
@@ -178,11 +204,11 @@ def extract_latents(
                 count,
                 batch_size=batch_size,
                 num_workers=num_workers,
-                flip=flip,
-                sample=latent == "sample",
-                seed=seed,
+                flip=manifest["flip"],
+                sample=manifest["latent"] == "sample",
+                seed=manifest["seed"],
                 index=index,
-                dtype=DTYPES[dtype],
+                dtype=DTYPES[manifest["dtype"]],
                 on_batch=bar.update,
             )
             entry = {"index": index, "file": shard_name(index), "start": start, "count": count}
@@ -191,11 +217,17 @@ def extract_latents(
             manifest["shards"] = [done[i] for i in sorted(done)]
             write_manifest(out, manifest)
             written += 1
+            # After the last shard only the manifest's "complete" is left to write: no reason to stop.
+            if len(done) < num_shards and stop.should_stop():
+                raise StoppedBySignal(
+                    f"stopped after {len(done)} of {num_shards} shards by {stop.received}; the finished "
+                    f"shards are in {out}; resume with: {command or 'the same extract_latents call'}"
+                )
     finally:
         bar.close()
     manifest["complete"] = True
     write_manifest(out, manifest)
-    return ExtractResult(out, num_items, num_shards, written, num_shards - written, manifest)
+    return written
 
 
 def _encode_shard(
@@ -231,7 +263,8 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], entry: dict) -> N
     from safetensors.torch import save_file
 
     try:
-        with atomic_write(path) as tmp:
+        size = sum(t.numel() * t.element_size() for t in tensors.values()) + 1024
+        with atomic_write(path, "latents shard", size_hint=size) as tmp:
             save_file(
                 {k: v.contiguous() for k, v in tensors.items()},
                 str(tmp),
@@ -243,7 +276,7 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], entry: dict) -> N
 
 def write_manifest(out: str | os.PathLike, manifest: dict) -> None:
     """Write ``out/manifest.json`` atomically."""
-    with atomic_write(Path(out) / MANIFEST) as tmp:
+    with atomic_write(Path(out) / MANIFEST, "latents manifest") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
 

@@ -22,6 +22,13 @@ is cut into a fixed plan that depends on nothing but the run's settings:
   one ADM ``.npz`` (``arr_0`` images, ``arr_1`` labels) without holding
   all images in memory. Under ``torchrun`` rank 0 merges once every rank is
   done (the pipeline ``ditq.pipelines.sample.sample_to_npz`` does that).
+- **Stopping**: with a ``boundary`` callback, ranks draw their shards in
+  rounds (round ``r``: shard ``r * world_size + rank``) and all call it at
+  the same points, after the setup and after each round, whether they drew
+  a shard there or not. It can stop the run there (a SIGTERM: the pipeline
+  passes :meth:`ditq.preemption.StopSignals.should_stop`, a collective) or
+  end it on every rank when one failed; a stopped run is resumed as a killed
+  one is.
 
 ``eval`` takes callables: this module imports neither ``ditq.models`` nor
 ``ditq.quant``; ``generate`` is whatever draws images.
@@ -46,8 +53,9 @@ import numpy as np
 
 from ditq.checkpoint import atomic_write
 from ditq.common import show_progress
-from ditq.errors import InvalidArgumentError
+from ditq.errors import InvalidArgumentError, StoppedBySignal
 from ditq.images import save_npz
+from ditq.runlock import LOCK_FILE
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ditq-sample-shards"
@@ -57,6 +65,7 @@ _SHARD_RE = re.compile(r"^shard_(\d{6,})\.npz$")
 _TMP_RE = re.compile(r"^\.(shard_\d{6,}\.npz|manifest\.json)\..*\.tmp$")
 
 Generate = Callable[[np.ndarray, int], np.ndarray]
+Boundary = Callable[[Exception | None], bool]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -292,6 +301,7 @@ class ShardRun:
     redrawn: dict[int, str] = field(default_factory=dict)  # shards that were there but unusable: why
     images_drawn: int = 0
     seconds: float = 0.0
+    stopped: bool = False  # the boundary callback stopped the run (at a boundary every rank reached)
 
 
 def sample_shards(
@@ -305,6 +315,7 @@ def sample_shards(
     world_size: int = 1,
     meta: Mapping[str, Any] | None = None,
     progress: bool | None = None,
+    boundary: Boundary | None = None,
 ) -> ShardRun:
     """Draw this rank's shards of a run into ``out_dir``, keeping those already complete.
 
@@ -317,11 +328,17 @@ def sample_shards(
         shard_size: samples per shard (the last shard may be shorter).
         seed: the run seed; shard ``k`` is drawn with :func:`shard_seed`.
         rank, world_size: this process's share, shards ``k % world_size == rank``.
-            Ranks need no communication here: each writes only its own shards.
+            Each rank writes only its own shards; ranks talk only in ``boundary``.
         meta: more settings to record and compare on resume (model, sampler,
             steps, guidance...). JSON values; nothing rank-specific.
         progress: a bar of images/s and time left, on rank 0 (``None``: when
             stderr is a terminal).
+        boundary: ``boundary(error)``, called by every rank at the same
+            points: after the setup (manifest, checking the shards there) and
+            after each round of shards, with the exception this rank met
+            there (``None`` when all went well). It returns whether to stop
+            now (the result then says ``stopped``), or raises to end the run.
+            Without it an exception propagates at once and nothing stops.
 
     A folder holding a manifest of other settings is an
     :class:`InvalidArgumentError` naming the first difference; so is a folder
@@ -339,10 +356,61 @@ def sample_shards(
     shards = plan_shards(len(labels), shard_size, seed)
     mine = shards_of_rank(shards, rank, world_size)
     out_dir = Path(out_dir)
+    manifest = _manifest(len(labels), int(shard_size), int(seed), labels, _json_meta(meta))
+    run = ShardRun(out_dir, len(shards))
+
+    def sync(error: Exception | None) -> bool:
+        if boundary is not None:
+            return boundary(error)
+        if error is not None:
+            raise error
+        return False
+
+    error = None
+    try:
+        todo = _prepare(out_dir, manifest, mine, labels, run)
+    except Exception as e:  # noqa: BLE001 (the boundary raises it, on every rank)
+        error = e
+    if sync(error):
+        run.stopped = True
+        return run
+
+    started = time.perf_counter()
+    desc = "sampling" if world_size == 1 else f"sampling (rank 0 of {world_size})"
+    with tqdm(
+        total=sum(s.size for s in todo.values()),
+        unit="img",
+        desc=desc,
+        dynamic_ncols=True,
+        disable=rank != 0 or not show_progress(progress) or not todo,
+    ) as bar:
+        # In rounds, so that every rank reaches the boundary as often as every other, its shard
+        # there or not (the last round may have none for some ranks, a resumed run none for many).
+        for first in range(0, len(shards), world_size):
+            shard, error = todo.get(first + rank), None
+            if shard is not None:
+                shard_labels = labels[shard.start : shard.stop]
+                try:
+                    # A copy: generate must not be able to alter the run's labels.
+                    images = _check_images(generate(shard_labels.copy(), shard.seed), shard)
+                    save_npz(out_dir / shard.name, images, shard_labels, what="sample shard")
+                except Exception as e:  # noqa: BLE001 (the boundary raises it, on every rank)
+                    error = e
+                else:
+                    run.drawn.append(shard.index)
+                    run.images_drawn += shard.size
+                    bar.update(shard.size)
+            if sync(error):
+                run.stopped = True
+                break
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+def _prepare(out_dir: Path, manifest: dict, mine: list[Shard], labels: np.ndarray, run: ShardRun) -> dict:
+    """Check (or write) the folder's manifest and this rank's shards there: those to draw, by index."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidArgumentError(f"the shard folder {out_dir} is a file; use another folder")
-    manifest = _manifest(len(labels), int(shard_size), int(seed), labels, _json_meta(meta))
-
     # Shards are listed before the manifest is read: a rank writes the manifest
     # before any shard, so shards seen without a manifest were there before this
     # run (their settings unknown), never another rank's work in progress.
@@ -358,11 +426,9 @@ def sample_shards(
     else:
         # Every rank writes it (the same bytes, atomically): no rank draws a shard
         # into a folder without a manifest, whatever order the ranks start in.
-        with atomic_write(out_dir / MANIFEST) as tmp:
+        with atomic_write(out_dir / MANIFEST, "shard manifest") as tmp:
             tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-
-    run = ShardRun(out_dir, len(shards))
-    todo = []
+    todo = {}
     for shard in mine:
         if shard.index in present:
             problem = _shard_problem(out_dir / shard.name, labels[shard.start : shard.stop], full_check=True)
@@ -370,30 +436,13 @@ def sample_shards(
                 run.kept.append(shard.index)
                 continue
             run.redrawn[shard.index] = problem
-        todo.append(shard)
-
-    started = time.perf_counter()
-    desc = "sampling" if world_size == 1 else f"sampling (rank 0 of {world_size})"
-    with tqdm(
-        total=sum(s.size for s in todo),
-        unit="img",
-        desc=desc,
-        dynamic_ncols=True,
-        disable=rank != 0 or not show_progress(progress) or not todo,
-    ) as bar:
-        for shard in todo:
-            shard_labels = labels[shard.start : shard.stop]
-            # A copy: generate must not be able to alter the run's labels.
-            images = _check_images(generate(shard_labels.copy(), shard.seed), shard)
-            save_npz(out_dir / shard.name, images, shard_labels)
-            run.drawn.append(shard.index)
-            run.images_drawn += shard.size
-            bar.update(shard.size)
-    run.seconds = time.perf_counter() - started
-    return run
+        todo[shard.index] = shard
+    return todo
 
 
-def merge_shards(out_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+def merge_shards(
+    out_dir: str | os.PathLike, out_path: str | os.PathLike, *, stop: Callable[[], bool] | None = None
+) -> Path:
     """Write the shards of ``out_dir``, in sample order, as one ADM batch ``out_path``; returns it.
 
     Streams shard by shard into the zip member (one shard in memory at a time,
@@ -401,7 +450,9 @@ def merge_shards(out_dir: str | os.PathLike, out_path: str | os.PathLike) -> Pat
     what :func:`ditq.images.save_npz` writes: ``arr_0`` uint8 (N, H, W, 3) and
     ``arr_1`` int64 labels. Missing or damaged shards are an
     :class:`InvalidArgumentError` that lists them; running the same sampling
-    command again draws them.
+    command again draws them. ``stop()`` is asked before each shard is copied:
+    when it says so the merge is abandoned (no partial file is left) with
+    :class:`~ditq.errors.StoppedBySignal`.
     """
     out_dir, out_path = Path(out_dir), Path(out_path)
     manifest = read_manifest(out_dir)
@@ -450,13 +501,21 @@ def merge_shards(out_dir: str | os.PathLike, out_path: str | os.PathLike) -> Pat
         )
 
     total = (len(labels), *image_shape)
+    size = int(np.prod(total)) + labels.nbytes + 1024
     try:
-        with atomic_write(out_path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as out:
+        with (
+            atomic_write(out_path, "merged samples", size_hint=size) as tmp,
+            zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as out,
+        ):
             # force_zip64: the member's size is unknown to zipfile until it is written, and may pass 4 GB.
             with out.open("arr_0.npy", "w", force_zip64=True) as dst:
                 header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": total}
                 np.lib.format.write_array_header_1_0(dst, header)
                 for shard in shards:
+                    if stop is not None and stop():
+                        raise StoppedBySignal(
+                            f"stopped while merging the shards of {out_dir} into {out_path}"
+                        )
                     with zipfile.ZipFile(out_dir / shard.name) as zf, zf.open("arr_0.npy") as src:
                         _read_npy_header(src)
                         # Read to the end: zipfile checks the member's CRC there.
@@ -471,16 +530,17 @@ def merge_shards(out_dir: str | os.PathLike, out_path: str | os.PathLike) -> Pat
 
 
 def remove_shards(out_dir: str | os.PathLike) -> None:
-    """Delete the shards, manifest and leftover temporary files in ``out_dir``, then the folder if empty.
+    """Delete the shards, manifest, lock file and leftover temporary files in ``out_dir``, then the folder
+    if empty.
 
-    Only files this module writes are touched: a folder that also holds
-    other files keeps them (and stays).
+    Only files this module (and the pipeline's :class:`~ditq.runlock.RunLock`) writes are touched: a
+    folder that also holds other files keeps them (and stays).
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return
     for path in out_dir.iterdir():
-        if _SHARD_RE.match(path.name) or _TMP_RE.match(path.name) or path.name == MANIFEST:
+        if _SHARD_RE.match(path.name) or _TMP_RE.match(path.name) or path.name in (MANIFEST, LOCK_FILE):
             with suppress(FileNotFoundError):
                 path.unlink()
     with suppress(OSError):

@@ -27,7 +27,8 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,8 @@ from tqdm.auto import tqdm
 
 from ditq.common import resolve_device
 from ditq.diffusion import ClassifierFreeGuidance, create_diffusion, sample_loop
-from ditq.distributed import agree, init_distributed
-from ditq.errors import DitqError, InvalidArgumentError
+from ditq.distributed import DistContext, agree, all_gather_objects, init_distributed
+from ditq.errors import DitqError, InvalidArgumentError, RunLockedError, StoppedBySignal
 from ditq.eval.npz import open_images
 from ditq.eval.sampling import (
     list_shards,
@@ -55,6 +56,8 @@ from ditq.kernels import KernelError
 from ditq.kernels import ops as kernel_ops
 from ditq.models.large_dit import map_class_labels
 from ditq.models.vae import VAE, vae_for_model
+from ditq.preemption import StopSignals
+from ditq.runlock import RunLock
 
 SAMPLERS = ("ddpm", "ddim")
 # DiT samples with 250 ancestral steps; Q-DiT evaluates with DDIM-50.
@@ -390,6 +393,7 @@ def sample_to_npz(
     kernel_backend: str | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
+    command: str | None = None,
 ) -> ShardedSampleResult:
     """Draw ``num_samples`` images into one ADM ``.npz``, in resumable shards, on every ``torchrun`` process.
 
@@ -411,7 +415,10 @@ def sample_to_npz(
     settings. Run the same call again after a crash and the complete shards are
     kept; other settings in that folder are an error naming the one that
     differs. Once merged the shards are deleted, unless ``keep_shards`` (then
-    a rerun only merges again).
+    a rerun only merges again). The shard folder is locked for the run
+    (:class:`~ditq.runlock.RunLock`). SIGTERM, SIGINT or SIGUSR1 (on any rank)
+    stops every rank after its current shard, or the merge, with a
+    :class:`~ditq.errors.StoppedBySignal` that says how to resume (``command``).
 
     Args:
         model, batch_size, sampler, steps, cfg_scale, cfg_channels, eta,
@@ -434,6 +441,9 @@ def sample_to_npz(
         InvalidArgumentError: bad options (see :func:`sample`), ``balanced``
             with ``class_labels``, an ``out_path`` that is not ``.npz``, a
             shard folder holding another run.
+        RunLockedError: another live process samples into the shard folder.
+        OutputError: a full disk or an unwritable folder (finished shards are kept).
+        StoppedBySignal: a signal stopped the run (see above).
     """
     steps = check_sample_options(
         num_samples=num_samples,
@@ -466,12 +476,17 @@ def sample_to_npz(
         label_kind = "balanced" if balanced else "uniform"
     guided_channels = _resolve_cfg_channels(cfg_channels, config.in_channels)
     shard_dir = default_shard_dir(out_path) if shard_dir is None else Path(shard_dir)
+    if shard_dir.exists() and not shard_dir.is_dir():
+        raise InvalidArgumentError(f"the shard folder {shard_dir} is a file; use another folder")
+    again = command or "the same sample_to_npz call"
+    retry = "run the same command again to resume"
 
     started = time.perf_counter()
     ctx = init_distributed(
         resolve_device(device) if device is not None else next(model.parameters()).device, backend=backend
     )
-    try:
+    # One run per shard folder, and a signal stops it at a shard boundary (every rank at the same one).
+    with closing(ctx), _locked(shard_dir, "shard folder", ctx, log), StopSignals() as stop:
         model.to(ctx.device)
         check_kernel_backend(kernel_backend, ctx.device)
         if vae is None or isinstance(vae, str):
@@ -529,39 +544,52 @@ def sample_to_npz(
                     f"resuming: {len(existing)} of {num_shards} shards are already there (kept when complete)"
                 )
 
-        error: BaseException | None = None
-        try:
-            run = sample_shards(
-                generate,
-                labels,
-                shard_dir,
-                shard_size=shard_size,
-                seed=seed,
-                rank=ctx.rank,
-                world_size=ctx.world_size,
-                meta=run_meta,
-                progress=progress,
-            )
-        except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other ranks)
-            error = e
-        # Every process waits here for the others; one that failed stops them all
-        # instead of leaving rank 0 to wait for shards that will never come.
-        if not agree(error is None, ctx.device):
-            raise error or DitqError(
-                "another process failed while sampling (see its error); run the same command again to resume"
+        def boundary(error: Exception | None) -> bool:
+            # Every rank, after the setup and each round of shards: one that failed stops them all
+            # (rank 0 would wait for shards that never come), and so does a signal to any of them.
+            if not agree(error is None, ctx.device):
+                raise error or DitqError(f"another process failed while sampling (see its error); {retry}")
+            return stop.should_stop()
+
+        run = sample_shards(
+            generate,
+            labels,
+            shard_dir,
+            shard_size=shard_size,
+            seed=seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            meta=run_meta,
+            progress=progress,
+            boundary=boundary,
+        )
+        if run.stopped:  # every rank stopped at this boundary; their shards so far are all written
+            done = sum(all_gather_objects(len(run.kept) + len(run.drawn)))
+            raise StoppedBySignal(
+                f"stopped after {done} of {num_shards} shards by {stop.received}; the finished shards are "
+                f"in {shard_dir}; resume with: {again}"
             )
 
-        image_shape = None
+        image_shape, error = None, None
         if ctx.is_main:
             try:
-                merge_shards(shard_dir, out_path)
+                merge_shards(shard_dir, out_path, stop=lambda: stop.received is not None)
                 image_shape = open_images(out_path).shape[1:]
                 if not keep_shards:
                     remove_shards(shard_dir)
+            except StoppedBySignal:  # no partial file is left; the shards are all there
+                error = StoppedBySignal(
+                    f"stopped while merging the {num_shards} shards by {stop.received}; they are in "
+                    f"{shard_dir}; resume with: {again}"
+                )
             except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other ranks)
                 error = e
-        if not agree(error is None, ctx.device):
-            raise error or DitqError(f"rank 0 could not write {out_path} (see its error)")
+        # Every rank learns how rank 0 fared: stopped by a signal there (a stop, not an error), or failed.
+        fared = all_gather_objects(error and (isinstance(error, StoppedBySignal), str(error)))[0]
+        if fared is not None:
+            stopped, message = fared
+            failed = DitqError(f"rank 0 could not write {out_path} (see its error)")
+            raise error or (StoppedBySignal(message) if stopped else failed)
         return ShardedSampleResult(
             path=out_path,
             shard_dir=shard_dir,
@@ -573,5 +601,20 @@ def sample_to_npz(
             shards_kept=len(run.kept),
             seconds=time.perf_counter() - started,
         )
+
+
+@contextmanager
+def _locked(folder: Path, what: str, ctx: DistContext, log: Callable[[str], None]) -> Iterator[RunLock]:
+    """``RunLock(folder, what)`` held by rank 0 for the block; every rank raises if it could not take it."""
+    lock, error = RunLock(folder, what, log=log), None
+    if ctx.is_main:
+        try:
+            lock.acquire()
+        except DitqError as e:
+            error = e
+    if not agree(error is None, ctx.device):
+        raise error or RunLockedError(f"rank 0 could not lock the {what} {folder} (see its error)")
+    try:
+        yield lock
     finally:
-        ctx.close()
+        lock.release()

@@ -175,10 +175,9 @@ def test_npz_resumes_from_its_shards(tmp_path, capsys, tiny_ckpt):
     out, shards = tmp_path / "s.npz", tmp_path / "s.shards"
     assert run(capsys, *sample_args(tiny_ckpt, out, *SHARDED, "--keep-shards"))[0] == 0
     first = read(out)
-    assert sorted(p.name for p in shards.iterdir()) == [".ditq.lock", "manifest.json"] + [
+    assert sorted(p.name for p in shards.iterdir()) == ["manifest.json"] + [
         f"shard_00000{k}.npz" for k in range(4)
-    ]
-    assert (shards / ".ditq.lock").read_bytes() == b""  # released: it names no holder
+    ]  # the lock file goes when the lock is released
     (shards / "shard_000002.npz").unlink()
     argv = sample_args(tiny_ckpt, out, *SHARDED)
     argv.remove("--quiet")
@@ -363,7 +362,7 @@ def test_sigterm_stops_after_a_shard_and_the_printed_command_resumes(
     done = int(m[1])
     assert 1 <= done < 12 and list_shards(shards) == list(range(done))
     assert not out.exists() and no_temp_files(tmp_path)
-    assert (shards / ".ditq.lock").read_bytes() == b""  # released
+    assert not (shards / ".ditq.lock").exists()  # released
 
     resume = shlex.split(m[3])  # the same command: the same options
     parse = build_parser().parse_args

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -446,3 +447,96 @@ def test_a_full_disk_or_read_only_folder_is_one_line_and_the_same_command_resume
     assert code == 0 and f"resuming: {kept} of 4 shards" in stdout
     assert_same(out, whole)
     assert not shards.exists() and no_temp_files(tmp_path)
+
+
+def test_sigterm_during_the_merge_leaves_no_file_and_the_rerun_merges(
+    tmp_path, capsys, tiny_ckpt, monkeypatch
+):
+    import importlib
+
+    pipeline = importlib.import_module("ditq.pipelines.sample")  # the module (the package exports sample())
+
+    def merge_after_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's StopSignals: it only sets the flag
+        return merge(*args, **kwargs)
+
+    merge = pipeline.merge_shards
+    monkeypatch.setattr(pipeline, "merge_shards", merge_after_a_signal)
+    out, shards = tmp_path / "s.npz", tmp_path / "s.shards"
+    argv = sample_args(tiny_ckpt, out, *SHARDED)
+    code, _, err = run(capsys, *argv)
+    assert code == 75 and err.count("\n") == 1, err
+    assert err.startswith(
+        f"ditq: stopped while merging the 4 shards by SIGTERM; they are in {shards}; resume "
+    )
+    assert list_shards(shards) == [0, 1, 2, 3] and not out.exists() and no_temp_files(tmp_path)
+
+    monkeypatch.setattr(pipeline, "merge_shards", merge)
+    argv.remove("--quiet")
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0 and "resuming: 4 of 4 shards" in stdout and read(out)[0].shape == (7, 8, 8, 3)
+
+
+def _worker_pid(parent: int, rank: int) -> int | None:
+    """The pid of the torchrun worker of ``rank`` among ``parent``'s children (Linux: /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0") if ppid == parent else []
+        except (OSError, IndexError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(stat.parent.name)
+    return None
+
+
+@pytest.mark.dist
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_shard(tmp_path, capsys, tiny_ckpt, long_baseline):
+    """Under ``torchrun --nproc_per_node=2`` (gloo) SIGTERM reaches rank 1 only: both ranks stop after the
+    same round of shards, exit 75 and say so; one process resumes to the same images."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    if not Path("/proc/self/environ").exists():
+        pytest.skip("finding a worker's pid needs /proc")
+    out, shards = tmp_path / "s.npz", tmp_path / "s.shards"
+    argv = list(map(str, long_args(tiny_ckpt, out, "--device", "cpu")))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([argv]))
+    worker = Path(__file__).parents[1] / "dist_worker.py"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, spec],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, to kill the whole launch if it hangs
+    )
+    try:
+        deadline, rank1 = time.monotonic() + 120, None
+        while rank1 is None and proc.poll() is None and time.monotonic() < deadline:
+            rank1 = _worker_pid(proc.pid, 1)
+            time.sleep(0.01)
+        assert rank1 is not None, "no worker of rank 1 found"
+        while (
+            not (shards / "shard_000000.npz").exists() and proc.poll() is None and time.monotonic() < deadline
+        ):
+            time.sleep(0.002)
+        os.kill(rank1, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)  # neither rank may hang
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, output[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())[0] for r in (0, 1)]
+    assert [r["rc"] for r in ranks] == [75, 75], ranks
+    said = r"ditq: stopped after (\d+) of 12 shards by {}; the finished shards are in {}; resume with: ditq "
+    m0 = re.match(said.format("a signal on another rank", re.escape(str(shards))), ranks[0]["stderr"])
+    m1 = re.match(said.format("SIGTERM", re.escape(str(shards))), ranks[1]["stderr"])
+    assert m0 and m1 and m0[1] == m1[1], ranks
+    done = int(m0[1])  # whole rounds of two shards, all of them written
+    assert 2 <= done < 12 and done % 2 == 0 and list_shards(shards) == list(range(done))
+
+    code, _, err = run(capsys, *argv)  # one process takes over where two stopped
+    assert (code, err) == (0, "")
+    assert_same(out, long_baseline)

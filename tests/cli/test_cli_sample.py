@@ -505,7 +505,9 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_shard(tmp_path, capsys
     worker = Path(__file__).parents[1] / "dist_worker.py"
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, spec],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # The ranks compare notes about every DITQ_DIST_STOP_CHECK_S seconds (2 by default): at every
+        # shard round here.
+        env={**os.environ, "OMP_NUM_THREADS": "1", "DITQ_DIST_STOP_CHECK_S": "0"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -106,6 +106,7 @@ def test_sigkill_loses_at_most_a_checkpoint_interval_and_the_resume_is_bit_ident
 def test_a_second_process_on_the_run_is_refused_in_one_line(tmp_path):
     out = tmp_path / "run"
     first = _start_and_wait(out, 2)
+    first.send_signal(signal.SIGSTOP)  # paused, so it is still running whatever the machine's load
     try:
         second = _run(_argv(out, "--resume"))
         assert second.returncode == 2
@@ -113,6 +114,7 @@ def test_a_second_process_on_the_run_is_refused_in_one_line(tmp_path):
         assert len(lines) == 1 and f"in use by pid {first.pid}" in lines[0], second.stderr
     finally:
         first.send_signal(signal.SIGTERM)
+        first.send_signal(signal.SIGCONT)
         first.communicate(timeout=120)
     assert first.returncode == 75
 

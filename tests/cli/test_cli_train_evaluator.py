@@ -96,3 +96,20 @@ def test_train_evaluator_bad_options_are_one_line_errors(data, tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("ditq: error: ") and err.count("\n") == 1 and match in err
     assert not (tmp_path / "c.safetensors").exists()
+
+
+@pytest.mark.parametrize("fault", ["EROFS", "disk-full"])
+def test_an_unwritable_output_is_one_line_and_exit_74(data, tmp_path, capsys, monkeypatch, fault):
+    from ditq import checkpoint
+
+    if fault == "EROFS":
+        monkeypatch.setenv(checkpoint.FAULT_ERRNO_ENV, "EROFS")
+    else:
+        monkeypatch.setattr(checkpoint, "_written", 0)
+        monkeypatch.setenv(checkpoint.FAULT_ENV, "0")
+    out = tmp_path / "clf.safetensors"
+    argv = ["train-evaluator", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "32"]
+    assert main([*argv, "--floor-images", "100"]) == 74
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ditq: error: cannot write the ") and str(out) in err[0]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["fmnist"]

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 from torch import nn
 
-from ditq.errors import DitqError, InvalidArgumentError
+from ditq.errors import DitqError, InvalidArgumentError, RunLockedError
 
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -153,6 +154,25 @@ def agree(ok: bool, device: torch.device | str = "cpu") -> bool:
     flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=_comm_device(device))
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag) == 0
+
+
+
+@contextmanager
+def held_by_rank0(lock, ctx: DistContext):
+    """``lock`` (a :class:`~ditq.runlock.RunLock`) held by rank 0 for the block; every rank raises if it
+    could not be taken, so no rank starts work (or waits in a collective) on a run another process holds."""
+    error = None
+    if ctx.is_main:
+        try:
+            lock.acquire()
+        except DitqError as e:
+            error = e
+    if not agree(error is None, ctx.device):
+        raise error or RunLockedError(f"rank 0 could not lock the {lock.what} {lock.subject} (see its error)")
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

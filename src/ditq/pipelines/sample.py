@@ -27,8 +27,8 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from ditq.common import resolve_device
 from ditq.diffusion import ClassifierFreeGuidance, create_diffusion, sample_loop
-from ditq.distributed import DistContext, agree, all_gather_objects, init_distributed
-from ditq.errors import DitqError, InvalidArgumentError, RunLockedError, StoppedBySignal
+from ditq.distributed import agree, all_gather_objects, held_by_rank0, init_distributed
+from ditq.errors import DitqError, InvalidArgumentError, StoppedBySignal
 from ditq.eval.npz import open_images
 from ditq.eval.sampling import (
     list_shards,
@@ -486,7 +486,7 @@ def sample_to_npz(
         resolve_device(device) if device is not None else next(model.parameters()).device, backend=backend
     )
     # One run per shard folder, and a signal stops it at a shard boundary (every rank at the same one).
-    with closing(ctx), _locked(shard_dir, "shard folder", ctx, log), StopSignals() as stop:
+    with closing(ctx), held_by_rank0(RunLock(shard_dir, "shard folder", log=log), ctx), StopSignals() as stop:
         model.to(ctx.device)
         check_kernel_backend(kernel_backend, ctx.device)
         if vae is None or isinstance(vae, str):
@@ -601,20 +601,3 @@ def sample_to_npz(
             shards_kept=len(run.kept),
             seconds=time.perf_counter() - started,
         )
-
-
-@contextmanager
-def _locked(folder: Path, what: str, ctx: DistContext, log: Callable[[str], None]) -> Iterator[RunLock]:
-    """``RunLock(folder, what)`` held by rank 0 for the block; every rank raises if it could not take it."""
-    lock, error = RunLock(folder, what, log=log), None
-    if ctx.is_main:
-        try:
-            lock.acquire()
-        except DitqError as e:
-            error = e
-    if not agree(error is None, ctx.device):
-        raise error or RunLockedError(f"rank 0 could not lock the {what} {folder} (see its error)")
-    try:
-        yield lock
-    finally:
-        lock.release()

@@ -55,8 +55,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ditq.distributed import agree, init_distributed
-from ditq.errors import CheckpointError, DitqError, InvalidArgumentError, RunLockedError, StoppedBySignal
+from ditq.distributed import agree, held_by_rank0, init_distributed
+from ditq.errors import CheckpointError, DitqError, InvalidArgumentError, StoppedBySignal
 from ditq.formats.ditq_float import write as save
 from ditq.models import build_model, config_from_dict, get_config
 from ditq.models.registry import ModelConfig
@@ -344,23 +344,11 @@ def run_training(
 
 
 def _run_training(run, ctx, started, *, resume, command, progress, log, warn, on_log) -> TrainResult:
-    main, device = ctx.is_main, ctx.device
     out = Path(run.out)
-    # One process (one torchrun job) per run folder: rank 0 holds the lock, and every rank stops if it
-    # could not take it.
-    lock, lock_error = RunLock(out, "training run", log=log), None
-    if main:
-        try:
-            lock.acquire()
-        except DitqError as e:
-            lock_error = e
-    if not agree(lock_error is None, device):
-        raise lock_error or RunLockedError(f"rank 0 could not lock {out} (see its error)")
-    try:
+    # One process (one torchrun job) per run folder.
+    with held_by_rank0(RunLock(out, "training run", log=log), ctx):
         return _train_locked(run, ctx, started, out, resume=resume, command=command, progress=progress,
                              log=log, warn=warn, on_log=on_log)  # fmt: skip
-    finally:
-        lock.release()
 
 
 def _train_locked(run, ctx, started, out, *, resume, command, progress, log, warn, on_log) -> TrainResult:

@@ -152,13 +152,12 @@ def _output_message(what: str, path: Path, err: int, size_hint: int | None, writ
     if err in (errno.ENOSPC, errno.EDQUOT):
         free = _free_bytes(path.parent)
         need = (
-            f"{_human(size_hint)}"
+            human_bytes(size_hint)
             if size_hint
-            else f"more than the {_human(written)} written before it filled"
+            else f"more than the {human_bytes(written)} written before it filled"
         )
-        message += (
-            f" (it needs {need}; {_human(free)} free there)" if free is not None else f" (it needs {need})"
-        )
+        free_there = f"; {human_bytes(free)} free there" if free is not None else ""
+        message += f" (it needs {need}{free_there})"
         advice = "free some space or write elsewhere"
     else:
         advice = f"make {where} writable or write elsewhere"
@@ -182,10 +181,11 @@ def _free_bytes(folder: Path) -> int | None:
         return None
 
 
-def _human(n: int | None) -> str:
+def human_bytes(n: int | None) -> str:
+    """``"3.9 KB"``: a byte count for people (B, KB, MB, GB; powers of 1024)."""
     size = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
             return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} GB"

@@ -73,13 +73,15 @@ def run(args: argparse.Namespace) -> int:
 
 def format_description(d: dict[str, Any]) -> str:
     """The readable, aligned text form of :func:`describe`'s dict."""
+    from ditq.checkpoint import human_bytes
+
     meta = d.get("metadata") or {}
     rows: list[tuple[str, str]] = [("path", d["path"])]
     fmt = d["format"]
     if "format_version" in meta:
         fmt += f" (format_version {meta['format_version']})"
     rows.append(("format", fmt))
-    rows.append(("file size", f"{_human_bytes(d['file_size'])} ({d['file_size']:,} bytes)"))
+    rows.append(("file size", f"{human_bytes(d['file_size'])} ({d['file_size']:,} bytes)"))
     dtypes = ", ".join(f"{k}: {v}" for k, v in d.get("dtypes", {}).items())
     q = d.get("quantized")
     if q:
@@ -97,10 +99,10 @@ def format_description(d: dict[str, Any]) -> str:
         rows.append(
             (
                 "bytes",
-                f"weight codes {_human_bytes(b['weight_codes'])}, "
-                f"quant params {_human_bytes(b['quant_params'])}, "
-                f"float {_human_bytes(b['float'])}, header {_human_bytes(b['header'])} "
-                f"(float32: {_human_bytes(q['fp32_bytes'])}, {q['fp32_bytes'] / total:.1f}x larger)",
+                f"weight codes {human_bytes(b['weight_codes'])}, "
+                f"quant params {human_bytes(b['quant_params'])}, "
+                f"float {human_bytes(b['float'])}, header {human_bytes(b['header'])} "
+                f"(float32: {human_bytes(q['fp32_bytes'])}, {q['fp32_bytes'] / total:.1f}x larger)",
             )
         )
     else:
@@ -134,15 +136,6 @@ def format_description(d: dict[str, Any]) -> str:
         if cut:
             lines.append("(long values cut; --json prints them whole)")
     return "\n".join(lines)
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB"):
-        if size < 1024:
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
 
 
 def _kernels(path: str) -> dict[str, Any]:

@@ -23,11 +23,23 @@ from ditq.models import registry
 LATENT_DOWNSAMPLE = 8
 """The VAE DiT is trained with shrinks each image side by 8: 256 px <-> 32 latents."""
 
-SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+HEADER_DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
 }  # fmt: skip
-"""torch dtype names of the dtypes a safetensors header names."""
+"""The dtypes a safetensors header names: ``code -> (torch dtype, bytes per element)``."""
+
+
+def dtype_name(code: str) -> str:
+    """``"float32"`` for a header's ``"F32"`` (the code itself for one ditq does not know)."""
+    dtype = HEADER_DTYPES.get(code, (None, 0))[0]
+    return str(dtype).removeprefix("torch.") if dtype is not None else code
+
+
+def header_bytes(entry: dict) -> int:
+    """Bytes of the tensor a safetensors header entry (``{"dtype", "shape"}``) holds (0: unknown dtype)."""
+    return numel(entry["shape"]) * HEADER_DTYPES.get(entry["dtype"], (None, 0))[1]
 
 
 def config_from_metadata(meta: Mapping[str, Any], source: str):
@@ -98,6 +110,12 @@ def check_fits(
             f"{source} does not fit {summary(config)}: {'; '.join(problems)}; "
             "check the model name, image_size and num_heads"
         )
+
+
+def meta_tensors(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Meta tensors of ``shapes``: stand-ins where only names and shapes matter (describing a file from
+    its header, fitting it to a model)."""
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
 
 
 def check_all_set(model: nn.Module, source: str) -> None:

@@ -214,7 +214,7 @@ def describe(path: PathLike, *, num_heads: int | None = None) -> dict[str, Any]:
         out = {"path": str(path), "file_size": path.stat().st_size}
         info, raw_meta = ckpt.read_safetensors_header(path)
         shapes = {k: tuple(v["shape"]) for k, v in info.items()}
-        dtypes = [build.SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"]) for v in info.values()]
+        dtypes = [build.dtype_name(v["dtype"]) for v in info.values()]
         if what == "safetensors":
             out["format"] = "safetensors"
             out["metadata"] = dict(raw_meta)
@@ -226,7 +226,7 @@ def describe(path: PathLike, *, num_heads: int | None = None) -> dict[str, Any]:
             out["metadata"] = meta
             if what == "ditq":  # a float file's tensors must be its model's (quantized ones: see below)
                 config = build.config_from_metadata(meta, str(path))
-                build.check_fits(build.expected_shapes(config), _header_tensors(shapes), str(path), config)
+                build.check_fits(build.expected_shapes(config), build.meta_tensors(shapes), str(path), config)
     out["num_tensors"] = len(shapes)
     out["num_parameters"] = sum(build.numel(s) for s in shapes.values())
     out["dtypes"] = {d: dtypes.count(d) for d in sorted(set(dtypes))}
@@ -296,11 +296,6 @@ def _load_file(path: Path, *, num_heads: int | None, packed: bool) -> nn.Module:
         config = official_dit.infer_config(tensors, num_heads=num_heads, source=str(path))
         return build.build_model(config, tensors, str(path))
     return official_dit.load_file(path, num_heads=num_heads)
-
-
-def _header_tensors(shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    # Meta tensors stand in for the data: fitting checks names and shapes only.
-    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
 
 
 def _looks_like_safetensors(path: Path) -> bool:

@@ -357,7 +357,7 @@ def registry_heads(depth: int, hidden: int, model_name: str | None) -> int | Non
 def describe_config(out: dict, shapes: dict, num_heads: int | None, model_name: str | None) -> None:
     """Set ``out["config"]`` to the config inferred from ``shapes``, or ``config_error`` to why not."""
     # Only shapes are needed to infer a config; meta tensors stand in for the data.
-    fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    fake = build.meta_tensors(shapes)
     try:
         out["config"] = infer_config(
             fake, num_heads=num_heads, model_name=model_name, source=out["path"]

@@ -50,10 +50,6 @@ CODES = "qweight"
 """State-dict suffix of a quantized layer's integer weight codes; its other tensors but the bias are
 quantization parameters (``w_scale``, ``w_zero``, ``act_quant.lo/hi``)."""
 
-_HEADER_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-
 
 def save(
     model: nn.Module,
@@ -142,7 +138,7 @@ def sizes(path: PathLike) -> dict[str, Any]:
         return math.prod(int(s) for s in info[k]["shape"])
 
     def nbytes(k: str) -> int:
-        return numel(k) * _HEADER_BYTES.get(info[k]["dtype"], 0)
+        return build.header_bytes(info[k])
 
     weights = sum(modules[n].weight.numel() for n in layers)
     codes = sum(nbytes(f"{n}{suffix}") for n in layers)

@@ -73,12 +73,6 @@ CODE = "w+1"
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """What ``float_dtype`` may name: the dtype of every floating-point tensor in the file."""
 
-_HEADER_DTYPES = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-}  # fmt: skip
-
 PathLike = str | os.PathLike
 
 
@@ -284,7 +278,7 @@ def _check_header(path, expected: dict[str, tuple], info: dict[str, dict]) -> No
     for k, (shape, dtype) in expected.items():
         if k not in info:
             continue
-        found, found_dtype = tuple(info[k]["shape"]), _HEADER_DTYPES.get(info[k]["dtype"], (None, 0))[0]
+        found, found_dtype = tuple(info[k]["shape"]), build.HEADER_DTYPES.get(info[k]["dtype"], (None, 0))[0]
         if found != shape:
             what = " (packed 2-bit codes, 4 per byte)" if dtype == torch.uint8 else ""
             bad.append(f"{k}: expected {shape}{what}, found {found}")
@@ -334,7 +328,7 @@ def checkpoint_sizes(source: PathLike | nn.Module) -> dict:
         info, _ = ckpt.read_safetensors_header(source)
         entries = {}
         for k, v in info.items():
-            dtype, size = _HEADER_DTYPES.get(v["dtype"], (None, 0))
+            dtype, size = build.HEADER_DTYPES.get(v["dtype"], (None, 0))
             if dtype is None:
                 raise CheckpointError(
                     f"{source}: tensor {k} has dtype {v['dtype']}, which ditq does not read"

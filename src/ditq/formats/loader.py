@@ -89,7 +89,6 @@ def load(
         path = checkpoint_path(name_or_path)
         model = _load_file(path, num_heads=num_heads, packed=packed)
         build.check_image_size(model.config, image_size, str(path))
-    _fuse(model)
     return model.to(device).eval()
 
 
@@ -361,10 +360,3 @@ def _use_backend(backend: str, device) -> None:
     ops.check_backend(backend)  # KernelError (a DitqError): one line naming the available ones
     ops.resolve_backend(resolve_device(device), backend)
     ops.set_backend(backend)
-
-
-def _fuse(model: nn.Module) -> None:
-    """Swap in fused producers where integer layers read them (a no-op for float models)."""
-    from ditq.quant.fuse import fuse_
-
-    fuse_(model)

@@ -52,6 +52,7 @@ from ditq.errors import CheckpointError, InvalidArgumentError
 from ditq.formats import build, pickles
 from ditq.models import registry
 from ditq.models.large_dit import LargeDiT, LargeDiTConfig, lexicographic_label_table
+from ditq.quant.fuse import fuse_
 from ditq.quant.ternary import TernaryLinear, TernaryQATConfig, empty_ternary_
 
 CHECKPOINT_FILE = "consolidated_ema_ternary.00-of-01.pth"
@@ -125,7 +126,9 @@ def load_official(
         else:  # float checkpoints of any precision load in the model's float32, as sample.py's copy does
             loaded[k] = v.to(reference[k].dtype)
     model.load_state_dict(loaded, strict=True, assign=True)
-    return model.to(device).eval()
+    # Weight-only ternary layers take no int8 tokens, so this swaps nothing today; it keeps every loader
+    # of quantized layers handing back deployed, fused models (see ditq.quant.fuse).
+    return fuse_(model).to(device).eval()
 
 
 def describe_official(path: PathLike, *, num_heads: int | None = None) -> dict[str, Any]:

@@ -156,7 +156,6 @@ def agree(ok: bool, device: torch.device | str = "cpu") -> bool:
     return int(flag) == 0
 
 
-
 @contextmanager
 def held_by_rank0(lock, ctx: DistContext):
     """``lock`` (a :class:`~ditq.runlock.RunLock`) held by rank 0 for the block; every rank raises if it
